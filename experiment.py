@@ -60,7 +60,7 @@ class Config:
     model: str = opt(DEFAULT_MODEL, f"'{DEFAULT_MODEL}' (offline default), a hub id or a local folder")
     device: str = opt("auto", "auto | cpu | cuda | cuda:N")
     dtype: Literal["auto", "float32", "bfloat16"] = opt("auto", "model dtype; auto = bf16 on CUDA, fp32 on CPU")
-    layer: int = opt(3, "hook point: the residual stream after this block (0-based)")
+    layer: int = opt(6, "hook point: the residual stream after this block (0-based)")
     context_length: int = opt(128, "tokens per row, BOS included")
     batch_rows: int = opt(16, "rows per model forward")
     # data
@@ -69,7 +69,7 @@ class Config:
     forget_qa: str = opt("embedded", "embedded | .json/.jsonl/.csv | hf:cais/wmdp:wmdp-bio; comma-separated")
     retain_qa: str = opt("embedded", "embedded | .json/.jsonl/.csv | hf:cais/mmlu:SUBJECT; comma-separated")
     max_corpus_tokens: int = opt(200_000, "cap on tokens read from each corpus")
-    eval_rows: int = opt(32, "held-out rows per domain for CE, KL and consistency metrics")
+    eval_rows: int = opt(24, "held-out rows per domain for CE, KL and consistency metrics")
     spliced_docs: int = opt(40, "spliced documents for the precision measure")
     qa_scoring: Literal["cloze", "letter"] = opt("cloze", "cloze (mean choice log-lik) | letter (SAEBench A-D)")
     max_qa: int = opt(0, "cap on questions per set before filtering (0 = all)")
@@ -77,16 +77,16 @@ class Config:
     window: int = opt(4, "temporal window w: the encoder sees x[t-w+1..t]; 1 = plain SAE")
     d_sae: int = opt(2304, "dictionary size")
     d_head: int = opt(64, "width of the window-attention query/key")
-    l1_coeff: float = opt(0.06, "L1 penalty on decoder-norm-weighted latents")
+    l1_coeff: float = opt(1.2, "L1 penalty on decoder-norm-weighted latents")
     lr: float = opt(1e-3, "Adam learning rate")
     warmup_frac: float = opt(0.05, "fraction of steps with linear lr warmup")
     decay_frac: float = opt(0.2, "final fraction of steps with linear lr decay to 0")
-    batch_tokens: int = opt(4096, "tokens per SAE step (whole rows, so a little more)")
-    train_tokens: int = opt(600_000, "SAE training budget in tokens")
+    batch_tokens: int = opt(1024, "tokens per SAE step (whole rows, so a little more)")
+    train_tokens: int = opt(800_000, "SAE training budget in tokens")
     sae_autocast: bool = opt(True, "bf16 autocast for SAE matmuls on CPUs with bf16 support")
     checkpoint_every: int = opt(50, "steps between training checkpoints")
     # unlearning
-    multipliers: tuple = opt((25.0, 100.0, 200.0), "clamp values (latents set to -multiplier)")
+    multipliers: tuple = opt((25.0, 100.0), "clamp values (latents set to -multiplier)")
     n_features: tuple = opt((10, 20), "numbers of forget latents to clamp")
     retain_thresholds: tuple = opt((0.01,), "drop latents whose retain sparsity is >= this")
     retain_gate: float = opt(0.99, "retain accuracy a sweep point must keep (SAEBench)")
@@ -673,8 +673,11 @@ def train_sae(cfg: Config, acts_NTD: torch.Tensor, mask_NT: torch.Tensor, device
     """Adam on mse + l1_coeff * l1, rows sampled whole (a token's predecessors stay beside it)."""
     torch.manual_seed(cfg.seed)
     sae = TemporalSAE(acts_NTD.shape[-1], cfg.d_sae, cfg.window, cfg.d_head).to(device)
-    with torch.no_grad():
-        sae.scale.fill_(math.sqrt(sae.d_in / acts_NTD[mask_NT].pow(2).sum(-1).mean().item()))
+    with torch.no_grad():  # E||x||^2 = d_in after scaling (SAEBench); b_dec starts at the data mean (SAELens)
+        x = acts_NTD[mask_NT]
+        sae.scale.fill_(math.sqrt(sae.d_in / x.pow(2).sum(-1).mean().item()))
+        sae.b_dec.copy_(x.mean(0) * sae.scale)
+        del x
     rows_per_step = max(1, round(cfg.batch_tokens / mask_NT.sum(1).float().mean().item()))
     steps = cfg.train_tokens // (rows_per_step * int(mask_NT.sum(1).float().mean().item()))
     assert steps > 0, "train_tokens too small for one batch"
@@ -846,10 +849,8 @@ def tail_hidden(model, layer: int, tb: TailBatch, fn) -> torch.Tensor:
     changed = (fn(tb.resid) != tb.resid).flatten(1).any(1)
     h = tb.final_BTD.clone()
     if changed.any():
-        B = len(changed)
-        sub = TailBatch(tb.h_in[changed], [_rows_of(c, changed, B) for c in tb.calls], None, None, None, None)
         with intervene(model, layer, fn):
-            h[changed] = run_tail(model, layer, sub)
+            h[changed] = run_tail(model, layer, subset_tail(tb, changed))
     return h
 
 
@@ -1166,12 +1167,11 @@ def token_stats(model, layer, es: EvalSet, fn) -> tuple[torch.Tensor, torch.Tens
 
 
 class QASet(NamedTuple):
-    """Cloze: one sequence per (question, choice); scored on the choice's tokens only."""
+    """Cloze: one sequence per (question, choice), scored on the choice's tokens; letter: one per question."""
     tails: list          # TailBatch per batch
-    score_BT: list       # per batch (B, T) bool: positions whose next token belongs to the choice
-    targets: list        # per batch: the choice tokens scored, in order of score_BT
-    qid: torch.Tensor    # (n_seq,) question index of each sequence, in batch order
-    cid: torch.Tensor    # (n_seq,) choice index of each sequence
+    score_BT: list       # per batch (B, T) bool: positions whose *next* token is scored
+    qid: list            # per batch (B,) question index of each sequence
+    cid: list            # per batch (B,) choice index of each sequence
     answer: torch.Tensor  # (n_questions,)
     letter: bool
 
@@ -1195,7 +1195,7 @@ def encode_questions(tok, qs: list[Question], scoring: str):
 
 def prepare_qa(model, tok, layer: int, qs: list[Question], scoring: str, batch_rows: int) -> QASet:
     seqs, n_scored, qid, cid = encode_questions(tok, qs, scoring)
-    tails, score, targets = [], [], []
+    tails, score, qids, cids = [], [], [], []
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # similar lengths share a batch
     for s in batches(len(order), batch_rows * 2):
         idx = order[s]
@@ -1203,42 +1203,45 @@ def prepare_qa(model, tok, layer: int, qs: list[Question], scoring: str, batch_r
         tokens = torch.full((len(idx), T), bos_id(tok), dtype=torch.long)
         attn = torch.zeros(len(idx), T, dtype=torch.bool)
         sc = torch.zeros(len(idx), T, dtype=torch.bool)
-        tg = []
         for r, i in enumerate(idx):
             L = len(seqs[i])
             tokens[r, :L], attn[r, :L] = torch.tensor(seqs[i]), True
-            if scoring == "cloze":
-                sc[r, L - 1 - n_scored[i]:L - 1] = True
-                tg += seqs[i][L - n_scored[i]:]
-            else:
-                sc[r, L - 1] = True
+            sc[r, L - 1 - n_scored[i]:L - 1] = True  # cloze: positions predicting the choice tokens
+            sc[r, L - 1] = scoring == "letter"        # letter: the position after "Answer:"
         tails.append(clean_forward(model, layer, tokens, attn))
         score.append(sc.to(model.device))
-        targets.append(torch.tensor(tg, dtype=torch.long))
-    flat_order = torch.tensor(order)
-    return QASet(tails, score, targets, torch.tensor(qid)[flat_order], torch.tensor(cid)[flat_order],
-                 torch.tensor([q.answer for q in qs]), scoring == "letter")
+        qids.append(torch.tensor([qid[i] for i in idx]))
+        cids.append(torch.tensor([cid[i] for i in idx]))
+    return QASet(tails, score, qids, cids, torch.tensor([q.answer for q in qs]), scoring == "letter")
+
+
+def subset_tail(tb: TailBatch, keep: torch.Tensor) -> TailBatch:
+    """The rows `keep` of a cached clean forward, with every per-row argument sliced to match."""
+    B = len(keep)
+    return TailBatch(*(_rows_of(v, keep.to(tb.h_in.device), B) for v in tb))
+
+
+def subset_qa(qa: QASet, keep_q: torch.Tensor) -> QASet:
+    """Only the questions `keep_q` (e.g. those the clean model answers), without re-running the model."""
+    new_id = torch.cumsum(keep_q.long(), 0) - 1
+    parts = [(subset_tail(tb, keep_q[q]), sc[keep_q[q].to(sc.device)], new_id[q[keep_q[q]]], c[keep_q[q]])
+             for tb, sc, q, c in zip(qa.tails, qa.score_BT, qa.qid, qa.cid) if keep_q[q].any()]
+    return QASet(*map(list, zip(*parts)), qa.answer[keep_q], qa.letter)
 
 
 @torch.no_grad()
 def qa_correct(model, tok, layer: int, qa: QASet, fn) -> torch.Tensor:
     """(n_questions,) bool: the highest-scoring choice is the answer."""
-    seq_scores = []
     letters = torch.tensor([tok(f" {l}", add_special_tokens=False).input_ids[-1] for l in "ABCD"])
-    for tb, sc, tg in zip(qa.tails, qa.score_BT, qa.targets):
+    per_q = torch.full((len(qa.answer), 4), float("-inf"))
+    for tb, sc, qid, cid in zip(qa.tails, qa.score_BT, qa.qid, qa.cid):
         h = tail_hidden(model, layer, tb, fn)
         logits = logits_at(model, h, sc)
         if qa.letter:
-            seq_scores.append(logits[:, letters.to(logits.device)].cpu())
+            per_q[qid] = logits[:, letters.to(logits.device)].cpu()
             continue
-        lp = -token_ce(logits, tg.to(logits.device)).cpu()
-        counts = sc.sum(1).cpu()
-        seq_scores.append(torch.stack([c.mean() for c in lp.split(counts.tolist())]))  # mean log-lik
-    scores = torch.cat(seq_scores)
-    if qa.letter:
-        return scores.argmax(-1) == qa.answer[qa.qid]
-    per_q = torch.full((len(qa.answer), 4), float("-inf"))
-    per_q[qa.qid, qa.cid] = scores
+        lp = -token_ce(logits, tb.tokens[:, 1:][sc[:, :-1]]).cpu()
+        per_q[qid, cid] = torch.stack([c.mean() for c in lp.split(sc.sum(1).tolist())])  # mean log-lik
     return per_q.argmax(-1) == qa.answer
 
 
@@ -1672,8 +1675,7 @@ def experiment(cfg, model, tok, corpora, questions, out: Path, st: Stages) -> di
     known_f, known_r = qa_correct(model, tok, cfg.layer, qa_f, None), qa_correct(model, tok, cfg.layer, qa_r, None)
     if known_f.sum() == 0 or known_r.sum() == 0:
         raise UsageError("the model answers no forget or no retain question correctly: nothing to unlearn or keep")
-    qa_f = prepare_qa(model, tok, cfg.layer, [q for q, k in zip(questions["forget"], known_f) if k], cfg.qa_scoring, cfg.batch_rows)
-    qa_r = prepare_qa(model, tok, cfg.layer, [q for q, k in zip(questions["retain"], known_r) if k], cfg.qa_scoring, cfg.batch_rows)
+    qa_f, qa_r = subset_qa(qa_f, known_f), subset_qa(qa_r, known_r)
     results["qa"] = entry({"forget_total": (len(known_f), 0.0), "forget_known": (int(known_f.sum()), 0.0),
                            "retain_total": (len(known_r), 0.0), "retain_known": (int(known_r.sum()), 0.0),
                            "forget_clean_acc": mean_err(known_f.float()), "retain_clean_acc": mean_err(known_r.float())})

@@ -1,0 +1,168 @@
+"""The temporal SAE, its trainer and checkpoints (fast unit and reference tests)."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import experiment as ex
+
+
+def rows(B=3, T=10, D=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, T, D, generator=g)
+    valid = torch.ones(B, T, dtype=torch.bool)
+    valid[:, 0] = False
+    return x, valid
+
+
+def test_window_is_causal():
+    sae = ex.TemporalSAE(16, 32, window=4, d_head=8)
+    x, valid = rows()
+    f = sae.encode(x, valid)
+    for t in range(x.shape[1] - 1):
+        x2 = x.clone()
+        x2[:, t + 1:] += torch.randn_like(x2[:, t + 1:]) * 5
+        assert torch.equal(sae.encode(x2, valid)[:, :t + 1], f[:, :t + 1]), f"latents at {t} saw the future"
+
+
+def test_window_reads_the_past():
+    sae = ex.TemporalSAE(16, 32, window=4, d_head=8)
+    x, valid = rows()
+    x2 = x.clone()
+    x2[:, 4] += 3.0
+    changed = (sae.pre_acts(x2, valid) != sae.pre_acts(x, valid)).any(-1).any(0)
+    assert changed[4:8].all() and not changed[8:].any() and not changed[:4].any()
+
+
+def test_masked_slots_are_skipped():
+    """A masked predecessor (BOS, or before the row) contributes nothing, whatever its value."""
+    sae = ex.TemporalSAE(16, 32, window=4, d_head=8)
+    x, valid = rows()
+    x2 = x.clone()
+    x2[:, 0] = 1e4
+    assert torch.equal(sae.encode(x, valid)[:, 1:], sae.encode(x2, valid)[:, 1:])
+
+
+def plain_relu_sae(sae, x):
+    """A standard ReLU SAE (SAELens / SAEBench 'standard') with the same weights."""
+    f = F.relu((x * sae.scale - sae.b_dec) @ sae.W_enc + sae.b_enc)
+    return f, (f @ sae.W_dec + sae.b_dec) / sae.scale
+
+
+def test_window_one_is_exactly_a_plain_sae():
+    torch.manual_seed(1)
+    sae = ex.TemporalSAE(16, 32, window=1)
+    with torch.no_grad():
+        sae.b_enc.normal_()
+        sae.b_dec.normal_()
+        sae.scale.fill_(0.7)
+    x, valid = rows()
+    out = sae(x, valid)
+    f, x_hat = plain_relu_sae(sae, x)
+    assert torch.equal(out.f, f) and torch.equal(out.x_hat, x_hat)
+    assert not any(n in dict(sae.named_parameters()) for n in ("pos", "W_q", "W_k", "W_ctx"))
+
+
+def test_position_embeddings_get_gradient_and_change_latents():
+    torch.manual_seed(0)
+    sae = ex.TemporalSAE(16, 32, window=4, d_head=8)
+    x, valid = rows()
+    out = sae(x, valid)
+    (out.mse + out.l1).backward()
+    assert sae.pos.grad is not None and sae.pos.grad[1:].abs().sum() > 0 and sae.pos.grad[0].abs().sum() > 0
+    before = sae.encode(x, valid)
+    with torch.no_grad():
+        sae.pos[2] += 1.0
+    assert not torch.allclose(sae.encode(x, valid)[:, 3:], before[:, 3:])
+
+
+def test_init_learns_and_decoder_rows_stay_unit_norm():
+    torch.manual_seed(0)
+    sae = ex.TemporalSAE(16, 64, window=2, d_head=8)
+    assert torch.allclose(ex.decoder_norms(sae.W_dec, 16), torch.ones(64), atol=1e-6)
+    assert torch.equal(sae.W_enc, sae.W_dec.T)
+    x, valid = rows(B=8, T=16)
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
+    first = None
+    for _ in range(30):
+        logs = ex.train_step(sae, opt, x, valid, 0.01, 1e-2, autocast=False)
+        first = first or logs["loss"]
+    assert logs["loss"] < 0.5 * first
+    assert torch.allclose(ex.decoder_norms(sae.W_dec, 16), torch.ones(64), atol=1e-5)
+
+
+def test_decoder_norm_axis_is_asserted():
+    with pytest.raises(AssertionError):
+        ex.decoder_norms(torch.ones(16, 64), d_in=64 + 1)
+
+
+def test_subset_encode_matches_full_encode():
+    sae = ex.TemporalSAE(16, 32, window=3, d_head=8)
+    x, valid = rows()
+    idx = torch.tensor([3, 0, 17])
+    assert torch.allclose(sae.encode(x, valid, idx), sae.encode(x, valid)[..., idx], atol=1e-6)
+
+
+def test_non_finite_loss_stops_with_step(tmp_path):
+    cfg = ex.Config(out_dir=str(tmp_path), d_sae=8, train_tokens=64, batch_tokens=16, window=2, d_head=4,
+                    sae_autocast=False)
+    acts = torch.randn(8, 5, 4)
+    acts[3, 2, 1] = float("nan")
+    mask = torch.ones(8, 5, dtype=torch.bool)
+    with pytest.raises(ex.TrainingDiverged, match="training step"):
+        ex.train_sae(cfg, acts, mask, torch.device("cpu"), tmp_path)
+
+
+def test_save_load_round_trip(tmp_path):
+    sae = ex.TemporalSAE(16, 32, window=4, d_head=8)
+    with torch.no_grad():
+        sae.scale.fill_(0.3)
+    ex.save_sae(sae, tmp_path)
+    again = ex.load_sae(tmp_path)
+    x, valid = rows()
+    assert torch.equal(sae(x, valid).x_hat, again(x, valid).x_hat)
+    assert json.loads((tmp_path / "cfg.json").read_text())["window"] == 4
+
+
+def test_resume_gives_the_same_sae(tmp_path):
+    """Train 12 steps straight; separately stop after a checkpoint at step 6 and resume."""
+    base = dict(d_sae=16, window=2, d_head=4, train_tokens=12 * 40, batch_tokens=40, checkpoint_every=6,
+                sae_autocast=False, seed=3)
+    acts, mask = torch.randn(20, 9, 8), torch.ones(20, 9, dtype=torch.bool)
+    mask[:, 0] = False
+    full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
+    full_dir.mkdir(), cut_dir.mkdir()
+    full = ex.train_sae(ex.Config(out_dir=str(full_dir), **base), acts, mask, torch.device("cpu"), full_dir)
+
+    calls = {"n": 0}
+    real_step = ex.train_step
+
+    def dying_step(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 8:
+            raise KeyboardInterrupt
+        return real_step(*a, **k)
+
+    ex.train_step = dying_step
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            ex.train_sae(ex.Config(out_dir=str(cut_dir), **base), acts, mask, torch.device("cpu"), cut_dir)
+    finally:
+        ex.train_step = real_step
+    assert (cut_dir / "checkpoint.safetensors").exists()
+    resumed = ex.train_sae(ex.Config(out_dir=str(cut_dir), resume=True, **base), acts, mask, torch.device("cpu"), cut_dir)
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    steps = [json.loads(l)["step"] for l in (cut_dir / "log.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)), "the resumed log repeats or reorders steps"
+
+
+def test_checkpoint_holds_no_pickle(tmp_path):
+    from safetensors.torch import load_file
+    sae = ex.TemporalSAE(8, 16, window=2, d_head=4)
+    opt = torch.optim.Adam(sae.parameters())
+    x, valid = rows(D=8)
+    ex.train_step(sae, opt, x, valid, 0.1, 1e-3, autocast=False)
+    ex.save_checkpoint(tmp_path, sae, opt, 1, torch.zeros(16))
+    assert "sae.W_enc" in load_file(tmp_path / "checkpoint.safetensors")

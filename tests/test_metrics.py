@@ -118,3 +118,10 @@ def test_templates_recover_clusters():
     c = ex.fit_templates(data, 2, seed=0)
     best = ex.pearson_rows(torch.stack([a, b]), c).max(-1).values
     assert (best > 0.99).all()
+
+
+def test_batched_active_fraction_equals_sparsity():
+    sae = ex.TemporalSAE(8, 16, window=3, d_head=4)
+    acts, mask = torch.randn(70, 6, 8), torch.rand(70, 6) > 0.2
+    full = ex.sparsity(ex.encode_all(sae, acts, mask), mask)
+    assert torch.allclose(ex.active_fraction(sae, acts, mask, rows=16), full)

@@ -1403,6 +1403,7 @@ def eval_sae_quality(model, layer, sae, forget: Corpus, retain: Corpus, es_f: Ev
     for name, d in per_dom.items():
         out[f"fve_{name}"] = (frac_variance_explained(d["x"], d["xh"]), 0.0)
         out[f"ce_loss_recovered_{name}"] = (ce_loss_recovered(*[t.mean().item() for t in d["ce"]]), 0.0)
+        out[f"ce_clean_{name}"] = mean_err(d["ce"][0])
     out["l0"] = mean_err(l0)
     out["dead_frac"] = (1 - fired.float().mean().item(), 0.0)
     for key, t in zip(("ce_clean", "ce_sae", "ce_zero"), ce):

@@ -474,20 +474,21 @@ def load_model(cfg: Config, device: torch.device):
     return model, tok
 
 
-def blocks_of(model) -> nn.ModuleList:
+def _base_module(model, names: tuple[str, ...], kind: type, what: str) -> nn.Module:
+    """The first of `names` on the decoder stack that is a `kind` (Llama/Gemma/Qwen, GPT-2, ...)."""
     base = model.base_model
-    for name in ("layers", "h", "blocks"):
-        if isinstance(getattr(base, name, None), nn.ModuleList):
+    for name in names:
+        if isinstance(getattr(base, name, None), kind):
             return getattr(base, name)
-    raise UsageError(f"cannot find the transformer blocks of {type(model).__name__}")
+    raise UsageError(f"cannot find the {what} of {type(model).__name__}")
+
+
+def blocks_of(model) -> nn.ModuleList:
+    return _base_module(model, ("layers", "h", "blocks"), nn.ModuleList, "transformer blocks")
 
 
 def final_norm_of(model) -> nn.Module:
-    base = model.base_model
-    for name in ("norm", "ln_f", "final_layernorm"):
-        if isinstance(getattr(base, name, None), nn.Module):
-            return getattr(base, name)
-    raise UsageError(f"cannot find the final norm of {type(model).__name__}")
+    return _base_module(model, ("norm", "ln_f", "final_layernorm"), nn.Module, "final norm")
 
 
 # =============================================================================================
@@ -938,6 +939,10 @@ def clamp_where(c: Clamp, f_BTk: torch.Tensor, valid_BT: torch.Tensor) -> torch.
 def clamp_fn(sae: TemporalSAE, c: Clamp) -> Callable:
     """resid' = resid + decode(f') - decode(f): only the clamped latents' change is added, so the
     SAE's error term is kept (SAEBench's intervention). Only the k selected latents are encoded."""
+    dev = sae.W_dec.device
+    if c.detector is not None:
+        c = c._replace(detector=c.detector._replace(templates=c.detector.templates.to(dev)))
+    c = c._replace(latents=c.latents.to(dev), hi=None if c.hi is None else c.hi.to(dev))
     W_dec_kD = sae.W_dec[c.latents]
 
     def fn(resid_BTD):
@@ -1677,7 +1682,7 @@ def experiment(cfg, model, tok, corpora, questions, out: Path, st: Stages) -> di
     es_f, es_r = (prepare_eval(model, cfg.layer, r, cfg.batch_rows) for r in (rows_f, rows_r))
     spl = (load_spliced(cfg.spliced_docs) if cfg.forget_corpus == cfg.retain_corpus == "embedded"
            else build_spliced(forget.held_docs, retain.held_docs, cfg.spliced_docs, cfg.seed))
-    spl_rows, spl_label = spliced_rows(tok, spl, cfg.context_length)
+    spl_rows, spl_label = spliced_rows(tok, spl, 2 * cfg.context_length)  # room before, in and after the passage
     es_s = prepare_eval(model, cfg.layer, spl_rows, cfg.batch_rows)
     spl_acts = torch.cat([tb.resid.cpu() for tb in es_s.tails])
     results = {"sae": eval_sae_quality(model, cfg.layer, sae, forget, retain, es_f, es_r)}

@@ -119,12 +119,8 @@ def fig_headline(runs, out: Path) -> bool:
                 ax.bar(xs, ys, width, yerr=es, capsize=3, label=label(run))
             else:
                 warn(f"{run['name']} has no {prefix}_*/{metric}: left out of headline.png")
-        ax.set_xticks([j + width * (len(runs) - 1) / 2 for j in range(len(STRATEGIES))], STRATEGIES, fontsize=8)
-        ax.set_title(title, fontsize=9)
-        ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle("Headline metrics per strategy (error bars: standard error)")
-    save(fig, out / "headline.png")
+        group_axis(ax, STRATEGIES, len(runs), width, title)
+    finish(fig, axes[0], "Headline metrics per strategy (error bars: standard error)", out / "headline.png")
     return drew
 
 
@@ -167,12 +163,8 @@ def fig_consistency(runs, out: Path) -> bool:
             keys = [f"all_{m}", f"selected_{m}"]
             ax.bar([k + i * width for k in range(2)], [e["means"].get(k, 0.0) for k in keys], width,
                    yerr=[e["stderrs"].get(k, 0.0) for k in keys], capsize=3, label=label(run))
-        ax.set_xticks([k + width * (len(have) - 1) / 2 for k in range(2)], ["all latents", "selected latents"])
-        ax.set_title(title, fontsize=9)
-        ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle("Temporal consistency of SAE latents on held-out text")
-    save(fig, out / "consistency.png")
+        group_axis(ax, ["all latents", "selected latents"], len(have), width, title)
+    finish(fig, axes[0], "Temporal consistency of SAE latents on held-out text", out / "consistency.png")
     return True
 
 
@@ -194,6 +186,19 @@ def fig_training(runs, out: Path) -> bool:
     axes[0].legend(fontsize=8)
     save(fig, out / "training.png")
     return True
+
+
+def group_axis(ax, groups, n_runs: int, width: float, title: str):
+    """Ticks under the middle of each group of bars (one bar per run), title and grid."""
+    ax.set_xticks([j + width * (n_runs - 1) / 2 for j in range(len(groups))], groups, fontsize=8)
+    ax.set_title(title, fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+
+
+def finish(fig, legend_ax, title: str, path: Path):
+    legend_ax.legend(fontsize=8)
+    fig.suptitle(title)
+    save(fig, path)
 
 
 def save(fig, path: Path):

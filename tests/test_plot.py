@@ -1,0 +1,70 @@
+"""plot.py on synthetic run folders: every figure, clear errors, tolerant of failed or old runs."""
+import json
+
+import pytest
+
+import plot
+
+STRATS = ("standard", "pattern", "hybrid", "gate")
+
+
+def entry(**means):
+    return {"means": means, "stderrs": {k: 0.01 for k in means}}
+
+
+def fake_run(folder, window, with_extras=True):
+    folder.mkdir()
+    info = {"sae": entry(fve=0.8), "temporal_consistency": entry(
+        all_smoothness=1.5, all_lag1_autocorr=0.1, all_jaccard=0.2, selected_smoothness=1.8,
+        selected_lag1_autocorr=0.05, selected_jaccard=0.02)}
+    for i, s in enumerate(STRATS):
+        info[f"unlearning_{s}"] = entry(unlearning_score=0.1 * i, retain_kl=0.2, precision_auroc=0.7)
+        info[f"detection_{s}"] = entry(token_f1=0.1 + 0.05 * i)
+    (folder / "final_info.json").write_text(json.dumps(info))
+    (folder / "config.json").write_text(json.dumps({"window": window}))
+    if not with_extras:
+        return
+    pts = [dict(strategy=s, multiplier=m, n_features=10, retain_threshold=0.01, forget_acc=0.9 - 0.001 * m,
+                retain_acc=0.995 - 0.0005 * m) for s in STRATS for m in (25, 100)]
+    (folder / "sweep.json").write_text(json.dumps({"retain_gate": 0.99, "points": pts}))
+    (folder / "log.jsonl").write_text("".join(json.dumps(dict(step=i, tokens=1000 * i, loss=10 / (i + 1), l0=50,
+                                                               fve=0.5 + 0.01 * i)) + "\n" for i in range(10)))
+    (folder / "spliced_kl.json").write_text(json.dumps({"docs": [
+        {"id": f"spliced-{d}", "label": [0] * 5 + [1] * 5 + [0] * 5, "kl": {s: [0.01 * t for t in range(15)] for s in STRATS}}
+        for d in range(3)]}))
+
+
+def test_every_figure_from_two_runs(tmp_path):
+    fake_run(tmp_path / "run_0", 1)
+    fake_run(tmp_path / "run_1", 4)
+    out = tmp_path / "figs"
+    assert plot.main([str(tmp_path / "run_0"), str(tmp_path / "run_1"), f"--out_dir={out}"]) == 0
+    for name in ("tradeoff", "headline", "precision", "consistency", "training"):
+        assert (out / f"{name}.png").stat().st_size > 10_000, name
+
+
+def test_missing_folder_is_a_clear_error(tmp_path, capsys):
+    assert plot.main([str(tmp_path / "nope"), f"--out_dir={tmp_path / 'f'}"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_malformed_results_is_a_clear_error(tmp_path, capsys):
+    bad = tmp_path / "run_bad"
+    bad.mkdir()
+    (bad / "final_info.json").write_text("{not json")
+    assert plot.main([str(bad), f"--out_dir={tmp_path / 'f'}"]) == 2
+    err = capsys.readouterr().err
+    assert "malformed" in err and "run_bad" in err and "Traceback" not in err
+
+
+def test_failed_and_old_runs_are_skipped_with_a_warning(tmp_path, capsys):
+    fake_run(tmp_path / "run_0", 1)
+    failed = tmp_path / "run_1"
+    failed.mkdir()
+    (failed / "metadata.json").write_text(json.dumps({"status": "failed"}))
+    fake_run(tmp_path / "run_2", 4, with_extras=False)  # an older layout: no sweep, log or spliced KL
+    out = tmp_path / "figs"
+    assert plot.main([str(tmp_path / r) for r in ("run_0", "run_1", "run_2")] + [f"--out_dir={out}"]) == 0
+    err = capsys.readouterr().err
+    assert "skipping" in err and "run_1" in err and "failed" in err
+    assert (out / "tradeoff.png").exists() and (out / "headline.png").exists()

@@ -1153,21 +1153,24 @@ def prepare_eval(model, layer, rows: Rows, batch_rows: int) -> EvalSet:
 
 
 @torch.no_grad()
-def token_stats(model, layer, es: EvalSet, fn) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-position CE (next token) and KL(clean || intervened), (N, T-1) each, 0 where not scored."""
+def token_stats(model, layer, es: EvalSet, fn, chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position CE (next token) and KL(clean || intervened), (N, T-1) each, 0 where not scored.
+    Logits are made `chunk` positions at a time: a whole batch's would be GBs at a 49k vocabulary."""
     ces, kls = [], []
     for tb in es.tails:
         h = tail_hidden(model, layer, tb, fn)
         sel = tb.attn[:, 1:] & tb.attn[:, :-1]  # predict token t+1 from t, never a pad
-        new = logits_at(model, h[:, :-1], sel)
-        tgt = tb.tokens[:, 1:][sel]
-        ce = torch.zeros(sel.shape, device=sel.device)
-        ce[sel] = token_ce(new, tgt)
-        kl = torch.zeros(sel.shape, device=sel.device)
-        if fn is not None:
-            kl[sel] = token_kl(logits_at(model, tb.final_BTD[:, :-1], sel), new)
-        ces.append(ce.cpu())
-        kls.append(kl.cpu())
+        new_h, clean_h, tgt = h[:, :-1][sel], tb.final_BTD[:, :-1][sel], tb.tokens[:, 1:][sel]
+        ce_n, kl_n = torch.zeros(len(tgt)), torch.zeros(len(tgt))
+        for i in range(0, len(tgt), chunk):
+            new = logits_at(model, new_h[i:i + chunk])
+            ce_n[i:i + chunk] = token_ce(new, tgt[i:i + chunk]).cpu()
+            if fn is not None:
+                kl_n[i:i + chunk] = token_kl(logits_at(model, clean_h[i:i + chunk]), new).cpu()
+        ce, kl = torch.zeros(sel.shape), torch.zeros(sel.shape)
+        ce[sel.cpu()], kl[sel.cpu()] = ce_n, kl_n
+        ces.append(ce)
+        kls.append(kl)
     return torch.cat(ces), torch.cat(kls)
 
 

@@ -109,26 +109,21 @@ def plain_step(acts_ND, d_sae, device):
 
 
 def saelens_step(acts_ND, d_sae, device):
+    """SAELens' standard ReLU training SAE through its trainer's public `step` (any tensor iterator works)."""
     from sae_lens import StandardTrainingSAE, StandardTrainingSAEConfig
-    from sae_lens.config import SAETrainerConfig
+    from sae_lens.config import LoggingConfig, SAETrainerConfig
     from sae_lens.training.sae_trainer import SAETrainer
     d = acts_ND.shape[1]
     sae = StandardTrainingSAE(StandardTrainingSAEConfig(d_in=d, d_sae=d_sae, l1_coefficient=1.0, device=str(device)))
     x = acts_ND.to(device)
-    batches = iter(lambda: x, None)
-    trainer_cfg = SAETrainerConfig(
-        n_checkpoints=0, checkpoint_path=None, save_final_checkpoint=False, total_training_samples=len(x) * 1000,
-        device=str(device), autocast=False, lr=1e-4, lr_end=1e-5, lr_scheduler_name="constant", lr_warm_up_steps=0,
-        adam_beta1=0.9, adam_beta2=0.999, lr_decay_steps=0, n_restart_cycles=1, train_batch_size_samples=len(x),
-        dead_feature_window=1000, feature_sampling_window=2000, logger=_saelens_logger())
-    trainer = SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=batches)
-    step = lambda: trainer._train_step(sae=sae, sae_in=x)
+    trainer_cfg = SAETrainerConfig(total_training_samples=len(x) * 1000, train_batch_size_samples=len(x), lr=1e-4,
+                                   lr_end=1e-5, device=str(device), logger=LoggingConfig(log_to_wandb=False))
+    trainer = SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=iter(lambda: x, None))
+
+    def step():
+        trainer.step(x)
+        trainer.n_training_steps += 1
     return len(x) / timed(step, device, repeats=5)
-
-
-def _saelens_logger():
-    from sae_lens.config import LoggingConfig
-    return LoggingConfig(log_to_wandb=False)
 
 
 def dictionary_learning_step(acts_ND, d_sae, device):

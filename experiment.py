@@ -684,7 +684,7 @@ def train_sae(cfg: Config, acts_NTD: torch.Tensor, mask_NT: torch.Tensor, device
     assert steps > 0, "train_tokens too small for one batch"
     order = batch_order(len(acts_NTD), rows_per_step, steps, cfg.seed)
     opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
-    start, since_fired = load_checkpoint(out_dir, sae, opt) if cfg.resume else (0, torch.zeros(cfg.d_sae))
+    start, seen, since_fired = load_checkpoint(out_dir, sae, opt) if cfg.resume else (0, 0, torch.zeros(cfg.d_sae))
     autocast = use_autocast(cfg, device)
     log_path = out_dir / "log.jsonl"
     truncate_log(log_path, start)
@@ -696,20 +696,21 @@ def train_sae(cfg: Config, acts_NTD: torch.Tensor, mask_NT: torch.Tensor, device
             logs = train_step(sae, opt, x, m, cfg.l1_coeff, lr_at(step, steps, cfg), autocast)
         except TrainingDiverged as e:
             raise TrainingDiverged(f"training step {step}: {e}")
+        seen += int(m.sum())
         since_fired = torch.where(logs.pop("fired").cpu(), 0, since_fired + int(m.sum()))
         if step % 10 == 0 or step == steps - 1:
-            logs.update(step=step, tokens=(step + 1) * int(m.sum()), lr=lr_at(step, steps, cfg),
+            logs.update(step=step, tokens=seen, lr=lr_at(step, steps, cfg),
                         dead_frac=(since_fired > cfg.batch_tokens * 25).float().mean().item(),
                         fve=1 - logs["mse"] / sae.d_in, elapsed_s=round(time.time() - t0, 2))
             with open(log_path, "a") as fh:
                 fh.write(json.dumps(logs) + "\n")
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps:
-            save_checkpoint(out_dir, sae, opt, step + 1, since_fired)
+            save_checkpoint(out_dir, sae, opt, step + 1, seen, since_fired)
     (out_dir / "checkpoint.safetensors").unlink(missing_ok=True)
     return sae
 
 
-def save_checkpoint(out_dir: Path, sae, opt, step: int, since_fired):
+def save_checkpoint(out_dir: Path, sae, opt, step: int, seen: int, since_fired):
     """SAE + Adam moments as safetensors; the step in the metadata. No pickles."""
     from safetensors.torch import save_file
     t = {f"sae.{k}": v.detach().cpu().contiguous() for k, v in sae.state_dict().items()}
@@ -720,17 +721,17 @@ def save_checkpoint(out_dir: Path, sae, opt, step: int, since_fired):
             if key in st:
                 t[f"adam.{name}.{key}"] = torch.as_tensor(st[key]).detach().cpu().reshape(-1 if key == "step" else st[key].shape).contiguous()
     t["since_fired"] = since_fired.contiguous()
-    atomic_write(out_dir / "checkpoint.safetensors", lambda p: save_file(t, p, metadata={"step": str(step)}))
+    atomic_write(out_dir / "checkpoint.safetensors", lambda p: save_file(t, p, metadata={"step": str(step), "tokens": str(seen)}))
 
 
-def load_checkpoint(out_dir: Path, sae, opt) -> tuple[int, torch.Tensor]:
+def load_checkpoint(out_dir: Path, sae, opt) -> tuple[int, int, torch.Tensor]:
     from safetensors import safe_open
     from safetensors.torch import load_file
     path = out_dir / "checkpoint.safetensors"
     if not path.is_file():
         raise UsageError(f"--resume: no checkpoint at {path}")
     with safe_open(str(path), "pt") as fh:
-        step = int(fh.metadata()["step"])
+        step, seen = int(fh.metadata()["step"]), int(fh.metadata()["tokens"])
     t = load_file(str(path))
     sae.load_state_dict({k[4:]: v for k, v in t.items() if k.startswith("sae.")})
     for name, p in sae.named_parameters():
@@ -738,7 +739,7 @@ def load_checkpoint(out_dir: Path, sae, opt) -> tuple[int, torch.Tensor]:
             opt.state[p] = {"step": t[f"adam.{name}.step"].reshape(()).clone(),
                             "exp_avg": t[f"adam.{name}.exp_avg"].to(p.device),
                             "exp_avg_sq": t[f"adam.{name}.exp_avg_sq"].to(p.device)}
-    return step, t["since_fired"]
+    return step, seen, t["since_fired"]
 
 
 def truncate_log(path: Path, step: int):
@@ -864,6 +865,74 @@ def logits_at(model, h_BTD: torch.Tensor, sel_BT: torch.Tensor | None = None) ->
 
 
 # =============================================================================================
+# Temporal pattern matching
+# =============================================================================================
+
+def windows_of(f_BTk: torch.Tensor, valid_BT: torch.Tensor, w: int) -> torch.Tensor:
+    """(B, T, w*k): selected latents at t-w+1..t (oldest first); slots before the row or masked are 0."""
+    T = f_BTk.shape[1]
+    f = f_BTk * valid_BT.unsqueeze(-1)
+    return torch.cat([F.pad(f, (0, 0, s, 0))[:, :T] for s in range(w - 1, -1, -1)], dim=-1)
+
+
+def gate_fires(f_BTk, valid_BT, w: int) -> torch.Tensor:
+    """Template-free reference: fire where >= min(2, w) of the last w positions had a selected latent on."""
+    on_BT = ((f_BTk > 0).any(-1) & valid_BT).float()
+    count = sum(F.pad(on_BT, (s, 0))[:, :on_BT.shape[1]] for s in range(w))
+    return (count >= min(2, w)) & valid_BT
+
+
+def pearson_rows(a_NK: torch.Tensor, b_MK: torch.Tensor) -> torch.Tensor:
+    """(N, M) Pearson correlation of every row of a with every row of b; 0 where a row is constant."""
+    a = a_NK - a_NK.mean(-1, keepdim=True)
+    b = b_MK - b_MK.mean(-1, keepdim=True)
+    a = a / a.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+    b = b / b.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+    return a @ b.T
+
+
+class Detector(NamedTuple):
+    """Fires at t when the window of selected latents correlates >= tau with a forget template."""
+    templates: torch.Tensor  # (n_templates, w*k)
+    window: int
+    tau: float
+
+    def score(self, f_BTk, valid_BT) -> torch.Tensor:
+        win = windows_of(f_BTk, valid_BT, self.window)
+        B, T, K = win.shape
+        s = pearson_rows(win.reshape(-1, K), self.templates).max(-1).values.view(B, T)
+        return torch.where(win.abs().sum(-1) > 0, s, torch.full_like(s, -1.0)) * valid_BT
+
+    def fires(self, f_BTk, valid_BT) -> torch.Tensor:
+        return (self.score(f_BTk, valid_BT) >= self.tau) & valid_BT
+
+
+def fit_templates(win_NK: torch.Tensor, n: int, seed: int, iters: int = 25) -> torch.Tensor:
+    """Spherical k-means on mean-centred windows: centroids maximise the Pearson match of members."""
+    x = win_NK - win_NK.mean(-1, keepdim=True)
+    x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+    g = torch.Generator().manual_seed(seed)
+    c = x[torch.randperm(len(x), generator=g)[:n]].clone()
+    for _ in range(iters):
+        assign = (x @ c.T).argmax(-1)
+        for j in range(len(c)):
+            members = x[assign == j]
+            if len(members):
+                c[j] = members.mean(0) / members.mean(0).norm().clamp_min(1e-8)
+    return c
+
+
+def build_detector(f_forget_NTk, mask_NT, window: int, cfg: Config) -> Detector:
+    """Templates from forget-domain training windows where a selected latent is active at t."""
+    win = windows_of(f_forget_NTk, mask_NT, window)
+    on = ((f_forget_NTk > 0).any(-1) & mask_NT)
+    pool = win[on]
+    if len(pool) == 0:
+        return Detector(torch.zeros(1, win.shape[-1]), window, cfg.tau)
+    return Detector(fit_templates(pool, min(cfg.n_templates, len(pool)), cfg.seed), window, cfg.tau)
+
+
+# =============================================================================================
 # Interventions: one hook context manager; every intervention is an `acts -> acts` function
 # =============================================================================================
 
@@ -952,74 +1021,6 @@ def clamp_fn(sae: TemporalSAE, c: Clamp) -> Callable:
         delta_BTk = torch.where(where, -c.multiplier - f_BTk, torch.zeros_like(f_BTk))
         return resid_BTD + (delta_BTk @ W_dec_kD) / sae.scale
     return fn
-
-
-# =============================================================================================
-# Temporal pattern matching
-# =============================================================================================
-
-def windows_of(f_BTk: torch.Tensor, valid_BT: torch.Tensor, w: int) -> torch.Tensor:
-    """(B, T, w*k): selected latents at t-w+1..t (oldest first); slots before the row or masked are 0."""
-    T = f_BTk.shape[1]
-    f = f_BTk * valid_BT.unsqueeze(-1)
-    return torch.cat([F.pad(f, (0, 0, s, 0))[:, :T] for s in range(w - 1, -1, -1)], dim=-1)
-
-
-def gate_fires(f_BTk, valid_BT, w: int) -> torch.Tensor:
-    """Template-free reference: fire where >= min(2, w) of the last w positions had a selected latent on."""
-    on_BT = ((f_BTk > 0).any(-1) & valid_BT).float()
-    count = sum(F.pad(on_BT, (s, 0))[:, :on_BT.shape[1]] for s in range(w))
-    return (count >= min(2, w)) & valid_BT
-
-
-def pearson_rows(a_NK: torch.Tensor, b_MK: torch.Tensor) -> torch.Tensor:
-    """(N, M) Pearson correlation of every row of a with every row of b; 0 where a row is constant."""
-    a = a_NK - a_NK.mean(-1, keepdim=True)
-    b = b_MK - b_MK.mean(-1, keepdim=True)
-    a = a / a.norm(dim=-1, keepdim=True).clamp_min(1e-8)
-    b = b / b.norm(dim=-1, keepdim=True).clamp_min(1e-8)
-    return a @ b.T
-
-
-class Detector(NamedTuple):
-    """Fires at t when the window of selected latents correlates >= tau with a forget template."""
-    templates: torch.Tensor  # (n_templates, w*k)
-    window: int
-    tau: float
-
-    def score(self, f_BTk, valid_BT) -> torch.Tensor:
-        win = windows_of(f_BTk, valid_BT, self.window)
-        B, T, K = win.shape
-        s = pearson_rows(win.reshape(-1, K), self.templates).max(-1).values.view(B, T)
-        return torch.where(win.abs().sum(-1) > 0, s, torch.full_like(s, -1.0)) * valid_BT
-
-    def fires(self, f_BTk, valid_BT) -> torch.Tensor:
-        return (self.score(f_BTk, valid_BT) >= self.tau) & valid_BT
-
-
-def fit_templates(win_NK: torch.Tensor, n: int, seed: int, iters: int = 25) -> torch.Tensor:
-    """Spherical k-means on mean-centred windows: centroids maximise the Pearson match of members."""
-    x = win_NK - win_NK.mean(-1, keepdim=True)
-    x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-8)
-    g = torch.Generator().manual_seed(seed)
-    c = x[torch.randperm(len(x), generator=g)[:n]].clone()
-    for _ in range(iters):
-        assign = (x @ c.T).argmax(-1)
-        for j in range(len(c)):
-            members = x[assign == j]
-            if len(members):
-                c[j] = members.mean(0) / members.mean(0).norm().clamp_min(1e-8)
-    return c
-
-
-def build_detector(f_forget_NTk, mask_NT, window: int, cfg: Config) -> Detector:
-    """Templates from forget-domain training windows where a selected latent is active at t."""
-    win = windows_of(f_forget_NTk, mask_NT, window)
-    on = ((f_forget_NTk > 0).any(-1) & mask_NT)
-    pool = win[on]
-    if len(pool) == 0:
-        return Detector(torch.zeros(1, win.shape[-1]), window, cfg.tau)
-    return Detector(fit_templates(pool, min(cfg.n_templates, len(pool)), cfg.seed), window, cfg.tau)
 
 
 # =============================================================================================
@@ -1133,7 +1134,7 @@ def unlearning_score(points: list[dict], gate: float) -> tuple[float, dict | Non
 
 
 # =============================================================================================
-# Evaluation
+# Evaluation: cached clean forwards, QA and token statistics
 # =============================================================================================
 
 def batches(n: int, size: int) -> Iterator[slice]:
@@ -1362,7 +1363,7 @@ def dom_name(domain: int) -> str:
 
 
 # =============================================================================================
-# Evaluation
+# Evaluation: SAE quality, sweep, unlearning, detection, consistency
 # =============================================================================================
 
 class Corpus(NamedTuple):
@@ -1478,7 +1479,6 @@ def detection_entry(cfg, sae, c: Clamp, forget: Corpus, retain: Corpus, spl_rows
             score = f.max(-1).values
         return fire, score
 
-    n_f, n_r = len(forget.held.mask), len(retain.held.mask)
     ff, sf = fire_and_score(forget.acts_held, forget.held)
     fr, sr = fire_and_score(retain.acts_held, retain.held)
     mf, mr = forget.held.mask, retain.held.mask
@@ -1717,7 +1717,8 @@ def experiment(cfg, model, tok, corpora, questions, out: Path, st: Stages) -> di
         c = Clamp(sel.latents, chosen["multiplier"], strategy, sel.detector, sel.hi)
         m, kl_s = eval_strategy(cfg, model, tok, sae, c, es_f, es_r, es_s, spl_label, qa_r, clean)
         spl_kl[strategy] = kl_s
-        m.update(unlearning_score=(score, chosen["forget_acc_stderr"]), passed_retain_gate=(float(best is not None), 0.0),
+        m.update(unlearning_score=(score, chosen["forget_acc_stderr"] if best else 0.0),
+                 passed_retain_gate=(float(best is not None), 0.0),
                  forget_acc=(chosen["forget_acc"], chosen["forget_acc_stderr"]),
                  retain_acc=(chosen["retain_acc"], chosen["retain_acc_stderr"]),
                  multiplier=(chosen["multiplier"], 0.0), n_features=(chosen["n_features"], 0.0),
@@ -1747,10 +1748,10 @@ def spliced_kl_record(spl: list[Spliced], rows: Rows, label, kl: dict, n: int = 
 
 
 def consistency_entry(sae, forget: Corpus, retain: Corpus, latents, n_rows: int) -> dict:
-    f_rows = head_rows(forget.held, n_rows)
-    acts = torch.cat([forget.acts_held[:len(forget.held.doc)], retain.acts_held])
+    """Temporal consistency on 2 * n_rows held-out rows drawn (fixed seed) from both domains pooled."""
+    acts = torch.cat([forget.acts_held, retain.acts_held])
     mask = torch.cat([forget.held.mask, retain.held.mask])
-    idx = torch.randperm(len(acts), generator=torch.Generator().manual_seed(0))[:2 * len(f_rows.doc)]
+    idx = torch.randperm(len(acts), generator=torch.Generator().manual_seed(0))[:2 * min(n_rows, len(forget.held.mask))]
     f = encode_all(sae, acts[idx], mask[idx])
     out = {}
     for name, ff in (("all", f), ("selected", f[..., latents])):
@@ -1789,9 +1790,7 @@ def run_probing(cfg, sae, forget: Corpus, retain: Corpus) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        cfg = parse_config(argv)
-        torch.set_num_threads(torch.get_num_threads())
-        run(cfg)
+        run(parse_config(argv))
     except UsageError as e:
         print(f"experiment.py: error: {e}", file=sys.stderr)
         return 2

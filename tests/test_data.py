@@ -1,9 +1,7 @@
 """The embedded data (issue: offline corpora and question sets) and every loader."""
 import json
-from pathlib import Path
 
 import pytest
-import torch
 
 import experiment as ex
 from conftest import ROOT, SHARED

@@ -1,7 +1,6 @@
 """plot.py on synthetic run folders: every figure, clear errors, tolerant of failed or old runs."""
 import json
 
-import pytest
 
 import plot
 

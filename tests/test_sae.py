@@ -154,8 +154,10 @@ def test_resume_gives_the_same_sae(tmp_path):
     resumed = ex.train_sae(ex.Config(out_dir=str(cut_dir), resume=True, **base), acts, mask, torch.device("cpu"), cut_dir)
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
-    steps = [json.loads(l)["step"] for l in (cut_dir / "log.jsonl").read_text().splitlines()]
-    assert steps == sorted(set(steps)), "the resumed log repeats or reorders steps"
+    log = [json.loads(l) for l in (cut_dir / "log.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in log] == sorted({l["step"] for l in log}), "the resumed log repeats or reorders steps"
+    full_log = [json.loads(l) for l in (full_dir / "log.jsonl").read_text().splitlines()]
+    assert [l["tokens"] for l in log] == [l["tokens"] for l in full_log], "token counts differ after resume"
 
 
 def test_checkpoint_holds_no_pickle(tmp_path):
@@ -164,5 +166,5 @@ def test_checkpoint_holds_no_pickle(tmp_path):
     opt = torch.optim.Adam(sae.parameters())
     x, valid = rows(D=8)
     ex.train_step(sae, opt, x, valid, 0.1, 1e-3, autocast=False)
-    ex.save_checkpoint(tmp_path, sae, opt, 1, torch.zeros(16))
+    ex.save_checkpoint(tmp_path, sae, opt, 1, 100, torch.zeros(16))
     assert "sae.W_enc" in load_file(tmp_path / "checkpoint.safetensors")

@@ -606,9 +606,9 @@ def project_decoder_grad(sae: TemporalSAE):
 def save_sae(sae: TemporalSAE, folder: Path):
     from safetensors.torch import save_file
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in sae.state_dict().items()}
-    atomic_write(folder / "sae.safetensors", lambda p: save_file(tensors, p))
     cfg = {"d_in": sae.d_in, "d_sae": sae.d_sae, "window": sae.window, "d_head": sae.d_head}
-    atomic_write_json(folder / "cfg.json", cfg)
+    atomic_write_json(folder / "cfg.json", cfg)  # first: weights on disk always have their cfg
+    atomic_write(folder / "sae.safetensors", lambda p: save_file(tensors, p))
 
 
 def load_sae(folder: Path, device="cpu") -> TemporalSAE:
@@ -706,6 +706,7 @@ def train_sae(cfg: Config, acts_NTD: torch.Tensor, mask_NT: torch.Tensor, device
                 fh.write(json.dumps(logs) + "\n")
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps:
             save_checkpoint(out_dir, sae, opt, step + 1, seen, since_fired)
+    save_sae(sae, out_dir)  # before the checkpoint goes, so a kill in between loses nothing
     (out_dir / "checkpoint.safetensors").unlink(missing_ok=True)
     return sae
 
@@ -1676,9 +1677,11 @@ def experiment(cfg, model, tok, corpora, questions, out: Path, st: Stages) -> di
 
     acts = torch.cat([forget.acts_train, retain.acts_train])
     mask = torch.cat([forget.train.mask, retain.train.mask])
-    sae = train_sae(cfg, acts, mask, model.device, out).float()
+    if cfg.resume and (out / "sae.safetensors").exists() and not (out / "checkpoint.safetensors").exists():
+        sae = load_sae(out, model.device)  # training had finished before the kill: evaluate that SAE
+    else:
+        sae = train_sae(cfg, acts, mask, model.device, out).float()
     del acts
-    save_sae(sae, out)
     st.done("train")
 
     rows_f, rows_r = head_rows(forget.held, cfg.eval_rows), head_rows(retain.held, cfg.eval_rows)

@@ -132,6 +132,20 @@ def test_kill_then_resume_completes(tmp_path, model_dir):
     assert (out / "sae.safetensors").read_bytes() == (straight / "sae.safetensors").read_bytes()
 
 
+def test_resume_after_training_reuses_the_saved_sae(tmp_path, model_dir):
+    """Killed during evaluation: --resume evaluates the saved SAE instead of training again."""
+    out = tmp_path / "run"
+    assert cli(*tiny_flags(out, model_dir)).returncode == 0
+    first = (out / "final_info.json").read_text()
+    weights = (out / "sae.safetensors").read_bytes()
+    (out / "final_info.json").unlink()
+    log_lines = len((out / "log.jsonl").read_text().splitlines())
+    assert cli(*tiny_flags(out, model_dir, "--resume")).returncode == 0
+    assert (out / "final_info.json").read_text() == first
+    assert (out / "sae.safetensors").read_bytes() == weights
+    assert len((out / "log.jsonl").read_text().splitlines()) == log_lines, "training ran again"
+
+
 def test_same_seed_same_results(tmp_path, model, tok):
     texts = []
     for name in ("a", "b"):

@@ -54,7 +54,7 @@ def timed(fn, device, repeats: int = 3) -> float:
 
 def bench_harvest(model, tok, cfg, device):
     docs = ex.split_docs(ex.load_corpus("embedded", "forget"))[0]
-    rows = ex.head_rows(ex.make_rows(tok, docs, cfg.context_length, 10**9), cfg.batch_rows)
+    rows = ex.head_rows(ex.make_rows(tok, docs, cfg.context_length, 10**9, forget=True), cfg.batch_rows)
     n_tok = int(rows.attn.sum())
     n_blocks = len(ex.blocks_of(model))
     ids, attn = rows.tokens.to(device), rows.attn.long().to(device)
@@ -68,7 +68,7 @@ def bench_harvest(model, tok, cfg, device):
     print(f"    full forward (all blocks + LM head):   {n_tok / t_full:10.0f} tokens/s")
     print(f"    speed-up {t_full / t_harvest:.2f}x   target >= {target:.2f}x   "
           f"{'MET' if t_full / t_harvest >= target else 'NOT MET'}")
-    return ex.harvest(model, cfg.layer, ex.head_rows(ex.make_rows(tok, docs, cfg.context_length, 10**9), 48),
+    return ex.harvest(model, cfg.layer, ex.head_rows(ex.make_rows(tok, docs, cfg.context_length, 10**9, forget=True), 48),
                       cfg.batch_rows), rows
 
 

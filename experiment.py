@@ -279,7 +279,8 @@ def split_docs(docs: list[Doc], heldout_every: int = 5) -> tuple[list[Doc], list
         k = seen[d.topic] = seen.get(d.topic, -1) + 1
         (held if k % heldout_every == heldout_every - 1 else train).append(d)
     if not train or not held:
-        raise UsageError("a corpus needs at least 2 documents per topic for a train / held-out split")
+        raise UsageError("a corpus needs at least 5 documents (in one topic) for a train / held-out split: "
+                         "every 5th document of a topic is held out")
     return train, held
 
 
@@ -346,6 +347,7 @@ class Rows(NamedTuple):
     attn: torch.Tensor     # (N, T) bool: real token (BOS included)
     mask: torch.Tensor     # (N, T) bool: real token, BOS excluded
     doc: torch.Tensor      # (N,) int64: index of the source document
+    label: torch.Tensor    # (N, T) bool: token of forget-domain text (a whole forget row, or a spliced passage)
 
 
 def bos_id(tok) -> int:
@@ -355,7 +357,7 @@ def bos_id(tok) -> int:
     raise UsageError("the tokenizer defines no BOS, EOS or pad token")
 
 
-def make_rows(tok, docs: list[Doc], ctx: int, max_tokens: int) -> Rows:
+def make_rows(tok, docs: list[Doc], ctx: int, max_tokens: int, forget: bool) -> Rows:
     """Each document is cut into rows of ctx-1 tokens behind a BOS; rows never mix documents."""
     body, bos = ctx - 1, bos_id(tok)
     rows, doc_idx, total = [], [], 0
@@ -379,7 +381,7 @@ def make_rows(tok, docs: list[Doc], ctx: int, max_tokens: int) -> Rows:
         attn[r, :len(row)] = True
     mask = attn.clone()
     mask[:, 0] = False
-    return Rows(tokens, attn, mask, torch.tensor(doc_idx))
+    return Rows(tokens, attn, mask, torch.tensor(doc_idx), mask & forget)
 
 
 class Spliced(NamedTuple):
@@ -412,8 +414,8 @@ def build_spliced(forget_docs: list[Doc], retain_docs: list[Doc], n: int, seed: 
     return out
 
 
-def spliced_rows(tok, docs: list[Spliced], ctx: int) -> tuple[Rows, torch.Tensor]:
-    """Rows for spliced documents plus per-token passage labels (from the tokenizer's offsets)."""
+def spliced_rows(tok, docs: list[Spliced], ctx: int) -> Rows:
+    """Rows for spliced documents; `label` marks the passage's tokens (from the tokenizer's offsets)."""
     bos = bos_id(tok)
     tokens = torch.full((len(docs), ctx), bos, dtype=torch.long)
     attn = torch.zeros(len(docs), ctx, dtype=torch.bool)
@@ -429,7 +431,7 @@ def spliced_rows(tok, docs: list[Spliced], ctx: int) -> tuple[Rows, torch.Tensor
         label[r, 1:len(ids) + 1] = torch.tensor([s < d.span[1] and e > d.span[0] for s, e in offs])
     mask = attn.clone()
     mask[:, 0] = False
-    return Rows(tokens, attn, mask, torch.arange(len(docs))), label
+    return Rows(tokens, attn, mask, torch.arange(len(docs)), label)
 
 
 # =============================================================================================
@@ -1484,7 +1486,7 @@ def detection_entry(cfg, sae, c: Clamp, forget: Corpus, retain: Corpus, spl_rows
     fr, sr = fire_and_score(retain.acts_held, retain.held)
     mf, mr = forget.held.mask, retain.held.mask
     pred = torch.cat([ff[mf], fr[mr]])
-    lab = torch.cat([torch.ones(int(mf.sum()), dtype=torch.bool), torch.zeros(int(mr.sum()), dtype=torch.bool)])
+    lab = torch.cat([forget.held.label[mf], retain.held.label[mr]])
     p, r, f1 = precision_recall_f1(pred, lab)
     out = {"token_precision": (p, 0.0), "token_recall": (r, 0.0), "token_f1": (f1, 0.0),
            "token_auroc": (auroc(torch.cat([sf[mf], sr[mr]]), lab), 0.0),
@@ -1629,10 +1631,13 @@ def load_inputs(cfg: Config):
     return corpora, qa
 
 
-def build_corpus(model, tok, cfg, docs: list[Doc]) -> Corpus:
+def build_corpus(model, tok, cfg, docs: list[Doc], domain: str) -> Corpus:
     train_docs, held_docs = split_docs(docs)
-    tr = make_rows(tok, train_docs, cfg.context_length, cfg.max_corpus_tokens)
-    he = make_rows(tok, held_docs, cfg.context_length, cfg.max_corpus_tokens)
+    tr = make_rows(tok, train_docs, cfg.context_length, cfg.max_corpus_tokens, forget=domain == "forget")
+    he = make_rows(tok, held_docs, cfg.context_length, cfg.max_corpus_tokens, forget=domain == "forget")
+    if tr.mask.sum() < cfg.context_length - 1:
+        raise UsageError(f"{domain} corpus: {int(tr.mask.sum())} training tokens, shorter than a single row "
+                         f"of --context_length {cfg.context_length}")
     return Corpus(train_docs, held_docs, tr, he, harvest(model, cfg.layer, tr, cfg.batch_rows),
                   harvest(model, cfg.layer, he, cfg.batch_rows))
 
@@ -1641,7 +1646,7 @@ def head_rows(rows: Rows, n: int) -> Rows:
     """The first n rows, spread over documents: rows are taken round-robin by document."""
     order = sorted(range(len(rows.doc)), key=lambda i: (int((rows.doc[:i] == rows.doc[i]).sum()), i))[:n]
     idx = torch.tensor(sorted(order))
-    return Rows(rows.tokens[idx], rows.attn[idx], rows.mask[idx], rows.doc[idx])
+    return Rows(*(t[idx] for t in rows))
 
 
 def run(cfg: Config, model=None, tok=None) -> dict:
@@ -1662,7 +1667,7 @@ def run(cfg: Config, model=None, tok=None) -> dict:
     st.done("load")
     try:
         results = experiment(cfg, model, tok, corpora, questions, out, st)
-    except TrainingDiverged as e:
+    except (TrainingDiverged, UsageError) as e:
         atomic_write_json(out / "metadata.json", metadata(cfg, device, "failed", started, st.times, str(e)))
         raise
     atomic_write_json(out / "metadata.json", metadata(cfg, device, "complete", started, st.times))
@@ -1671,8 +1676,8 @@ def run(cfg: Config, model=None, tok=None) -> dict:
 
 
 def experiment(cfg, model, tok, corpora, questions, out: Path, st: Stages) -> dict:
-    forget = build_corpus(model, tok, cfg, corpora["forget"])
-    retain = build_corpus(model, tok, cfg, corpora["retain"])
+    forget = build_corpus(model, tok, cfg, corpora["forget"], "forget")
+    retain = build_corpus(model, tok, cfg, corpora["retain"], "retain")
     st.done("harvest")
 
     acts = torch.cat([forget.acts_train, retain.acts_train])
@@ -1688,7 +1693,8 @@ def experiment(cfg, model, tok, corpora, questions, out: Path, st: Stages) -> di
     es_f, es_r = (prepare_eval(model, cfg.layer, r, cfg.batch_rows) for r in (rows_f, rows_r))
     spl = (load_spliced(cfg.spliced_docs) if cfg.forget_corpus == cfg.retain_corpus == "embedded"
            else build_spliced(forget.held_docs, retain.held_docs, cfg.spliced_docs, cfg.seed))
-    spl_rows, spl_label = spliced_rows(tok, spl, 2 * cfg.context_length)  # room before, in and after the passage
+    spl_rows = spliced_rows(tok, spl, 2 * cfg.context_length)  # room before, in and after the passage
+    spl_label = spl_rows.label
     es_s = prepare_eval(model, cfg.layer, spl_rows, cfg.batch_rows)
     spl_acts = torch.cat([tb.resid.cpu() for tb in es_s.tails])
     results = {"sae": eval_sae_quality(model, cfg.layer, sae, forget, retain, es_f, es_r)}

@@ -61,10 +61,17 @@ def test_bad_input_one_line_nonzero_no_results(tmp_path, bad, case):
     assert not (out / "final_info.json").exists()
 
 
-def test_corpus_shorter_than_a_row(tmp_path, bad, model_dir):
+def test_corpus_too_small_to_split(tmp_path, bad, model_dir):
     one = bad("one.jsonl", '{"text": "a"}\n')
     res = cli(*tiny_flags(tmp_path / "run", model_dir, "--forget_corpus", one))
-    one_line_error(res, "2 documents per topic")
+    one_line_error(res, "at least 5 documents")
+    assert not (tmp_path / "run" / "final_info.json").exists()
+
+
+def test_corpus_shorter_than_a_row(tmp_path, bad, model_dir):
+    short = bad("short.jsonl", "".join('{"text": "cell %d"}\n' % i for i in range(5)))
+    res = cli(*tiny_flags(tmp_path / "run", model_dir, "--forget_corpus", short))
+    one_line_error(res, "shorter than a single row")
     assert not (tmp_path / "run" / "final_info.json").exists()
 
 

@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 import experiment as ex
 from conftest import ROOT, SHARED
@@ -52,9 +53,9 @@ def test_spliced_token_labels_cover_the_passage():
     from conftest import tiny_tokenizer
     tok = tiny_tokenizer()
     spl = ex.load_spliced(5)
-    rows, label = ex.spliced_rows(tok, spl, 256)
+    rows = ex.spliced_rows(tok, spl, 256)
     for r, d in enumerate(spl):
-        ids = rows.tokens[r][label[r]].tolist()
+        ids = rows.tokens[r][rows.label[r]].tolist()
         text = tok.decode(ids)
         assert text.strip()[:20] in d.text[d.span[0]:d.span[1]]
 
@@ -72,8 +73,9 @@ def test_split_is_disjoint_deterministic_and_by_document(domain):
 
 def test_rows_keep_documents_apart_and_mask_bos(tok):
     docs = ex.load_corpus("embedded", "forget")[:3]
-    rows = ex.make_rows(tok, docs, 32, 10**6)
+    rows = ex.make_rows(tok, docs, 32, 10**6, forget=True)
     assert (rows.tokens[:, 0] == ex.bos_id(tok)).all()
+    assert torch.equal(rows.label, rows.mask), "every real token of a forget row is labelled forget"
     assert not rows.mask[:, 0].any() and rows.attn[:, 0].all()
     first = rows.tokens[rows.doc == 0][0, 1:][rows.mask[rows.doc == 0][0, 1:]]
     assert tok.decode(first.tolist()).strip()[:15] == docs[0].text.strip()[:15]

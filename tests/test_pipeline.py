@@ -16,7 +16,7 @@ def n_hooks(model) -> int:
 
 def some_rows(tok, n=3, ctx=24):
     docs = ex.load_corpus("embedded", "retain")[:n]
-    return ex.make_rows(tok, docs, ctx, 10**6)
+    return ex.make_rows(tok, docs, ctx, 10**6, forget=False)
 
 
 def test_harvest_is_the_residual_after_the_block(model, tok):

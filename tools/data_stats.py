@@ -29,7 +29,7 @@ def main():
             print(f"    {t:22s} {hit[t]:3d} / {total[t]}")
         docs = ex.load_corpus("embedded", domain)
         train, held = ex.split_docs(docs)
-        rows = ex.make_rows(tok, held, cfg.context_length, 10**9)
+        rows = ex.make_rows(tok, held, cfg.context_length, 10**9, forget=domain == "forget")
         es = ex.prepare_eval(model, cfg.layer, rows, cfg.batch_rows)
         ce, _ = ex.token_stats(model, cfg.layer, es, None)
         sel = ex.scored(rows)

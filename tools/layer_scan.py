@@ -28,7 +28,7 @@ def main():
         xs, ys = [], []
         for label, dom in ((1, "forget"), (0, "retain")):
             docs = ex.split_docs(ex.load_corpus("embedded", dom))[split]
-            rows = ex.head_rows(ex.make_rows(tok, docs, cfg.context_length, 10**9), args.rows)
+            rows = ex.head_rows(ex.make_rows(tok, docs, cfg.context_length, 10**9, forget=bool(label)), args.rows)
             with torch.no_grad():
                 hs = model.base_model(input_ids=rows.tokens, attention_mask=rows.attn.long(),
                                       output_hidden_states=True).hidden_states[1:]

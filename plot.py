@@ -64,12 +64,15 @@ def load_run(folder: Path) -> dict | None:
         except json.JSONDecodeError:
             raise PlotError(f"{folder / 'log.jsonl'} is malformed")
     cfg = folder / "config.json"
-    run["window"] = read_json(cfg).get("window") if cfg.exists() else None
+    config = read_json(cfg) if cfg.exists() else {}
+    run["window"], run["l1"] = config.get("window"), config.get("l1_coeff")
     return run
 
 
 def label(run: dict) -> str:
-    return f"{run['name']} (w={run['window']})" if run.get("window") else run["name"]
+    if not run.get("window"):
+        return run["name"]
+    return f"{run['name']} (w={run['window']}" + (f", l1={run['l1']:g})" if run.get("l1") is not None else ")")
 
 
 def fig_tradeoff(runs, out: Path) -> bool:
@@ -174,12 +177,12 @@ def fig_training(runs, out: Path) -> bool:
         return False
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     for run in have:
-        tokens = [l["tokens"] for l in run["log"]]
+        tokens = [l["tokens"] / 1000 for l in run["log"]]
         for ax, key in zip(axes, ("loss", "l0", "fve")):
             ax.plot(tokens, [l[key] for l in run["log"]], label=label(run))
     for ax, title in zip(axes, ("training loss (mse + l1_coeff * l1)", "L0 (active latents per token)",
                                 "variance explained (1 - mse / d_in, training batch)")):
-        ax.set_xlabel("training tokens")
+        ax.set_xlabel("training tokens (thousands)")
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
     axes[0].set_yscale("log")

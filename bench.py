@@ -1,6 +1,6 @@
 """Speed and memory benchmarks. Each figure is printed with the configuration it used.
 
-    python bench.py                  # all figures (about 15 minutes on the 2-core CPU machine)
+    python bench.py                  # all figures (about 11 minutes on the 2-core CPU machine)
     python bench.py --skip_e2e       # without the end-to-end run of experiment.py
     pip install -r requirements-bench.txt   # optional: the SAELens and dictionary_learning peers
 

@@ -470,10 +470,14 @@ def load_model(cfg: Config, device: torch.device):
         raise UsageError(f"cannot load model {cfg.model!r} ({type(e).__name__}): offline, the hub is "
                          f"unreachable; use a local folder or the default --model={DEFAULT_MODEL}")
     model.to(device).eval().requires_grad_(False)
+    return model, tok
+
+
+def check_layer(model, cfg: Config):
+    """--layer must name a block of the model, whether loaded here or passed in (tests)."""
     n_blocks = len(blocks_of(model))
     if not 0 <= cfg.layer < n_blocks:
         raise UsageError(f"--layer {cfg.layer}: model {cfg.model!r} has blocks 0..{n_blocks - 1}")
-    return model, tok
 
 
 def _base_module(model, names: tuple[str, ...], kind: type, what: str) -> nn.Module:
@@ -681,8 +685,9 @@ def train_sae(cfg: Config, acts_NTD: torch.Tensor, mask_NT: torch.Tensor, device
         sae.scale.fill_(math.sqrt(sae.d_in / x.pow(2).sum(-1).mean().item()))
         sae.b_dec.copy_(x.mean(0) * sae.scale)
         del x
-    rows_per_step = max(1, round(cfg.batch_tokens / mask_NT.sum(1).float().mean().item()))
-    steps = cfg.train_tokens // (rows_per_step * int(mask_NT.sum(1).float().mean().item()))
+    row_tokens = mask_NT.sum(1).float().mean().item()  # rows are sampled whole: batches count rows
+    rows_per_step = max(1, round(cfg.batch_tokens / row_tokens))
+    steps = cfg.train_tokens // (rows_per_step * int(row_tokens))
     assert steps > 0, "train_tokens too small for one batch"
     order = batch_order(len(acts_NTD), rows_per_step, steps, cfg.seed)
     opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
@@ -717,8 +722,7 @@ def save_checkpoint(out_dir: Path, sae, opt, step: int, seen: int, since_fired):
     """SAE + Adam moments as safetensors; the step in the metadata. No pickles."""
     from safetensors.torch import save_file
     t = {f"sae.{k}": v.detach().cpu().contiguous() for k, v in sae.state_dict().items()}
-    names = dict(sae.named_parameters())
-    for name, p in names.items():
+    for name, p in sae.named_parameters():
         st = opt.state.get(p, {})
         for key in ("exp_avg", "exp_avg_sq", "step"):
             if key in st:
@@ -880,9 +884,13 @@ def windows_of(f_BTk: torch.Tensor, valid_BT: torch.Tensor, w: int) -> torch.Ten
 
 def gate_fires(f_BTk, valid_BT, w: int) -> torch.Tensor:
     """Template-free reference: fire where >= min(2, w) of the last w positions had a selected latent on."""
-    on_BT = ((f_BTk > 0).any(-1) & valid_BT).float()
-    count = sum(F.pad(on_BT, (s, 0))[:, :on_BT.shape[1]] for s in range(w))
+    count = window_count(((f_BTk > 0).any(-1) & valid_BT).float(), w)
     return (count >= min(2, w)) & valid_BT
+
+
+def window_count(on_BT: torch.Tensor, w: int) -> torch.Tensor:
+    """(B, T): sum of on_BT over positions t-w+1..t (positions before the row count 0)."""
+    return sum(F.pad(on_BT, (s, 0))[:, :on_BT.shape[1]] for s in range(w))
 
 
 def pearson_rows(a_NK: torch.Tensor, b_MK: torch.Tensor) -> torch.Tensor:
@@ -1156,6 +1164,11 @@ def prepare_eval(model, layer, rows: Rows, batch_rows: int) -> EvalSet:
                           for s in batches(len(rows.tokens), batch_rows)])
 
 
+def scored(attn_BT: torch.Tensor) -> torch.Tensor:
+    """(B, T-1): positions t whose next token is real text (BOS's prediction of token 1 included)."""
+    return attn_BT[:, 1:] & attn_BT[:, :-1]
+
+
 @torch.no_grad()
 def token_stats(model, layer, es: EvalSet, fn, chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-position CE (next token) and KL(clean || intervened), (N, T-1) each, 0 where not scored.
@@ -1163,7 +1176,7 @@ def token_stats(model, layer, es: EvalSet, fn, chunk: int = 512) -> tuple[torch.
     ces, kls = [], []
     for tb in es.tails:
         h = tail_hidden(model, layer, tb, fn)
-        sel = tb.attn[:, 1:] & tb.attn[:, :-1]  # predict token t+1 from t, never a pad
+        sel = scored(tb.attn)  # predict token t+1 from t, never a pad
         new_h, clean_h, tgt = h[:, :-1][sel], tb.final_BTD[:, :-1][sel], tb.tokens[:, 1:][sel]
         ce_n, kl_n = torch.zeros(len(tgt)), torch.zeros(len(tgt))
         for i in range(0, len(tgt), chunk):
@@ -1389,20 +1402,19 @@ def entry(pairs: dict) -> dict:
 
 
 @torch.no_grad()
-def eval_sae_quality(model, layer, sae, forget: Corpus, retain: Corpus, es_f: EvalSet, es_r: EvalSet) -> dict:
+def eval_sae_quality(model, layer, sae, forget: Corpus, retain: Corpus, es_f: EvalSet, es_r: EvalSet, clean: dict) -> dict:
     out, fired = {}, torch.zeros(sae.d_sae, dtype=torch.bool)
     per_dom = {}
-    for name, c, es in (("forget", forget, es_f), ("retain", retain, es_r)):
+    for name, c, es, ce_clean in (("forget", forget, es_f, clean["ce_f"]), ("retain", retain, es_r, clean["ce_r"])):
         n = len(es.rows.tokens)
         x, m = c.acts_held[:n], c.held.mask[:n]
         o = sae(x.to(sae.W_enc.device), m.to(sae.W_enc.device))
         xv, xh = x[m], o.x_hat.cpu()[m]
         fired |= (o.f.cpu()[m] > 0).any(0)
         l0 = (o.f.cpu()[m] > 0).sum(-1).float()
-        ce_clean, _ = token_stats(model, layer, es, None)
         ce_sae, _ = token_stats(model, layer, es, splice_fn(sae))
         ce_zero, _ = token_stats(model, layer, es, zero_fn)
-        sel = es.rows.attn[:, 1:] & es.rows.attn[:, :-1]
+        sel = scored(es.rows.attn)
         sel[:, 0] = False  # BOS -> first token is not predicted from an SAE-reconstructed position
         per_dom[name] = dict(x=xv, xh=xh, l0=l0, ce=[t[sel] for t in (ce_clean, ce_sae, ce_zero)])
     x = torch.cat([d["x"] for d in per_dom.values()])
@@ -1476,8 +1488,7 @@ def detection_entry(cfg, sae, c: Clamp, forget: Corpus, retain: Corpus, spl_rows
         if c.strategy in ("pattern", "hybrid"):
             score = c.detector.score(f, rows.mask)
         elif c.strategy == "gate":
-            on = (f > 0).any(-1).float()
-            score = sum(F.pad(on, (s, 0))[:, :on.shape[1]] for s in range(sae.window))
+            score = window_count((f > 0).any(-1).float(), sae.window)
         else:
             score = f.max(-1).values
         return fire, score
@@ -1524,13 +1535,13 @@ def eval_strategy(cfg, model, tok, sae, c: Clamp, es_f, es_r, es_s, spl_label, q
     ce_f, _ = token_stats(model, layer, es_f, fn)
     ce_r, kl_r = token_stats(model, layer, es_r, fn)
     _, kl_s = token_stats(model, layer, es_s, fn)
-    sel_f, sel_r = scored(es_f.rows), scored(es_r.rows)
+    sel_f, sel_r = scored(es_f.rows.attn), scored(es_r.rows.attn)
     out = {"forget_ce": mean_err(ce_f[sel_f]), "retain_ce": mean_err(ce_r[sel_r]),
            "forget_ce_increase": mean_err(ce_f[sel_f] - clean["ce_f"][sel_f]),
            "retain_ce_increase": mean_err(ce_r[sel_r] - clean["ce_r"][sel_r]),
            "retain_kl": mean_err(kl_r[sel_r])}
     # precision: KL at the position that predicts token t+1 is attributed to token t
-    sel_s = scored(es_s.rows)
+    sel_s = scored(es_s.rows.attn)
     lab = spl_label[:, :-1]
     first = lab.float().argmax(1, keepdim=True)
     before = sel_s & ~lab & (torch.arange(lab.shape[1]) < first)
@@ -1545,11 +1556,6 @@ def eval_strategy(cfg, model, tok, sae, c: Clamp, es_f, es_r, es_s, spl_label, q
     rc = qa_correct(model, tok, layer, qa_r, fn).float()
     out["retain_acc_after"] = mean_err(rc)
     return out, kl_s
-
-
-def scored(rows: Rows) -> torch.Tensor:
-    """(N, T-1): positions t whose next token is real text (BOS's prediction of token 1 included)."""
-    return rows.attn[:, 1:] & rows.attn[:, :-1]
 
 
 # =============================================================================================
@@ -1658,8 +1664,7 @@ def run(cfg: Config, model=None, tok=None) -> dict:
     torch.manual_seed(cfg.seed)
     if model is None:
         model, tok = load_model(cfg, device)
-    elif not 0 <= cfg.layer < len(blocks_of(model)):
-        raise UsageError(f"--layer {cfg.layer}: the model has blocks 0..{len(blocks_of(model)) - 1}")
+    check_layer(model, cfg)
     device = model.device
     atomic_write_json(out / "config.json", asdict(cfg))
     atomic_write(out / "command.txt", lambda p: Path(p).write_text("python " + " ".join(sys.argv) + "\n"))
@@ -1697,7 +1702,8 @@ def experiment(cfg, model, tok, corpora, questions, out: Path, st: Stages) -> di
     spl_label = spl_rows.label
     es_s = prepare_eval(model, cfg.layer, spl_rows, cfg.batch_rows)
     spl_acts = torch.cat([tb.resid.cpu() for tb in es_s.tails])
-    results = {"sae": eval_sae_quality(model, cfg.layer, sae, forget, retain, es_f, es_r)}
+    clean = {"ce_f": token_stats(model, cfg.layer, es_f, None)[0], "ce_r": token_stats(model, cfg.layer, es_r, None)[0]}
+    results = {"sae": eval_sae_quality(model, cfg.layer, sae, forget, retain, es_f, es_r, clean)}
     st.done("sae_metrics")
 
     sels = make_selections(cfg, sae, forget, retain)
@@ -1716,7 +1722,6 @@ def experiment(cfg, model, tok, corpora, questions, out: Path, st: Stages) -> di
     atomic_write_json(out / "sweep.json", {"retain_gate": cfg.retain_gate, "points": points})
     st.done("sweep")
 
-    clean = {"ce_f": token_stats(model, cfg.layer, es_f, None)[0], "ce_r": token_stats(model, cfg.layer, es_r, None)[0]}
     spl_kl = {}
     for strategy in STRATEGIES:
         mine = [p for p in points if p["strategy"] == strategy]
@@ -1750,7 +1755,7 @@ def spliced_kl_record(spl: list[Spliced], rows: Rows, label, kl: dict, n: int = 
     """Per-token KL along the first spliced documents, for the precision figure."""
     docs = []
     for i in range(min(n, len(spl))):
-        keep = scored(rows)[i]
+        keep = scored(rows.attn)[i]
         docs.append({"id": f"spliced-{i}", "label": label[i, :-1][keep].tolist(),
                      "kl": {s: [round(v, 6) for v in k[i][keep].tolist()] for s, k in kl.items()}})
     return {"docs": docs}

@@ -32,7 +32,7 @@ def main():
         rows = ex.make_rows(tok, held, cfg.context_length, 10**9, forget=domain == "forget")
         es = ex.prepare_eval(model, cfg.layer, rows, cfg.batch_rows)
         ce, _ = ex.token_stats(model, cfg.layer, es, None)
-        sel = ex.scored(rows)
+        sel = ex.scored(rows.attn)
         print(f"{domain} corpus: {len(docs)} documents, {len(train)} train / {len(held)} held-out, "
               f"{sum(len(d.text.split()) for d in docs)} words; held-out CE {ce[sel].mean():.3f} nats/token "
               f"over {int(sel.sum())} tokens (stderr {ex.stderr(ce[sel].numpy()):.3f})")

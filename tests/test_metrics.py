@@ -87,29 +87,124 @@ def test_unlearning_score_uses_only_points_that_keep_retain():
     assert ex.unlearning_score(pts[:1], 0.99) == (0.0, None)
 
 
-def test_gate_and_windows():
+def plain(valid):
+    return ex.make_time(valid)
+
+
+def test_gate_rule_and_windows():
     f = torch.zeros(1, 6, 2)
     f[0, 1, 0] = 1.0
     f[0, 5, 1] = 2.0
     valid = torch.ones(1, 6, dtype=torch.bool)
-    assert ex.gate_fires(f, valid, 4).tolist() == [[False] * 6]  # never 2 active in a 4-window
+    gate = lambda lags: ex.clamp_where(ex.Clamp("gate", torch.tensor([0, 1]), 1.0, lags, None, None, 0.0),
+                                       None, torch.zeros(1, 6, 4), plain(valid), f).any(-1)
+    assert gate(4).tolist() == [[False] * 6]  # never 2 active in a 4-window
     f[0, 3, 0] = 1.0
-    assert ex.gate_fires(f, valid, 4)[0].tolist() == [False, False, False, True, True, True]
-    assert ex.gate_fires(f, valid, 1)[0].tolist() == [False, True, False, True, False, True]
-    w = ex.windows_of(f, valid, 2)
+    assert gate(4)[0].tolist() == [False, False, False, True, False, True]  # clamps only where a latent is on
+    assert gate(1)[0].tolist() == [False, True, False, True, False, True]
+    w = ex.windows_of(f, plain(valid), 2)
     assert w.shape == (1, 6, 4) and torch.equal(w[0, 2], torch.tensor([1.0, 0.0, 0.0, 0.0]))
 
 
-def test_pearson_and_detector_fire_on_template():
+def test_dsg_rho_by_hand():
+    """DSG: rho = fraction of a row's tokens where any selected latent is on; the whole row is clamped
+    (all selected latents, where any is on) when rho > tau. dsg_causal uses the prefix's rho."""
+    f = torch.zeros(1, 5, 2)
+    f[0, 1, 0] = 1.0  # on at t=1 and t=4: rho = 2/4 over the 4 valid tokens (t=0 is BOS)
+    f[0, 4, 1] = 3.0
+    valid = torch.tensor([[False, True, True, True, True]])
+    where = lambda s, tau: ex.clamp_where(ex.Clamp(s, torch.tensor([0, 1]), 1.0, 4, None, None, tau),
+                                          None, torch.zeros(1, 5, 4), plain(valid), f)
+    assert where("dsg", 0.49).all(-1)[0].tolist() == [False, True, False, False, True]
+    assert not where("dsg", 0.5).any()
+    # prefix rho: t=1: 1/1, t=2: 1/2, t=3: 1/3, t=4: 2/4
+    assert where("dsg_causal", 0.45).any(-1)[0].tolist() == [False, True, False, False, True]
+    assert where("dsg_causal", 0.6).any(-1)[0].tolist() == [False, True, False, False, False]
+
+
+def test_ema_pools_over_predecessors_only():
+    x = torch.tensor([[0.0, 4.0, 0.0, 0.0, 8.0]])
+    valid = torch.tensor([[False, True, True, True, True]])
+    tm = plain(valid)
+    assert torch.equal(ex.ema(x, tm, 1.0), x * valid)
+    # horizon 2: weights 1, 1/2, 1/4 ... over valid predecessors, normalised
+    e = ex.ema(x, tm, 2.0)[0]
+    assert e[1] == pytest.approx(4.0) and e[2] == pytest.approx((0 + 0.5 * 4) / 1.5)
+    assert ex.ema(x, tm, math.inf)[0, 4] == pytest.approx(12 / 4)
+
+
+def test_threshold_keeps_the_false_positive_rate_on_its_data():
+    g = torch.Generator().manual_seed(0)
+    for fpr in (0.01, 0.05, 0.2):
+        v = torch.randn(5000, generator=g)
+        v[:300] = 1.5  # ties at the cut must not push the rate over
+        thr = ex.threshold_for_fpr(v, fpr)
+        assert (v >= thr).float().mean() <= fpr
+        assert (v >= thr - 1e-3).float().mean() > fpr * 0.5
+
+
+def test_lag_detector_is_causal():
+    """A detector's score at t never changes when tokens after t change (plain rows and a tree)."""
+    torch.manual_seed(0)
+    sae = ex.TemporalSAE(8, 16, window=3, d_head=4)
+    det = ex.LagDetector(torch.tensor([1, 4, 7]), torch.randn(3, 4), 0.3, 4.0, 0.0)
+    res = ex.LagDetector(None, torch.randn(8, 4), -0.1, 8.0, 0.0)
+    x = torch.randn(2, 10, 8)
+    valid = torch.ones(2, 10, dtype=torch.bool)
+    valid[:, 0] = False
+    prev = torch.tensor([[-1, 0, 1, 2, 3, 4, 5, 6, 7, 8], [-1, 0, 1, 2, 3, 3, 5, 3, 7, 8]])  # row 2 branches at 3
+    for tm in (ex.make_time(valid), ex.make_time(valid, prev)):
+        for d in (det, res):
+            ev = ex.ema(ex.token_score(d, sae, x, tm), tm, d.horizon)
+            for t in range(9):
+                later = torch.ones(2, 10, dtype=torch.bool)
+                later[:, :t + 1] = False
+                x2 = x.clone()
+                x2[later] += 5 * torch.randn_like(x2[later])
+                ev2 = ex.ema(ex.token_score(d, sae, x2, tm), tm, d.horizon)
+                assert torch.allclose(ev2[:, :t + 1], ev[:, :t + 1], atol=1e-5), (t, d.idx)
+
+
+def test_pareto_front_and_interpolation_by_hand():
+    pts = [(0.2, 0.02, 0.002), (0.6, 0.10, 0.01), (0.5, 0.20, 0.0), (1.2, 0.30, 0.03)]  # (0.5, 0.2) is dominated
+    front = ex.pareto_front(pts)
+    assert front == [(0.0, 0.0, 0.0), (0.2, 0.02, 0.002), (0.6, 0.10, 0.01), (1.2, 0.30, 0.03)]
+    y, e = ex.frontier_at(front, 0.4)  # halfway from (0.2, 0.02) to (0.6, 0.10)
+    assert y == pytest.approx(0.06) and e == pytest.approx(0.006)
+    assert ex.frontier_at(front, 0.1)[0] == pytest.approx(0.01)  # from the clean model (0, 0)
+    assert ex.frontier_at(front, 1.2)[0] == pytest.approx(0.30)
+    assert ex.frontier_at(front, 1.5) is None  # never reached: no extrapolation
+    assert ex.frontier_within(front, 0.06) == pytest.approx(0.4)
+    assert ex.frontier_within(front, 0.01) == pytest.approx(0.1)
+    assert ex.frontier_within(front, 1.0) == pytest.approx(1.2)  # the whole front fits: its largest x
+
+
+def test_frontier_when_retain_damage_is_zero():
+    front = ex.pareto_front([(0.3, 0.0, 0.0), (0.9, 0.05, 0.0)])
+    assert front[0] == (0.3, 0.0, 0.0)  # dominates the clean model
+    assert ex.frontier_at(front, 0.25)[0] == 0.0 and ex.frontier_within(front, 0.0) == pytest.approx(0.3)
+
+
+def test_aggregate_seeds_mean_and_stderr_over_seeds():
+    infos = [{"a": {"means": {"x": v, "y": y}, "stderrs": {"x": 9.0, "y": 0.0}}}
+             for v, y in ((1.0, 2.0), (2.0, None), (6.0, 1.0))]
+    agg = ex.aggregate_seeds(infos)
+    assert agg["a"]["means"]["x"] == pytest.approx(3.0)
+    assert agg["a"]["stderrs"]["x"] == pytest.approx(np.std([1, 2, 6], ddof=1) / math.sqrt(3))
+    assert agg["a"]["means"]["y"] is None and agg["a"]["stderrs"]["y"] is None
+    assert agg["seeds"]["means"]["n_seeds"] == 3.0
+
+
+def test_pearson_and_template_detector_fire_on_template():
     t = torch.tensor([[0.0, 1.0, 0.0, 2.0]])
     assert ex.pearson_rows(t, t).item() == pytest.approx(1.0)
     assert ex.pearson_rows(t, -t).item() == pytest.approx(-1.0)
-    det = ex.Detector(t, window=2, tau=0.95)  # the half-window at t=2 correlates 0.87
+    det = ex.Templates(t, lags=2, horizon=1.0, threshold=0.95)  # the half-window at t=2 correlates 0.87
     f = torch.zeros(1, 5, 2)
     f[0, 2] = torch.tensor([0.0, 1.0])
     f[0, 3] = torch.tensor([0.0, 2.0])
-    valid = torch.ones(1, 5, dtype=torch.bool)
-    assert det.fires(f, valid)[0].tolist() == [False, False, False, True, False]
+    tm = plain(torch.ones(1, 5, dtype=torch.bool))
+    assert ex.detector_fires(det, None, None, tm, f)[0].tolist() == [False, False, False, True, False]
 
 
 def test_templates_recover_clusters():

@@ -1,4 +1,5 @@
-"""Activations, the intervention hook, the re-run of later blocks, and a whole run on a tiny model."""
+"""Activations, the intervention hook, the re-run of later blocks, packed questions, and a whole run
+on a tiny model."""
 import json
 import math
 
@@ -11,7 +12,8 @@ from conftest import tiny_flags
 
 def n_hooks(model) -> int:
     """Hooks on the blocks (transformers adds its own once, so tests compare before and after)."""
-    return sum(len(b._forward_hooks) + len(b._forward_pre_hooks) for b in ex.blocks_of(model))
+    return sum(len(b._forward_hooks) + len(b._forward_pre_hooks) for b in ex.blocks_of(model)) + \
+        len(ex.final_norm_of(model)._forward_pre_hooks)
 
 
 def some_rows(tok, n=3, ctx=24):
@@ -27,6 +29,8 @@ def test_harvest_is_the_residual_after_the_block(model, tok):
     with torch.no_grad():
         hs = model.base_model(input_ids=rows.tokens, attention_mask=rows.attn.long(), output_hidden_states=True).hidden_states
     assert torch.allclose(acts, hs[2], atol=1e-5)  # hidden_states[0] is the embedding output
+    b = ex.clean_forward(model, 1, rows.tokens, rows.attn)
+    assert torch.allclose(b.resid, acts, atol=1e-5)
 
 
 def test_hook_is_removed_even_on_error(model):
@@ -34,6 +38,9 @@ def test_hook_is_removed_even_on_error(model):
     with pytest.raises(RuntimeError):
         with ex.intervene(model, 1, lambda x: x):
             raise RuntimeError("boom")
+    assert n_hooks(model) == before
+    with ex.intervene(model, 3, lambda x: x):  # the last block: the hook sits on the final norm
+        assert n_hooks(model) == before + 1
     assert n_hooks(model) == before
 
 
@@ -50,60 +57,68 @@ def test_identity_intervention_leaves_logits_unchanged(model, tok):
     assert torch.equal(clean, hooked)
 
 
-def test_tail_rerun_equals_full_forward_under_an_intervention(model, tok):
-    """The fast path (cached input of block `layer`, later blocks only) equals the slow path."""
-    rows = some_rows(tok)
-    fn = lambda x: x * 0.5 + 1.0
-    before = n_hooks(model)
-    with torch.no_grad():
-        with ex.intervene(model, 1, fn):
-            slow = full_logits(model, rows.tokens, rows.attn)
-        tb = ex.clean_forward(model, 1, rows.tokens, rows.attn)
-        fast = ex.logits_at(model, ex.tail_hidden(model, 1, tb, fn))
-        clean = ex.logits_at(model, ex.tail_hidden(model, 1, tb, None))
-    assert torch.allclose(fast, slow, atol=1e-5)
-    assert torch.allclose(clean, full_logits(model, rows.tokens, rows.attn), atol=1e-5)
-    assert n_hooks(model) == before
-
-
-def test_row_subset_rerun_matches_whole_batch(model, tok):
+def test_rerun_equals_full_hooked_forward(model, tok):
+    """The fast path (cached block output, later blocks only, changed rows only) equals a full forward
+    with the hook; positions the edit cannot reach are reported as such."""
     rows = some_rows(tok, n=4)
-    tb = ex.clean_forward(model, 1, rows.tokens, rows.attn)
-    c = tb.resid[:, 1, 0].median()  # a row-wise rule that changes some rows and leaves the others
-    some_rows_fn = lambda x: torch.where(x[:, 1:2, :1] > c, x * 2, x)
-    changed = tb.resid[:, 1, 0] > c
-    assert changed.any() and not changed.all()
-    h = ex.tail_hidden(model, 1, tb, some_rows_fn)
-    with torch.no_grad(), ex.intervene(model, 1, some_rows_fn):
-        whole = ex.run_tail(model, 1, tb)
-    assert torch.allclose(h, whole, atol=1e-5)
-    assert torch.equal(h[~changed], tb.final_BTD[~changed])
+    b = ex.clean_forward(model, 1, rows.tokens, rows.attn)
+    c = b.resid[:, 5, 0].median()
+
+    def fn(x, tm):  # changes some rows from position 5 on, leaves the others bit-identical
+        out = x.clone()
+        out[:, 5:] = torch.where(x[:, 5:6, :1] > c, x[:, 5:] * 0.5 + 1.0, x[:, 5:])
+        return out
+
+    before = n_hooks(model)
+    rows_changed, h, hit = ex.rerun(model, 1, b, fn)
+    with torch.no_grad(), ex.intervene(model, 1, lambda x: fn(x, b.time)):
+        slow = model.base_model(input_ids=rows.tokens, attention_mask=rows.attn.long()).last_hidden_state
+    assert n_hooks(model) == before
+    assert rows_changed.any() and not rows_changed.all()
+    assert torch.allclose(h, slow[rows_changed], atol=1e-5)
+    assert torch.allclose(b.final[~rows_changed], slow[~rows_changed], atol=1e-5)
+    assert not hit[:, :5].any() and hit[rows_changed, 5:].all()
+    assert torch.allclose(h[:, :5], b.final[rows_changed][:, :5], atol=1e-5)
 
 
-def test_zero_multiplier_without_clamping_gives_exact_clean_logits(model, tok):
+def test_packed_choices_score_like_one_row_per_choice(model, tok):
+    """Four choices behind one question in one row (tree mask, explicit positions) give the same
+    choice scores as one row per choice, clean and under a causal clamp."""
+    qs = ex.load_questions("embedded", "forget")[:5]
+    packed = ex.prepare_qa(model, tok, 1, qs, "cloze", 2, pack=True)
+    plain = ex.prepare_qa(model, tok, 1, qs, "cloze", 2, pack=False)
+    assert sum(int(b.attn.sum()) for b in packed.batches) < 0.6 * sum(int(b.attn.sum()) for b in plain.batches)
+    assert torch.allclose(ex.qa_scores(model, 1, packed, None), ex.qa_scores(model, 1, plain, None), atol=1e-4)
+    sae = ex.TemporalSAE(model.config.hidden_size, 16, window=3, d_head=4)
+    fn = ex.clamp_fn(sae, ex.Clamp("standard", torch.tensor([0, 3, 5]), 4.0, 4, None, None, 0.0))
+    assert torch.allclose(ex.qa_scores(model, 1, packed, fn), ex.qa_scores(model, 1, plain, fn), atol=1e-4)
+    assert not torch.allclose(ex.qa_scores(model, 1, packed, fn), ex.qa_scores(model, 1, packed, None), atol=1e-4)
+    assert ex.packing_agrees(model, tok, 1, qs, 2)
+
+
+def test_zero_multiplier_without_clamping_gives_exact_clean_results(model, tok):
     rows = some_rows(tok)
     d = model.config.hidden_size
     sae = ex.TemporalSAE(d, 16, window=4, d_head=4)
     with torch.no_grad():
         sae.b_enc.fill_(-1e6)  # no latent ever fires: nothing to clamp
-    tb = ex.clean_forward(model, 1, rows.tokens, rows.attn)
+    ts = ex.prepare_text(model, 1, rows, 2)
+    det = ex.LagDetector(None, torch.zeros(d, 4), 1.0, 4.0, 0.0)  # fires everywhere
     for strategy in ex.STRATEGIES:
-        c = ex.Clamp(torch.tensor([0, 3]), 0.0, strategy, ex.Detector(torch.ones(1, 8), 4, 0.8), torch.zeros(2))
-        fn = ex.clamp_fn(sae, c)
-        with torch.no_grad(), ex.intervene(model, 1, fn):
-            hooked = full_logits(model, rows.tokens, rows.attn)
-        assert torch.equal(hooked, full_logits(model, rows.tokens, rows.attn)), strategy
-        assert torch.equal(ex.tail_hidden(model, 1, tb, fn), tb.final_BTD)
+        c = ex.Clamp(strategy, torch.tensor([0, 3]), 0.0, 4, det, torch.zeros(2), 0.0)
+        ce, kl = ex.text_stats(model, 1, ts, ex.clamp_fn(sae, c))
+        assert torch.equal(ce, ts.clean_ce) and not kl.any(), strategy
 
 
 def test_clamp_sets_selected_latents_and_keeps_the_error_term():
     torch.manual_seed(0)
     sae = ex.TemporalSAE(8, 12, window=1)
     x = torch.randn(2, 5, 8) * 3
-    valid = ex.row_valid(x)
+    valid = torch.ones(2, 5, dtype=torch.bool)
+    valid[:, 0] = False
+    tm = ex.make_time(valid)
     lat = torch.tensor([1, 4])
-    fn = ex.clamp_fn(sae, ex.Clamp(lat, 7.0, "standard", None, None))
-    new = fn(x)
+    new = ex.clamp_fn(sae, ex.Clamp("standard", lat, 7.0, 4, None, None, 0.0))(x, tm)
     f_old = sae.encode(x, valid)
     assert (f_old[:, 1:, lat] > 0).any()
     expected = f_old.clone()
@@ -112,23 +127,29 @@ def test_clamp_sets_selected_latents_and_keeps_the_error_term():
     v = valid.unsqueeze(-1).expand_as(x)
     assert torch.allclose((new - sae.decode(expected))[v], (x - sae.decode(f_old))[v], atol=1e-4)
     assert torch.equal(new[:, 0], x[:, 0])  # BOS is never clamped
+    dsg = ex.clamp_fn(sae, ex.Clamp("dsg", lat, 7.0, 4, None, None, 0.0))(x, tm)
+    on = (f_old[..., lat] > 0).any(-1) & valid  # DSG sets *all* selected latents where any is on
+    all_set = f_old.clone()
+    all_set[..., lat] = torch.where(on.unsqueeze(-1), torch.full_like(f_old[..., lat], -7.0), f_old[..., lat])
+    assert torch.allclose((dsg - sae.decode(all_set))[v], (x - sae.decode(f_old))[v], atol=1e-4)
 
 
 def test_qa_subset_keeps_answers(model, tok):
     qs = ex.load_questions("embedded", "retain")[:6]
     qa = ex.prepare_qa(model, tok, 1, qs, "cloze", 2)
-    correct = ex.qa_correct(model, tok, 1, qa, None)
+    scores = ex.qa_scores(model, 1, qa, None)
     keep = torch.tensor([True, False, True, True, False, True])
     sub = ex.subset_qa(qa, keep)
-    assert torch.equal(ex.qa_correct(model, tok, 1, sub, None), correct[keep])
+    assert torch.equal(ex.qa_scores(model, 1, sub, None), scores[keep])
     direct = ex.prepare_qa(model, tok, 1, [q for q, k in zip(qs, keep) if k], "cloze", 2)
-    assert torch.equal(ex.qa_correct(model, tok, 1, direct, None), correct[keep])
+    assert torch.allclose(ex.qa_scores(model, 1, direct, None), scores[keep], atol=1e-5)
 
 
 def test_letter_scoring_runs(model, tok):
     qs = ex.load_questions("embedded", "forget")[:3]
     qa = ex.prepare_qa(model, tok, 1, qs, "letter", 4)
-    assert ex.qa_correct(model, tok, 1, qa, None).shape == (3,)
+    s = ex.qa_scores(model, 1, qa, None)
+    assert s.shape == (3, 4) and torch.isfinite(s).all()
 
 
 def assert_contract(results: dict):
@@ -136,8 +157,12 @@ def assert_contract(results: dict):
         assert set(value) == {"means", "stderrs"}, key
         assert value["means"], key
         for metric, v in value["means"].items():
+            e = value["stderrs"][metric]
+            if v is None:  # a frontier level the sweep never reached
+                assert e is None and key.startswith("frontier_"), (key, metric)
+                continue
             assert isinstance(v, float) and math.isfinite(v), (key, metric, v)
-            assert isinstance(value["stderrs"][metric], float) and value["stderrs"][metric] >= 0
+            assert isinstance(e, float) and e >= 0, (key, metric, e)
 
 
 def test_tiny_model_end_to_end_meets_the_results_contract(tmp_path, model, tok):
@@ -150,11 +175,35 @@ def test_tiny_model_end_to_end_meets_the_results_contract(tmp_path, model, tok):
         m = results[f"unlearning_{s}"]["means"]
         assert 0 <= m["forget_acc"] <= 1 and 0 <= m["retain_acc"] <= 1 and 0 <= m["unlearning_score"] <= 1
         assert 0 <= results[f"detection_{s}"]["means"]["token_f1"] <= 1
+        assert f"retain_kl_at_ce_0.5" in results[f"frontier_{s}"]["means"]
+    for name in ("learned", "residual", "templates"):
+        assert 0 <= results[f"detection_{name}"]["means"]["token_auroc"] <= 1
     sweep = json.loads((out / "sweep.json").read_text())
     assert len(sweep["points"]) == 2 * 1 * 1 * len(ex.STRATEGIES)
+    for key in ("forget_ce_increase", "retain_kl", "spliced_kl_inside", "spliced_kl_after", "forget_prob_drop",
+                "retain_prob_drop", "forget_acc", "retain_acc"):
+        assert all(math.isfinite(p[key]) for p in sweep["points"]), key
     assert json.loads((out / "metadata.json").read_text())["status"] == "complete"
     assert ex.load_sae(out).window == cfg.window
     probing = json.loads((out / "sparse_probing.json").read_text())
     assert "domain_forget_vs_retain" in probing["eval_result_details"]
+    unl = json.loads((out / "unlearning.json").read_text())
+    assert unl["eval_type_id"] == "unlearning" and "unlearning_score" in unl["eval_result_metrics"]["unlearning"]
+    assert {d["strategy"] for d in unl["eval_result_details"]} == set(ex.STRATEGIES)
+    hz = json.loads((out / "detection_horizon.json").read_text())
+    assert hz["horizons"] == list(ex.HORIZONS) and set(hz["detectors"]) == {"learned", "residual", "dsg_causal", "templates"}
     lines = (out / "log.jsonl").read_text().splitlines()
     assert lines and all("loss" in json.loads(l) for l in lines)
+
+
+def test_seeds_run_once_each_and_aggregate(tmp_path, model, tok):
+    flags = [f for f in tiny_flags(tmp_path / "run", "unused", "--seeds=0,1", "--strategies=standard,pattern")
+             if not f.startswith("--model")]
+    results = ex.run(ex.parse_config(flags), model=model, tok=tok)
+    per = [json.loads((tmp_path / "run" / f"seed_{k}" / "final_info.json").read_text()) for k in (0, 1)]
+    v = [p["sae"]["means"]["fve"] for p in per]
+    assert v[0] != v[1], "the seeds trained the same SAE"
+    assert results["sae"]["means"]["fve"] == pytest.approx(sum(v) / 2)
+    assert results["sae"]["stderrs"]["fve"] == pytest.approx(abs(v[0] - v[1]) / 2)
+    assert results["seeds"]["means"]["n_seeds"] == 2.0
+    assert json.loads((tmp_path / "run" / "final_info.json").read_text()) == results

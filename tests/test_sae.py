@@ -168,3 +168,20 @@ def test_checkpoint_holds_no_pickle(tmp_path):
     ex.train_step(sae, opt, x, valid, 0.1, 1e-3, autocast=False)
     ex.save_checkpoint(tmp_path, sae, opt, 1, 100, torch.zeros(16))
     assert "sae.W_enc" in load_file(tmp_path / "checkpoint.safetensors")
+
+
+def test_window_follows_the_predecessor_tree():
+    """In a packed row a choice's first token follows the question's last token, not the previous
+    choice's last token: its window must equal the window of the unpacked row."""
+    torch.manual_seed(0)
+    sae = ex.TemporalSAE(16, 32, window=4, d_head=8)
+    q, c1, c2 = torch.randn(1, 5, 16), torch.randn(1, 3, 16), torch.randn(1, 2, 16)
+    packed = torch.cat([q, c1, c2], 1)
+    prev = torch.tensor([[-1, 0, 1, 2, 3, 4, 5, 6, 4, 8]])  # c2 (positions 8, 9) follows q's last token (4)
+    valid = torch.ones(1, 10, dtype=torch.bool)
+    valid[:, 0] = False
+    f_packed = sae.encode(packed, valid, None, prev)
+    unpacked = torch.cat([q, c2], 1)
+    f_plain = sae.encode(unpacked, valid[:, :7])
+    assert torch.allclose(f_packed[:, 8:], f_plain[:, 5:], atol=1e-5)
+    assert torch.allclose(f_packed[:, :8], sae.encode(packed[:, :8], valid[:, :8]), atol=1e-5)

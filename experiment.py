@@ -18,6 +18,7 @@ import contextlib
 import csv
 import dataclasses
 import importlib.util
+import io
 import json
 import math
 import os
@@ -177,20 +178,91 @@ class Question(NamedTuple):
     answer: int
 
 
-def read_jsonl(path: Path) -> list[dict]:
+# The input boundary. Every user-given file (corpus, question set, WikiText file, SAE cfg.json) is
+# read and parsed by the functions below, which turn each decoding, parsing or shape error into a
+# one-line UsageError naming the file and, where known, the record. They catch only those errors:
+# any other exception is a bug and keeps its traceback.
+
+def _short(v, n: int = 60) -> str:
+    """A value for a one-line message: containers by kind and size, scalars by a truncated repr."""
+    if isinstance(v, (list, tuple, dict)):
+        return f"a {'JSON object' if isinstance(v, dict) else 'list'} of {len(v)}"
+    r = repr(v[:n + 1] if isinstance(v, str) else v)
+    return r if len(r) <= n else r[:n] + "..."
+
+
+def read_text(path: Path, what: str) -> str:
+    """The whole file as text: UTF-8 (a BOM is dropped), newlines normalised to \\n."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:  # a folder, no permission, vanished since the check
+        raise UsageError(f"{what} {path}: cannot be read ({e.strerror or type(e).__name__})") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:  # decoded whole, so the offset is the file's
+        raise UsageError(f"{what} {path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _parse_json(text: str, where: str, line_of_file: bool):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        at = f"column {e.colno}" if line_of_file else f"line {e.lineno} column {e.colno}"
+        raise UsageError(f"{where} is not valid JSON ({e.msg} at {at})") from None
+    except (ValueError, RecursionError) as e:  # an integer over 4300 digits; nesting deeper than the stack
+        raise UsageError(f"{where} is not valid JSON ({type(e).__name__}: {_short(str(e))})") from None
+
+
+def read_json(path: Path, what: str):
+    """The parsed JSON document; its shape is the caller's to check."""
+    return _parse_json(read_text(path, what), f"{what} {path}", line_of_file=False)
+
+
+def read_jsonl(path: Path, what: str) -> list[dict]:
+    """One JSON object per non-blank line. Split on \\n only: JSON strings may hold a raw U+2028."""
     records = []
-    with open(path, encoding="utf-8") as fh:
-        for i, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UsageError(f"{path}: line {i} is not valid JSON ({e.msg})")
-            if not isinstance(rec, dict):
-                raise UsageError(f"{path}: line {i} is not a JSON object")
-            records.append(rec)
+    for i, line in enumerate(read_text(path, what).split("\n"), 1):
+        if not line.strip():
+            continue
+        rec = _parse_json(line, f"{what} {path}: line {i}", line_of_file=True)
+        if not isinstance(rec, dict):
+            raise UsageError(f"{what} {path}: line {i} is not a JSON object (got {_short(rec)})")
+        records.append(rec)
     return records
+
+
+def read_csv(path: Path, what: str) -> list[list[str]]:
+    """The rows of a CSV file, blank rows dropped."""
+    reader = csv.reader(io.StringIO(read_text(path, what)))
+    try:
+        rows = list(reader)
+    except csv.Error as e:  # a NUL byte, a field over csv's size limit
+        raise UsageError(f"{what} {path}: line {reader.line_num} is not valid CSV ({e})") from None
+    return [r for r in rows if any(c.strip() for c in r)]
+
+
+def _string(v, where: str, name: str) -> str:
+    """A text field: a str that can be encoded (JSON escapes can spell a lone surrogate)."""
+    if not isinstance(v, str):
+        raise UsageError(f"{where}: '{name}' must be a string, got {_short(v)}")
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UsageError(f"{where}: '{name}' holds an unpaired surrogate at character {e.start}") from None
+    return v
+
+
+def _label(rec: dict, names: tuple[str, ...], where: str, default: str) -> str:
+    """The first of `names` that is present, not null and not blank, as a string (numbers count)."""
+    for name in names:
+        v = rec.get(name)
+        if v is None or (isinstance(v, str) and not v.strip()):
+            continue
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return str(v)
+        return _string(v, where, name)
+    return default
 
 
 def _existing(spec: str) -> Path:
@@ -237,19 +309,22 @@ def split_wikitext(lines: list[str]) -> list[Doc]:
 def _docs_from_records(records: list[dict], where: str) -> list[Doc]:
     docs = []
     for i, rec in enumerate(records):
-        text = rec.get("text")
-        if not isinstance(text, str):
-            raise UsageError(f"{where}: record {i + 1} has no string field 'text'")
+        at = f"{where}, record {i + 1}"
+        if "text" not in rec:
+            raise UsageError(f"{at} has no field 'text'")
+        text = _string(rec["text"], at, "text")
         if text.strip():
-            topic = str(rec.get("topic", rec.get("label", "unlabelled")))
-            docs.append(Doc(str(rec.get("id", f"doc-{i:05d}")), topic, text))
+            topic = _label(rec, ("topic", "label"), at, "unlabelled")
+            docs.append(Doc(_label(rec, ("id",), at, f"doc-{i:05d}"), topic, text))
     return docs
 
 
 def load_corpus(spec: str, domain: str) -> list[Doc]:
     """Documents of one domain from `embedded`, a local file, or `hf:...`."""
+    what = f"{domain} corpus"
     if spec == "embedded":
-        docs = _docs_from_records(read_jsonl(DATA_DIR / f"{domain}_corpus.jsonl"), f"embedded {domain}")
+        docs = _docs_from_records(read_jsonl(DATA_DIR / f"{domain}_corpus.jsonl", f"embedded {what}"),
+                                  f"embedded {what}")
     elif spec.startswith("hf:"):
         rows = _hf_rows(spec, "train")
         texts = [r.get("text", "") for r in rows]
@@ -258,9 +333,9 @@ def load_corpus(spec: str, domain: str) -> list[Doc]:
     else:
         path = _existing(spec)
         if path.suffix == ".jsonl":
-            docs = _docs_from_records(read_jsonl(path), str(path))
+            docs = _docs_from_records(read_jsonl(path, what), f"{what} {path}")
         else:
-            lines = path.read_text(encoding="utf-8", errors="strict").splitlines()
+            lines = read_text(path, what).splitlines()
             if any(WIKITEXT_TITLE.match(l) for l in lines):
                 docs = split_wikitext(lines)
             else:  # plain text: documents are separated by blank lines
@@ -284,57 +359,66 @@ def split_docs(docs: list[Doc], heldout_every: int = 5) -> tuple[list[Doc], list
     return train, held
 
 
-def _question_from(rec: dict, where: str) -> Question:
-    q, choices, ans = rec.get("question"), rec.get("choices"), rec.get("answer")
+def _answer_index(ans, where: str) -> int:
+    """0-3, or a letter A-D; CSV cells arrive as strings, so "0".."3" count as indices too."""
+    if isinstance(ans, str) and len(ans.strip()) == 1 and ans.strip().upper() in "ABCD0123":
+        a = ans.strip().upper()
+        return "ABCD".index(a) if a in "ABCD" else int(a)
+    if isinstance(ans, int) and not isinstance(ans, bool) and 0 <= ans < 4:
+        return ans
+    raise UsageError(f"{where}: answer {_short(ans)} out of range: expected 0..3 or A..D")
+
+
+def _question_from(rec, where: str) -> Question:
+    if not isinstance(rec, dict):
+        raise UsageError(f"{where} is not a JSON object with question, choices, answer (got {_short(rec)})")
+    q, choices = rec.get("question"), rec.get("choices")
     if not isinstance(q, str) or not q.strip():
         raise UsageError(f"{where}: missing 'question'")
     if not isinstance(choices, (list, tuple)) or len(choices) != 4 or not all(isinstance(c, str) for c in choices):
-        raise UsageError(f"{where}: needs exactly 4 string choices, got {choices!r:.80}")
-    if isinstance(ans, str) and ans.strip().upper() in "ABCD" and len(ans.strip()) == 1:
-        ans = "ABCD".index(ans.strip().upper())
-    if isinstance(ans, bool) or not isinstance(ans, int) or not 0 <= ans < 4:
-        raise UsageError(f"{where}: answer index {ans!r} out of range 0..3")
-    return Question(q.strip(), tuple(c.strip() for c in choices), ans)
+        raise UsageError(f"{where}: needs exactly 4 string choices, got {_short(choices)}")
+    q = _string(q, where, "question")
+    choices = tuple(_string(c, where, "choices").strip() for c in choices)
+    return Question(q.strip(), choices, _answer_index(rec.get("answer"), where))
 
 
 def _csv_questions(path: Path) -> list[dict]:
-    rows = list(csv.reader(open(path, encoding="utf-8", newline="")))
-    if not rows:
-        return []
-    header = [h.strip().lower() for h in rows[0]]
-    if header[:1] == ["question"]:  # question,choice0..choice3,answer
-        return [{"question": r[0], "choices": r[1:5], "answer": _int_or_letter(r[5]) if len(r) > 5 else None}
-                for r in rows[1:]]
-    return [{"question": r[0], "choices": r[1:5], "answer": r[5] if len(r) > 5 else None} for r in rows]  # MMLU
+    """MMLU layouts: a `question,choice0..choice3,answer` header, or the original headerless rows."""
+    rows = read_csv(path, "question file")
+    if rows and rows[0][0].strip().lower() == "question":
+        rows = rows[1:]
+    for i, r in enumerate(rows, 1):
+        if len(r) != 6:
+            raise UsageError(f"question file {path}, question {i}: {len(r)} columns, expected 6 "
+                             "(question, 4 choices, answer)")
+    return [{"question": r[0], "choices": r[1:5], "answer": r[5]} for r in rows]
 
 
-def _int_or_letter(v: str):
-    return int(v) if v.strip().lstrip("-").isdigit() else v
+def _question_records(spec: str, domain: str) -> tuple[list, str]:
+    """The raw records of one question source, and the name its errors use."""
+    if spec == "embedded":
+        where = f"embedded {domain} questions"
+        return read_jsonl(DATA_DIR / f"{domain}_qa.jsonl", where), where
+    if spec.startswith("hf:"):
+        return _hf_rows(spec, "test"), spec
+    path = _existing(spec)
+    where = f"question file {path}"
+    if path.suffix == ".jsonl":
+        return read_jsonl(path, "question file"), where
+    if path.suffix == ".csv":
+        return _csv_questions(path), where
+    if path.suffix != ".json":
+        raise UsageError(f"{path}: question files must be .json, .jsonl or .csv")
+    recs = read_json(path, "question file")
+    if not isinstance(recs, list):
+        raise UsageError(f"{where}: expected a JSON list of questions, got {_short(recs)}")
+    return recs, where
 
 
 def load_questions(specs: str, domain: str) -> list[Question]:
     out = []
     for spec in [s.strip() for s in specs.split(",") if s.strip()]:
-        if spec == "embedded":
-            recs, where = read_jsonl(DATA_DIR / f"{domain}_qa.jsonl"), f"embedded {domain} questions"
-        elif spec.startswith("hf:"):
-            recs, where = _hf_rows(spec, "test"), spec
-        else:
-            path = _existing(spec)
-            where = str(path)
-            if path.suffix == ".jsonl":
-                recs = read_jsonl(path)
-            elif path.suffix == ".json":
-                try:
-                    recs = json.loads(path.read_text(encoding="utf-8"))
-                except json.JSONDecodeError as e:
-                    raise UsageError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})")
-                if not isinstance(recs, list):
-                    raise UsageError(f"{path}: expected a JSON list of questions")
-            elif path.suffix == ".csv":
-                recs = _csv_questions(path)
-            else:
-                raise UsageError(f"{path}: question files must be .json, .jsonl or .csv")
+        recs, where = _question_records(spec, domain)
         out += [_question_from(r, f"{where}, question {i + 1}") for i, r in enumerate(recs)]
     if not out:
         raise UsageError(f"no {domain} questions in {specs!r}")
@@ -390,7 +474,7 @@ class Spliced(NamedTuple):
 
 
 def load_spliced(n: int) -> list[Spliced]:
-    recs = read_jsonl(DATA_DIR / "spliced.jsonl")
+    recs = read_jsonl(DATA_DIR / "spliced.jsonl", "embedded spliced documents")
     return [Spliced(r["text"], tuple(r["span"])) for r in recs[:n]]
 
 
@@ -617,11 +701,26 @@ def save_sae(sae: TemporalSAE, folder: Path):
     atomic_write(folder / "sae.safetensors", lambda p: save_file(tensors, p))
 
 
+SAE_SIZES = ("d_in", "d_sae", "window", "d_head")
+
+
+def read_sae_cfg(folder: Path) -> dict:
+    """The sizes in a saved SAE's cfg.json, each checked to be a positive integer."""
+    path = Path(folder) / "cfg.json"
+    cfg = read_json(path, "SAE config")
+    if not isinstance(cfg, dict):
+        raise UsageError(f"SAE config {path}: expected a JSON object, got {_short(cfg)}")
+    for k in SAE_SIZES:
+        v = cfg.get(k)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise UsageError(f"SAE config {path}: '{k}' must be a positive integer, got {_short(v)}")
+    return {k: cfg[k] for k in SAE_SIZES}
+
+
 def load_sae(folder: Path, device="cpu") -> TemporalSAE:
     """Reload from `sae.safetensors` + `cfg.json` alone: no trainer, no pickle."""
     from safetensors.torch import load_file
-    cfg = json.loads((Path(folder) / "cfg.json").read_text())
-    sae = TemporalSAE(cfg["d_in"], cfg["d_sae"], cfg["window"], cfg["d_head"])
+    sae = TemporalSAE(**read_sae_cfg(folder))
     sae.load_state_dict(load_file(Path(folder) / "sae.safetensors", device=str(device)))
     return sae.to(device)
 

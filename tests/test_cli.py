@@ -28,9 +28,9 @@ def one_line_error(res, needle):
 
 @pytest.fixture
 def bad(tmp_path):
-    def write(name, text):
+    def write(name, content):
         p = tmp_path / name
-        p.write_text(text)
+        p.write_bytes(content) if isinstance(content, bytes) else p.write_text(content)
         return str(p)
     return write
 
@@ -43,6 +43,9 @@ CASES = [
      "out of range"),
     (lambda b: ["--forget_corpus", b("c.jsonl", '{"text": "ok"}\n{"text": \n')], "line 2 is not valid JSON"),
     (lambda b: ["--forget_corpus", b("empty.txt", "\n\n")], "is empty"),
+    (lambda b: ["--forget_corpus", b("some.txt", bytes(range(256)))], "not UTF-8 text"),
+    (lambda b: ["--forget_qa", b("q.json", "[1, 2, 3]")], "question 1 is not a JSON object"),
+    (lambda b: ["--retain_qa", b("q.csv", "Q?,a,b,c,d\n")], "5 columns, expected 6"),
     (lambda b: ["--bogus_flag", "1"], "unrecognized arguments"),
     (lambda b: ["--d_sae", "many"], "invalid int value"),
     (lambda b: ["--window", "0"], "--window must be >= 1"),

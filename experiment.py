@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import csv
 import dataclasses
+import hashlib
 import importlib.util
 import io
 import json
@@ -99,6 +100,10 @@ class Config:
     train_tokens: int = opt(800_000, "SAE training budget in tokens")
     sae_autocast: bool = opt(True, "bf16 autocast for SAE matmuls on CPUs with bf16 support")
     checkpoint_every: int = opt(50, "steps between training checkpoints")
+    # existing SAEs (SAELens interop)
+    sae_path: str = opt("", "evaluate this SAE instead of training one: our run folder or a SAELens folder "
+                            "(cfg.json + sae_weights.safetensors); sets --layer, --window, --d_sae from the SAE")
+    export_saelens: str = opt("", "export the w=1 SAE in this run folder to SAELens's layout in --out_dir, then exit")
     # unlearning
     strategies: tuple = opt(STRATEGIES, "interventions to sweep: standard | gate | dsg | dsg_causal | pattern | hybrid")
     multipliers: tuple = opt((1.0, 3.0, 10.0, 30.0, 100.0, 300.0),
@@ -148,10 +153,20 @@ class Config:
              "--detector_window, --horizon, --detector_latents must be >= 1"),
             (len(set(self.seeds)) == len(self.seeds), "--seeds must be distinct"),
             (self.device == "auto" or re.fullmatch(r"cpu|cuda(:\d+)?", self.device), "--device: auto|cpu|cuda[:N]"),
+            (not (self.sae_path and self.resume), "--resume continues training: it has no meaning with --sae_path"),
+            (not (self.export_saelens and (self.sae_path or self.resume)), "--export_saelens takes no --sae_path or --resume"),
+            (not self.sae_path or _other_folder(self.sae_path, self.out_dir),
+             "--sae_path and --out_dir must differ: the run would replace the SAE's own folder"),
+            (not self.export_saelens or _other_folder(self.export_saelens, self.out_dir),
+             "--export_saelens and --out_dir must differ: the export goes to --out_dir"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise UsageError(msg)
+
+
+def _other_folder(a: str, b: str) -> bool:
+    return os.path.abspath(a) != os.path.abspath(b)
 
 
 class UsageError(Exception):
@@ -735,6 +750,9 @@ class TemporalSAE(nn.Module):
         self.W_dec = nn.Parameter(torch.empty(d_sae, d_in))       # (F, D): unit-norm rows
         self.b_dec = nn.Parameter(torch.zeros(d_in))
         self.register_buffer("scale", torch.ones(()))
+        # JumpReLU thresholds (F,), set only for SAEs loaded from SAELens's "jumprelu" layout; None keeps
+        # our ReLU SAEs' state_dict and files unchanged (a None buffer is not saved).
+        self.register_buffer("threshold", None)
         if window > 1:
             self.pos = nn.Parameter(torch.empty(window, d_in))    # slot 0 = current token, s = lag s
             self.W_q = nn.Parameter(torch.empty(d_in, d_head))
@@ -781,7 +799,12 @@ class TemporalSAE(nn.Module):
         return pre
 
     def encode(self, x_BTD, valid_BT, idx=None, prev_BT=None) -> torch.Tensor:
-        return F.relu(self.pre_acts(x_BTD, valid_BT, idx, prev_BT))
+        pre = self.pre_acts(x_BTD, valid_BT, idx, prev_BT)
+        if self.threshold is None:
+            return F.relu(pre)
+        # JumpReLU as SAELens computes it: relu(pre) where pre > the latent's own threshold, else 0
+        threshold = self.threshold if idx is None else self.threshold[idx]
+        return F.relu(pre) * (pre > threshold)
 
     def decode(self, f_BTF: torch.Tensor) -> torch.Tensor:
         return (f_BTF @ self.W_dec + self.b_dec) / self.scale
@@ -819,10 +842,15 @@ def project_decoder_grad(sae: TemporalSAE):
         sae.W_dec.grad -= (sae.W_dec.grad * W).sum(1, keepdim=True) * W
 
 
-def save_sae(sae: TemporalSAE, folder: Path):
+def save_sae(sae: TemporalSAE, folder: Path, source: dict | None = None):
+    """`source`: where an SAE evaluated with --sae_path came from, kept in its cfg.json."""
     from safetensors.torch import save_file
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in sae.state_dict().items()}
     cfg = {"d_in": sae.d_in, "d_sae": sae.d_sae, "window": sae.window, "d_head": sae.d_head}
+    if sae.threshold is not None:
+        cfg["activation"] = "jumprelu"
+    if source is not None:
+        cfg["source"] = source
     atomic_write_json(folder / "cfg.json", cfg)  # first: weights on disk always have their cfg
     atomic_write(folder / "sae.safetensors", lambda p: save_file(tensors, p))
 
@@ -840,15 +868,233 @@ def read_sae_cfg(folder: Path) -> dict:
         v = cfg.get(k)
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise UsageError(f"SAE config {path}: '{k}' must be a positive integer, got {_short(v)}")
-    return {k: cfg[k] for k in SAE_SIZES}
+    if cfg.get("activation", "relu") not in ("relu", "jumprelu"):
+        raise UsageError(f"SAE config {path}: 'activation' must be relu or jumprelu, got {_short(cfg['activation'])}")
+    return {k: cfg[k] for k in SAE_SIZES} | ({"activation": cfg["activation"]} if "activation" in cfg else {})
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    try:
+        return load_file(str(path))
+    except (OSError, SafetensorError) as e:
+        raise UsageError(f"{path}: not a readable safetensors file ({type(e).__name__})")
+
+
+def _check_shapes(t: dict[str, torch.Tensor], shapes: dict[str, tuple], path: Path) -> dict[str, torch.Tensor]:
+    """The tensors, fp32, after checking they are exactly the ones expected, with the shapes expected, and
+    finite (a NaN weight would surface only as a NaN metric at the end of the run)."""
+    missing, extra = sorted(shapes.keys() - t.keys()), sorted(t.keys() - shapes.keys())
+    if missing or extra:
+        raise UsageError(f"{path}: missing tensors {missing}, unexpected tensors {extra}")
+    for k, shape in shapes.items():
+        if tuple(t[k].shape) != tuple(shape):
+            raise UsageError(f"{path}: '{k}' has shape {tuple(t[k].shape)}, expected {tuple(shape)} from cfg.json")
+        if not torch.isfinite(t[k]).all():
+            raise UsageError(f"{path}: '{k}' holds non-finite values")
+    return {k: v.float() for k, v in t.items()}
 
 
 def load_sae(folder: Path, device="cpu") -> TemporalSAE:
     """Reload from `sae.safetensors` + `cfg.json` alone: no trainer, no pickle."""
-    from safetensors.torch import load_file
-    sae = TemporalSAE(**read_sae_cfg(folder))
-    sae.load_state_dict(load_file(Path(folder) / "sae.safetensors", device=str(device)))
+    sizes = read_sae_cfg(folder)
+    sae = TemporalSAE(*(sizes[k] for k in SAE_SIZES))
+    if sizes.get("activation") == "jumprelu":
+        sae.threshold = torch.zeros(sae.d_sae)  # a slot for the saved thresholds
+    weights = Path(folder) / "sae.safetensors"
+    sae.load_state_dict(_check_shapes(_read_tensors(weights), {k: v.shape for k, v in sae.state_dict().items()}, weights))
     return sae.to(device)
+
+
+# =============================================================================================
+# SAELens interop: evaluate an existing SAE (--sae_path), export ours (--export_saelens)
+# =============================================================================================
+
+SAELENS_CFG, SAELENS_WEIGHTS = "cfg.json", "sae_weights.safetensors"  # the files SAE.save_model writes
+SAELENS_ARCHS = ("standard", "jumprelu")
+RESID_POST = re.compile(r"blocks\.(\d+)\.hook_resid_post")  # TransformerLens's name for block N's output
+
+
+class LoadedSAE(NamedTuple):
+    sae: TemporalSAE     # on the CPU, fp32
+    layer: int | None    # the block whose output it reads; None when its folder does not say
+    source: dict         # provenance: format, path, hook, weights' sha256 (kept in the run's cfg.json)
+
+
+def _read_cfg_json(path: Path) -> dict:
+    obj = read_json(path, "SAE config")
+    if not isinstance(obj, dict):
+        raise UsageError(f"SAE config {path}: expected a JSON object, got {_short(obj)}")
+    return obj
+
+
+def _int_field(cfg: dict, key: str, where: Path, least: int = 1) -> int:
+    v = cfg.get(key)
+    if isinstance(v, bool) or not isinstance(v, int) or v < least:
+        raise UsageError(f"{where}: '{key}' must be an integer >= {least}, got {v!r}")
+    return v
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _load_ours(folder: Path) -> LoadedSAE:
+    """One of our run folders: sae.safetensors + cfg.json, and the run's config.json for the layer."""
+    sae, weights = load_sae(folder), folder / "sae.safetensors"
+    cfg = _read_cfg_json(folder / "cfg.json")
+    layer, model = None, None
+    if (folder / "config.json").is_file():  # written by every run; absent in a folder save_sae wrote alone
+        run_cfg = _read_cfg_json(folder / "config.json")
+        layer, model = _int_field(run_cfg, "layer", folder / "config.json", least=0), run_cfg.get("model")
+    source = {"format": "ours", "path": str(folder.resolve()), "layer": layer, "model": model,
+              "sha256": _sha256(weights)}
+    if "source" in cfg:  # the folder was itself a --sae_path run: keep where its SAE came from
+        source["from"] = cfg["source"]
+    return LoadedSAE(sae, layer, source)
+
+
+def _load_saelens(folder: Path) -> LoadedSAE:
+    """SAELens's layout (SAE.save_model; the pre-6.0 key names too) for the standard and JumpReLU SAEs.
+
+    SAELens encodes f = act((x - b_dec·[apply_b_dec_to_input]) W_enc + b_enc), decodes f W_dec + b_dec.
+    With our scale = 1 that is our w=1 SAE; without b_dec at the input, x W + b = (x - b_dec) W + (b + b_dec W),
+    so b_enc takes b_dec W_enc. Input normalisations whose statistics are not in the folder are refused."""
+    where = folder / SAELENS_CFG
+    cfg = _read_cfg_json(where)
+    arch = cfg.get("architecture", "standard")  # absent before SAELens 6.0, where "standard" is implied
+    activation = cfg.get("activation_fn", cfg.get("activation_fn_str", "relu"))  # pre-6.0: relu | tanh-relu | topk
+    if arch not in SAELENS_ARCHS or activation != "relu":
+        what = f"architecture {arch!r}" if arch not in SAELENS_ARCHS else f"activation_fn {activation!r}"
+        raise UsageError(f"{where}: {what} is not supported: only SAELens's {' and '.join(SAELENS_ARCHS)} SAEs are")
+    norm = cfg.get("normalize_activations", "none")
+    if norm is None or norm is False:  # pre-6.0 spellings, as SAELens reads them
+        norm = "none"
+    elif norm is True:
+        norm = "expected_average_only_in"
+    if norm != "none":
+        raise UsageError(f"{where}: normalize_activations {norm!r} cannot be folded into the weights (its statistics "
+                         "are not in the folder): only 'none' is supported")
+    if cfg.get("reshape_activations", "none") not in ("none", None):
+        raise UsageError(f"{where}: reshape_activations {cfg['reshape_activations']!r}: only residual-stream SAEs are supported")
+    apply_b_dec = cfg.get("apply_b_dec_to_input", True)
+    if not isinstance(apply_b_dec, bool):
+        raise UsageError(f"{where}: 'apply_b_dec_to_input' must be true or false, got {apply_b_dec!r}")
+    meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
+    hook = meta.get("hook_name", cfg.get("hook_name", cfg.get("hook_point")))  # 6.0: in metadata; before: top level
+    layer = None
+    if hook is not None:
+        m = RESID_POST.fullmatch(hook) if isinstance(hook, str) else None
+        if m is None:
+            raise UsageError(f"{where}: hook {hook!r} is not a residual-stream output (blocks.N.hook_resid_post), "
+                             "the only hook this harness intervenes on")
+        layer = int(m.group(1))
+    d_in, d_sae = _int_field(cfg, "d_in", where), _int_field(cfg, "d_sae", where)
+    weights = folder / SAELENS_WEIGHTS
+    t = _read_tensors(weights)
+    if "log_threshold" in t:  # older JumpReLU checkpoints, as SAELens converts them on load
+        t["threshold"] = t.pop("log_threshold").float().exp()
+    factor = t.pop("scaling_factor", None)  # once saved as all ones; SAELens drops it then and refuses others
+    if factor is not None and not torch.all(factor == 1):
+        raise UsageError(f"{weights}: a fine-tuning 'scaling_factor' other than 1 is not supported")
+    shapes = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+    if arch == "jumprelu":
+        shapes["threshold"] = (d_sae,)
+    t = _check_shapes(t, shapes, weights)
+    sae = TemporalSAE(d_in, d_sae, window=1)
+    with torch.no_grad():
+        sae.W_enc.copy_(t["W_enc"])
+        sae.b_enc.copy_(t["b_enc"] if apply_b_dec else t["b_enc"] + t["b_dec"] @ t["W_enc"])
+        sae.W_dec.copy_(t["W_dec"])
+        sae.b_dec.copy_(t["b_dec"])
+    if arch == "jumprelu":
+        sae.threshold = t["threshold"]
+    source = {"format": "saelens", "path": str(folder.resolve()), "architecture": arch, "hook_name": hook,
+              "apply_b_dec_to_input": apply_b_dec, "sha256": _sha256(weights)}
+    return LoadedSAE(sae, layer, source)
+
+
+def load_sae_folder(folder: Path) -> LoadedSAE:
+    """An SAE from one of our run folders or from SAELens's layout, every field checked (one-line errors)."""
+    if not folder.is_dir():
+        raise UsageError(f"SAE folder {folder} does not exist")
+    if (folder / "sae.safetensors").is_file():
+        return _load_ours(folder)
+    if (folder / SAELENS_WEIGHTS).is_file():
+        return _load_saelens(folder)
+    raise UsageError(f"SAE folder {folder} holds neither sae.safetensors (our runs) nor {SAELENS_WEIGHTS} (SAELens)")
+
+
+def fit_sae_to_model(cfg: Config, loaded: LoadedSAE, d_model: int) -> Config:
+    """The run's Config for an SAE evaluated with --sae_path. Its d_in must be the model's width. Its
+    layer wins over --layer left at the default; another --layer is an error (an explicit --layer
+    equal to the default cannot be told from the default: a printed line says which layer is used).
+    --window/--d_sae/--d_head are taken from the SAE, so config.json describes what was evaluated."""
+    sae = loaded.sae
+    if sae.d_in != d_model:
+        raise UsageError(f"--sae_path {cfg.sae_path}: the SAE has d_in={sae.d_in} but model {cfg.model!r} has "
+                         f"d_model={d_model}")
+    layer = cfg.layer
+    if loaded.layer is None:
+        print(f"[sae] the SAE in {cfg.sae_path} names no layer: --layer {layer} is assumed", flush=True)
+    elif loaded.layer != cfg.layer:
+        if cfg.layer != Config.__dataclass_fields__["layer"].default:
+            raise UsageError(f"--layer {cfg.layer} but the SAE in {cfg.sae_path} reads block {loaded.layer}'s output: "
+                             f"pass --layer={loaded.layer} or leave --layer out")
+        layer = loaded.layer
+        print(f"[sae] --layer {layer}: the block whose output the SAE in {cfg.sae_path} reads", flush=True)
+    return dataclasses.replace(cfg, layer=layer, window=sae.window, d_sae=sae.d_sae, d_head=sae.d_head)
+
+
+def export_saelens(run_dir: Path, out_dir: Path, overwrite: bool = False) -> str:
+    """Write the w=1 SAE in run_dir in SAELens's layout; returns the line to print.
+
+    Our input scale s is folded into the weights, so SAELens's encode/decode on raw x give our numbers:
+    relu((x s - b_dec) W_enc + b_enc) = relu((x - b_dec/s)(s W_enc) + b_enc), and
+    (f W_dec + b_dec) / s = f (W_dec/s) + b_dec/s. A JumpReLU SAE keeps its thresholds (pre-activations
+    are unchanged by the fold)."""
+    loaded = load_sae_folder(run_dir)
+    sae = loaded.sae
+    if sae.window > 1:
+        raise UsageError(f"--export_saelens: the SAE in {run_dir} with window={sae.window} has no SAELens counterpart: "
+                         f"its encoder reads {sae.window} positions")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"--out_dir {out_dir} exists and is not a folder")
+    run_files = [n for n in ("sae.safetensors", "config.json", "final_info.json") if (out_dir / n).exists()]
+    if run_files:
+        raise UsageError(f"--out_dir {out_dir} holds a run ({run_files[0]}); the export would replace its cfg.json: "
+                         "choose another folder")
+    if (out_dir / SAELENS_WEIGHTS).exists() and not overwrite:
+        raise UsageError(f"--out_dir {out_dir} already holds a SAELens SAE: pass --overwrite to replace it")
+    from safetensors.torch import save_file
+    s = sae.scale.detach()
+    tensors = {"W_enc": sae.W_enc * s, "b_enc": sae.b_enc, "W_dec": sae.W_dec / s, "b_dec": sae.b_dec / s}
+    arch = "standard"
+    if sae.threshold is not None:
+        tensors["threshold"], arch = sae.threshold, "jumprelu"
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}
+    # SAELens reads a config without a 6.x sae_lens_version as pre-6.0 and drops its metadata (the hook):
+    # "6.0.0" names the layout written here.
+    meta = {"sae_lens_version": "6.0.0", "sae_lens_training_version": None, "prepend_bos": True}
+    if loaded.layer is not None:
+        meta["hook_name"] = f"blocks.{loaded.layer}.hook_resid_post"
+    if loaded.source.get("model"):
+        meta["model_name"] = loaded.source["model"]
+    cfg = {"d_in": sae.d_in, "d_sae": sae.d_sae, "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": True,
+           "normalize_activations": "none", "reshape_activations": "none", "metadata": meta, "architecture": arch}
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out_dir {out_dir} cannot be created ({e.strerror})")
+    atomic_write_json(out_dir / SAELENS_CFG, cfg)  # first, as save_sae: weights on disk always have their cfg
+    atomic_write(out_dir / SAELENS_WEIGHTS, lambda p: save_file(tensors, p))
+    hook = meta.get("hook_name", "no hook recorded")
+    return f"exported {run_dir} ({arch}, {sae.d_in}->{sae.d_sae}, {hook}) to {out_dir} in SAELens's layout"
 
 
 # =============================================================================================
@@ -2420,10 +2666,13 @@ def run(cfg: Config, model=None, tok=None) -> dict:
         default_model_dir()  # a missing wheel is reported before out_dir is created or cleared
     device = pick_device(cfg)
     corpora, questions = load_inputs(cfg)
+    loaded = load_sae_folder(Path(cfg.sae_path)) if cfg.sae_path else None  # checked before the model loads
     out = prepare_out_dir(cfg)  # after every input check: a bad input leaves earlier results alone
     torch.manual_seed(cfg.seed)
     if model is None:
         model, tok = load_model(cfg, device)
+    if loaded is not None:
+        cfg = fit_sae_to_model(cfg, loaded, model.config.hidden_size)
     check_layer(model, cfg)
     device = model.device
     start_run_folder(cfg, out, device, started, st)
@@ -2432,9 +2681,9 @@ def run(cfg: Config, model=None, tok=None) -> dict:
     try:
         data = prepare_data(cfg, model, tok, corpora, questions, st, progress)
         if cfg.seeds:
-            results = run_seeds(cfg, model, tok, data, out, st, progress)
+            results = run_seeds(cfg, model, tok, data, out, st, progress, loaded)
         else:
-            results = experiment(cfg, model, tok, data, out, st, progress)
+            results = experiment(cfg, model, tok, data, out, st, progress, loaded)
     except (TrainingDiverged, UsageError) as e:
         atomic_write_json(out / "metadata.json", metadata(cfg, device, "failed", started, st.times, str(e)))
         raise
@@ -2449,7 +2698,8 @@ def start_run_folder(cfg: Config, out: Path, device, started: float, st: Stages)
     atomic_write_json(out / "metadata.json", metadata(cfg, device, "running", started, st.times))
 
 
-def run_seeds(cfg: Config, model, tok, data: EvalData, out: Path, st: Stages, progress: bool) -> dict:
+def run_seeds(cfg: Config, model, tok, data: EvalData, out: Path, st: Stages, progress: bool,
+              loaded: "LoadedSAE | None" = None) -> dict:
     """The SAE-dependent part once per seed in out/seed_<k>/ (each a complete run folder); the run's
     own results are the mean over seeds with the stderr over seeds."""
     infos = []
@@ -2462,7 +2712,7 @@ def run_seeds(cfg: Config, model, tok, data: EvalData, out: Path, st: Stages, pr
         t0, st.prefix = time.time(), f"seed_{k}/"
         torch.manual_seed(k)
         start_run_folder(sub_cfg, sub, model.device, t0, st)
-        res = experiment(sub_cfg, model, tok, data, sub, st, progress)
+        res = experiment(sub_cfg, model, tok, data, sub, st, progress, loaded)
         atomic_write_json(sub / "metadata.json", metadata(sub_cfg, model.device, "complete", t0,
                                                           {k_: v for k_, v in st.times.items() if k_.startswith(st.prefix)}))
         atomic_write_json(sub / "final_info.json", res)
@@ -2471,16 +2721,23 @@ def run_seeds(cfg: Config, model, tok, data: EvalData, out: Path, st: Stages, pr
     return aggregate_seeds(infos)
 
 
-def experiment(cfg, model, tok, d: EvalData, out: Path, st: Stages, progress: bool) -> dict:
-    """Train (or reload) the SAE, then every measure of it; results dict in the {"means", "stderrs"} contract."""
-    if cfg.resume and (out / "sae.safetensors").exists() and not (out / "checkpoint.safetensors").exists():
+def experiment(cfg, model, tok, d: EvalData, out: Path, st: Stages, progress: bool,
+               loaded: "LoadedSAE | None" = None) -> dict:
+    """Train (or reload, or take --sae_path's) SAE, then every measure of it; results dict in the
+    {"means", "stderrs"} contract."""
+    if loaded is not None:  # --sae_path: evaluated as it is, no training
+        sae = loaded.sae.to(model.device)
+        # a copy in the run folder, with its source in cfg.json: the run stays self-contained (load_sae,
+        # plots, a later export) even if the source folder changes or was in SAELens's layout
+        save_sae(sae, out, loaded.source)
+    elif cfg.resume and (out / "sae.safetensors").exists() and not (out / "checkpoint.safetensors").exists():
         sae = load_sae(out, model.device)  # training had finished before the kill: evaluate that SAE
     else:
         acts = torch.cat([d.forget.acts_train, d.retain.acts_train])
         mask = torch.cat([d.forget.train.mask, d.retain.train.mask])
         sae = train_sae(cfg, acts, mask, model.device, out, progress).float()
         del acts
-    st.done("train")
+    st.done("load_sae" if loaded is not None else "train")
     results = {"sae": eval_sae_quality(model, cfg.layer, sae, d), "qa": d.qa_entry}
     st.done("sae_metrics")
     sp_f = active_fraction(sae, d.forget.acts_train, d.forget.train.mask)
@@ -2617,7 +2874,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = parse_config(argv)
         if cfg.check:
             return check_setup()
-        run(cfg)
+        if cfg.export_saelens:  # reads one folder, writes another: no model, no data
+            print(export_saelens(Path(cfg.export_saelens), Path(cfg.out_dir), cfg.overwrite))
+        else:
+            run(cfg)
     except UsageError as e:
         print(f"experiment.py: error: {e}", file=sys.stderr)
         return 2

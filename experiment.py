@@ -1527,13 +1527,15 @@ def fit_templates(win_NK: torch.Tensor, n: int, seed: int, iters: int = 25) -> t
     return c
 
 
-def candidate_latents(sp_f: torch.Tensor, sp_r: torch.Tensor, n: int, eps: float = 1e-4) -> torch.Tensor:
-    """The n latents most specific to the forget domain by activation-frequency ratio (DSG-style),
-    among those that fire on forget training text at all."""
-    ratio = torch.log((sp_f + eps) / (sp_r + eps))
-    ratio = torch.where(sp_f > 0, ratio, torch.full_like(ratio, -math.inf))
-    top = torch.argsort(ratio, descending=True, stable=True)[:n]
-    return top[torch.isfinite(ratio[top])]
+def candidate_latents(sp_f: torch.Tensor, sp_r: torch.Tensor, n: int) -> torch.Tensor:
+    """The latents the learned detector reads: the n/2 whose firing frequency rises most on forget
+    training text over retain text, and the n/2 whose frequency falls most (evidence *against* the
+    forget domain matters as much: forget-only candidates left the detector blind on forget text).
+    A difference, not a ratio: a ratio ranks latents that fired once on forget text first."""
+    diff = sp_f - sp_r
+    up = torch.argsort(diff, descending=True, stable=True)[:(n + 1) // 2]
+    down = torch.argsort(diff, stable=True)[:n // 2]
+    return torch.cat([up, down[~torch.isin(down, up)]])
 
 
 def threshold_for_fpr(evidence: torch.Tensor, fpr: float) -> float:
@@ -2216,7 +2218,7 @@ def pick_positions(mask_NT: torch.Tensor, n: int, g: torch.Generator) -> torch.T
     return pick.view_as(mask_NT)
 
 
-def fit_lag_detector(cfg, sae, idx, forget: Corpus, retain: Corpus, max_tokens: int = 16384) -> LagDetector:
+def fit_lag_detector(cfg, sae, idx, forget: Corpus, retain: Corpus, max_tokens: int = 32768) -> LagDetector:
     """Logistic regression of domain on per-lag features, on training rows of both domains outside
     the calibration documents; threshold at --detector_fpr on the calibration retain rows."""
     g = torch.Generator().manual_seed(cfg.seed)

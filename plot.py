@@ -3,11 +3,14 @@
     python plot.py                      # every run_* folder here
     python plot.py run_0 run_1 --out_dir=figures
 
-Reads each run's final_info.json, sweep.json, log.jsonl and spliced_kl.json and writes PNGs:
-tradeoff.png, headline.png, precision.png, consistency.png, training.png. A named folder that is
-missing, or a results file that is not valid JSON, stops with a one-line error; a run without
-final_info.json (failed or unfinished) is skipped with a warning, and a figure whose data a run
-lacks (an older version) is drawn without that run.
+Reads each run's final_info.json and, from the run folder or from each of its seed_<k>/ folders,
+sweep.json, detection_horizon.json, spliced_kl.json and log.jsonl, and writes PNGs:
+frontier.png (the headline: retain damage against forgetting, one curve per strategy, seed bands),
+frontier_summary.png (retain KL at matched forgetting, per run and strategy), horizon.png (detection
+against the pooling horizon), tradeoff.png (QA accuracies at every sweep point), headline.png,
+precision.png, consistency.png, training.png. A named folder that is missing, or a results file
+that is not valid JSON, stops with a one-line error; a run without final_info.json (failed or
+unfinished) is skipped with a warning, and a figure whose data a run lacks is drawn without it.
 """
 from __future__ import annotations
 
@@ -17,12 +20,16 @@ import sys
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-STRATEGIES = ("standard", "pattern", "hybrid", "gate")
-COLORS = {"standard": "tab:blue", "pattern": "tab:orange", "hybrid": "tab:green", "gate": "tab:gray"}
+from experiment import FRONTIER_CE, STRATEGIES, pareto_front  # noqa: E402  (the metric the runs report)
+
+COLORS = {"standard": "tab:blue", "gate": "tab:gray", "dsg": "tab:purple", "dsg_causal": "tab:pink",
+          "pattern": "tab:orange", "hybrid": "tab:green"}
+DETECTOR_COLORS = {"learned": "tab:orange", "residual": "tab:brown", "dsg_causal": "tab:pink", "templates": "tab:olive"}
 MARKERS = ["o", "s", "^", "D", "v", "P"]
 
 
@@ -41,6 +48,20 @@ def read_json(path: Path):
         raise PlotError(f"{path} is malformed: {e.msg} at line {e.lineno}")
 
 
+def read_seed(folder: Path) -> dict:
+    """The per-seed files of one run folder (or one seed_<k> folder of a seeded run)."""
+    seed = {}
+    for name, key in (("sweep.json", "sweep"), ("spliced_kl.json", "spliced"), ("detection_horizon.json", "horizon")):
+        if (folder / name).exists():
+            seed[key] = read_json(folder / name)
+    if (folder / "log.jsonl").exists():
+        try:
+            seed["log"] = [json.loads(l) for l in (folder / "log.jsonl").read_text().splitlines() if l.strip()]
+        except json.JSONDecodeError:
+            raise PlotError(f"{folder / 'log.jsonl'} is malformed")
+    return seed
+
+
 def load_run(folder: Path) -> dict | None:
     if not folder.is_dir():
         raise PlotError(f"run folder {folder} does not exist")
@@ -54,19 +75,16 @@ def load_run(folder: Path) -> dict | None:
     info = read_json(info_path)
     if not isinstance(info, dict) or not all(isinstance(v, dict) and "means" in v for v in info.values()):
         raise PlotError(f"{info_path} is malformed: expected {{entry: {{'means': ..., 'stderrs': ...}}}}")
-    run = {"name": folder.name, "info": info}
-    for name, key in (("sweep.json", "sweep"), ("spliced_kl.json", "spliced")):
-        if (folder / name).exists():
-            run[key] = read_json(folder / name)
-    if (folder / "log.jsonl").exists():
-        try:
-            run["log"] = [json.loads(l) for l in (folder / "log.jsonl").read_text().splitlines() if l.strip()]
-        except json.JSONDecodeError:
-            raise PlotError(f"{folder / 'log.jsonl'} is malformed")
+    seed_dirs = sorted(folder.glob("seed_*"), key=lambda p: p.name)
+    seeds = [read_seed(d) for d in seed_dirs if (d / "final_info.json").exists()] or [read_seed(folder)]
     cfg = folder / "config.json"
     config = read_json(cfg) if cfg.exists() else {}
-    run["window"], run["l1"] = config.get("window"), config.get("l1_coeff")
-    return run
+    return {"name": folder.name, "info": info, "seeds": seeds, "window": config.get("window"),
+            "l1": config.get("l1_coeff")}
+
+
+def have(run: dict, key: str) -> list:
+    return [s[key] for s in run["seeds"] if key in s]
 
 
 def label(run: dict) -> str:
@@ -75,33 +93,153 @@ def label(run: dict) -> str:
     return f"{run['name']} (w={run['window']}" + (f", l1={run['l1']:g})" if run.get("l1") is not None else ")")
 
 
+def front_of(points: list[dict], y: str) -> list[dict]:
+    """The sweep points on a strategy's Pareto front of (forget CE increase, y), by increasing x,
+    with the clean model first (experiment.pareto_front: the front the frontier metrics use)."""
+    tagged = [(p["forget_ce_increase"], p[y], float(i + 1)) for i, p in enumerate(points)]
+    clean = {"forget_ce_increase": 0.0, y: 0.0, "forget_prob_drop": 0.0, "retain_prob_drop": 0.0}
+    return [points[int(t) - 1] if t else clean for _, _, t in pareto_front(tagged)]
+
+
+def seed_band(fronts: list[list[dict]], key: str, xs: np.ndarray):
+    """Mean and stderr over seeds of `key` interpolated along each seed's front at xs; NaN beyond the
+    x that every seed reached (no extrapolation)."""
+    ys = np.full((len(fronts), len(xs)), np.nan)
+    for i, f in enumerate(fronts):
+        fx, fy = [p["forget_ce_increase"] for p in f], [p[key] for p in f]
+        ok = xs <= fx[-1]
+        ys[i, ok] = np.interp(xs[ok], fx, fy)
+    mean = ys.mean(0)
+    err = ys.std(0, ddof=1) / np.sqrt(len(fronts)) if len(fronts) > 1 else np.zeros(len(xs))
+    return mean, err
+
+
+def fig_frontier(runs, out: Path) -> bool:
+    rows = [r for r in runs if have(r, "sweep")]
+    if not rows:
+        return False
+    fig, axes = plt.subplots(len(rows), 2, figsize=(13, 4.6 * len(rows)), squeeze=False)
+    for (ax_kl, ax_qa), run in zip(axes, rows):
+        sweeps = have(run, "sweep")
+        for s in STRATEGIES:
+            fronts = [front_of([p for p in sw["points"] if p["strategy"] == s], "retain_kl") for sw in sweeps]
+            fronts = [f for f in fronts if len(f) > 1]
+            if not fronts:
+                continue
+            xs = np.linspace(0, max(f[-1]["forget_ce_increase"] for f in fronts), 80)
+            m, e = seed_band(fronts, "retain_kl", xs)
+            ax_kl.plot(xs, m, color=COLORS[s], label=s)
+            ax_kl.fill_between(xs, m - e, m + e, color=COLORS[s], alpha=0.2, lw=0)
+            for key, ls in (("forget_prob_drop", "-"), ("retain_prob_drop", "--")):
+                m, e = seed_band(fronts, key, xs)
+                ax_qa.plot(xs, m, color=COLORS[s], ls=ls, label=f"{s}: {key.split('_')[0]}")
+                ax_qa.fill_between(xs, m - e, m + e, color=COLORS[s], alpha=0.15, lw=0)
+        for x in FRONTIER_CE:
+            ax_kl.axvline(x, color="k", lw=0.6, ls=":")
+        ax_kl.set_yscale("log")
+        ax_kl.set_xlabel("forget-text CE increase (nats/token)")
+        ax_kl.set_ylabel("retain KL(clean||intervened), nats/token (log)")
+        ax_kl.set_title(f"{label(run)}: retain damage against forgetting ({len(sweeps)} seed(s); band: stderr)",
+                        fontsize=9)
+        ax_qa.set_xlabel("forget-text CE increase (nats/token)")
+        ax_qa.set_ylabel("drop in P(correct answer), over the 4 choices")
+        ax_qa.set_title("QA along each front: forget questions (solid), retain questions (dashed)", fontsize=9)
+        for ax in (ax_kl, ax_qa):
+            ax.grid(alpha=0.3)
+        ax_kl.legend(fontsize=7)
+        ax_qa.legend(fontsize=6, ncol=2)
+    fig.suptitle("Frontiers: lower and further right is more precise (dotted: matched forget-CE levels)")
+    save(fig, out / "frontier.png")
+    return True
+
+
+def fig_frontier_summary(runs, out: Path) -> bool:
+    """Retain KL each strategy needs for a matched forget-CE increase, per run (the 2x2 of SAE window
+    by strategy is read off it with run_1 and run_2)."""
+    have_runs = [r for r in runs if any(k.startswith("frontier_") for k in r["info"])]
+    if not have_runs:
+        return False
+    fig, axes = plt.subplots(1, len(FRONTIER_CE), figsize=(5 * len(FRONTIER_CE), 4.2), squeeze=False)
+    width = 0.8 / len(have_runs)
+    for ax, x in zip(axes[0], FRONTIER_CE):
+        drew = False
+        for i, run in enumerate(have_runs):
+            xs, ys, es = [], [], []
+            for j, s in enumerate(STRATEGIES):
+                e = run["info"].get(f"frontier_{s}", {"means": {}, "stderrs": {}})
+                v = e["means"].get(f"retain_kl_at_ce_{x}")
+                if v is not None:
+                    xs.append(j + i * width), ys.append(v), es.append(e["stderrs"].get(f"retain_kl_at_ce_{x}") or 0.0)
+            ax.bar(xs, ys, width, yerr=es, capsize=3, label=label(run))
+            drew |= bool(ys)
+        group_axis(ax, STRATEGIES, len(have_runs), width, f"retain KL at forget CE +{x} nats\n(lower better; "
+                                                             "missing: never reached)")
+        if drew:
+            ax.set_yscale("log")
+        else:
+            ax.text(0.5, 0.5, "no strategy reached this level", ha="center", transform=ax.transAxes)
+    finish(fig, axes[0][0], "Retain damage at matched forgetting (error bars: stderr over seeds)",
+           out / "frontier_summary.png")
+    return True
+
+
+def fig_horizon(runs, out: Path) -> bool:
+    rows = [r for r in runs if have(r, "horizon")]
+    if not rows:
+        return False
+    panels = [("token_auroc", "token AUROC (held-out rows)"), ("spliced_auroc", "spliced-passage AUROC"),
+              ("delay_median", "median delay to the first fire (tokens)"), ("fire_rate_retain", "retain fire rate")]
+    fig, axes = plt.subplots(len(rows), len(panels), figsize=(4.2 * len(panels), 3.6 * len(rows)), squeeze=False)
+    for row, run in zip(axes, rows):
+        hs = have(run, "horizon")
+        H = hs[0]["horizons"]
+        for ax, (key, title) in zip(row, panels):
+            for name, color in DETECTOR_COLORS.items():
+                vals = np.array([[np.nan if v is None else v for v in h["detectors"][name][key]] for h in hs
+                                 if name in h["detectors"]], dtype=float)
+                if not len(vals):
+                    continue
+                m = np.nanmean(vals, 0)
+                e = np.nanstd(vals, 0, ddof=1) / np.sqrt(len(vals)) if len(vals) > 1 else np.zeros(len(H))
+                ax.errorbar(H, m, yerr=e, color=color, marker="o", ms=3, capsize=2, label=name)
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("pooling horizon H (tokens)")
+            ax.set_title(f"{run['name']}: {title}", fontsize=9)
+            ax.grid(alpha=0.3)
+        row[0].legend(fontsize=7)
+    fig.suptitle(f"Detection against the evidence horizon (threshold: {hs[0]['fpr']:.0%} of calibration retain "
+                 "tokens fire; error bars: stderr over seeds)")
+    save(fig, out / "horizon.png")
+    return True
+
+
 def fig_tradeoff(runs, out: Path) -> bool:
-    have = [r for r in runs if "sweep" in r]
-    if not have:
+    rows = [r for r in runs if have(r, "sweep")]
+    if not rows:
         return False
     fig, ax = plt.subplots(figsize=(7, 5.5))
-    for i, run in enumerate(have):
-        pts = run["sweep"]["points"]
+    for i, run in enumerate(rows):
+        pts = have(run, "sweep")[0]["points"]
         for s in STRATEGIES:
             mine = [p for p in pts if p["strategy"] == s]
             if mine:
                 ax.scatter([p["retain_acc"] for p in mine], [p["forget_acc"] for p in mine], color=COLORS[s],
                            marker=MARKERS[i % len(MARKERS)], alpha=0.75, label=f"{label(run)}: {s}")
-    gate = have[0]["sweep"].get("retain_gate", 0.99)
+    gate = have(rows[0], "sweep")[0].get("retain_gate", 0.99)
     ax.axvline(gate, color="red", ls="--", lw=1, label=f"retain gate {gate}")
     ax.set_xlabel("retain QA accuracy (fraction of known questions kept)")
     ax.set_ylabel("forget QA accuracy (lower = more unlearned)")
-    ax.set_title("Unlearning trade-off over the sweep\n(good points: right of the gate, low)")
-    ax.legend(fontsize=7, ncol=2)
+    ax.set_title("QA accuracy at every sweep point (first seed)\n(SAEBench's view: right of the gate, low)")
+    ax.legend(fontsize=6, ncol=2)
     ax.grid(alpha=0.3)
     save(fig, out / "tradeoff.png")
     return True
 
 
-HEADLINE = [("unlearning", "unlearning_score", "unlearning score\n(1 - forget acc, higher better)"),
-            ("unlearning", "retain_kl", "retain KL(clean||intervened)\n(nats/token, lower better)"),
-            ("unlearning", "precision_auroc", "precision AUROC\n(KL separates passage, higher better)"),
-            ("detection", "token_f1", "detection token F1\n(held-out text, higher better)")]
+HEADLINE = [("frontier", "retain_kl_at_ce_0.5", "retain KL at forget CE +0.5\n(nats/token, lower better)"),
+            ("frontier", "retain_kl_ratio_at_ce_0.5", "... relative to standard\n(lower better)"),
+            ("unlearning", "unlearning_score", "SAEBench unlearning score\n(higher better)"),
+            ("detection", "token_auroc", "detection token AUROC\n(where it clamps; higher better)")]
 
 
 def fig_headline(runs, out: Path) -> bool:
@@ -113,27 +251,27 @@ def fig_headline(runs, out: Path) -> bool:
             xs, ys, es = [], [], []
             for j, s in enumerate(STRATEGIES):
                 e = run["info"].get(f"{prefix}_{s}")
-                if e and metric in e["means"]:
+                if e and e["means"].get(metric) is not None:
                     xs.append(j + i * width)
                     ys.append(e["means"][metric])
-                    es.append(e.get("stderrs", {}).get(metric, 0.0))
+                    es.append(e.get("stderrs", {}).get(metric) or 0.0)
             if xs:
                 drew = True
                 ax.bar(xs, ys, width, yerr=es, capsize=3, label=label(run))
             else:
                 warn(f"{run['name']} has no {prefix}_*/{metric}: left out of headline.png")
         group_axis(ax, STRATEGIES, len(runs), width, title)
-    finish(fig, axes[0], "Headline metrics per strategy (error bars: standard error)", out / "headline.png")
+    finish(fig, axes[0], "Per strategy (error bars: stderr)", out / "headline.png")
     return drew
 
 
 def fig_precision(runs, out: Path, n_docs: int = 3) -> bool:
-    have = [r for r in runs if "spliced" in r]
-    if not have:
+    rows = [r for r in runs if have(r, "spliced")]
+    if not rows:
         return False
-    fig, axes = plt.subplots(len(have), n_docs, figsize=(5 * n_docs, 3.2 * len(have)), squeeze=False)
-    for row, run in zip(axes, have):
-        for ax, doc in zip(row, run["spliced"]["docs"][:n_docs]):
+    fig, axes = plt.subplots(len(rows), n_docs, figsize=(5 * n_docs, 3.2 * len(rows)), squeeze=False)
+    for row, run in zip(axes, rows):
+        for ax, doc in zip(row, have(run, "spliced")[0]["docs"][:n_docs]):
             lab = doc["label"]
             inside = [t for t, v in enumerate(lab) if v]
             if inside:
@@ -152,37 +290,38 @@ def fig_precision(runs, out: Path, n_docs: int = 3) -> bool:
 
 
 def fig_consistency(runs, out: Path) -> bool:
-    have = [r for r in runs if "temporal_consistency" in r["info"]]
-    if not have:
+    rows = [r for r in runs if "temporal_consistency" in r["info"]]
+    if not rows:
         return False
     metrics = [("smoothness", "smoothness: mean|f_t - f_t-1| / mean f\n(lower = smoother)"),
                ("lag1_autocorr", "lag-1 autocorrelation\n(higher = more persistent)"),
                ("jaccard", "Jaccard of active sets at t, t-1\n(higher = more stable)")]
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
-    width = 0.8 / len(have)
+    width = 0.8 / len(rows)
     for ax, (m, title) in zip(axes, metrics):
-        for i, run in enumerate(have):
+        for i, run in enumerate(rows):
             e = run["info"]["temporal_consistency"]
             keys = [f"all_{m}", f"selected_{m}"]
             ax.bar([k + i * width for k in range(2)], [e["means"].get(k, 0.0) for k in keys], width,
                    yerr=[e["stderrs"].get(k, 0.0) for k in keys], capsize=3, label=label(run))
-        group_axis(ax, ["all latents", "selected latents"], len(have), width, title)
+        group_axis(ax, ["all latents", "selected latents"], len(rows), width, title)
     finish(fig, axes[0], "Temporal consistency of SAE latents on held-out text", out / "consistency.png")
     return True
 
 
 def fig_training(runs, out: Path) -> bool:
-    have = [r for r in runs if r.get("log")]
-    if not have:
+    rows = [r for r in runs if have(r, "log")]
+    if not rows:
         return False
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    for run in have:
-        tokens = [l["tokens"] / 1000 for l in run["log"]]
+    for run in rows:
+        log = have(run, "log")[0]
+        tokens = [l["tokens"] / 1000 for l in log]
         for ax, key in zip(axes, ("loss", "l0", "fve")):
-            ax.plot(tokens, [l[key] for l in run["log"]], label=label(run))
+            ax.plot(tokens, [l[key] for l in log], label=label(run))
     for ax, title in zip(axes, ("training loss (mse + l1_coeff * l1)", "L0 (active latents per token)",
                                 "variance explained (1 - mse / d_in, training batch)")):
-        ax.set_xlabel("training tokens (thousands)")
+        ax.set_xlabel("training tokens (thousands; first seed)")
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
     axes[0].set_yscale("log")
@@ -210,6 +349,11 @@ def save(fig, path: Path):
     plt.close(fig)
 
 
+FIGURES = (("frontier", fig_frontier), ("frontier_summary", fig_frontier_summary), ("horizon", fig_horizon),
+           ("tradeoff", fig_tradeoff), ("headline", fig_headline), ("precision", fig_precision),
+           ("consistency", fig_consistency), ("training", fig_training))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Figures comparing experiment.py runs.")
     ap.add_argument("runs", nargs="*", help="run folders (default: every run_* folder here)")
@@ -224,9 +368,7 @@ def main(argv=None) -> int:
             raise PlotError("none of the run folders holds a finished run")
         out = Path(args.out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        made = [name for name, fig in (("tradeoff", fig_tradeoff), ("headline", fig_headline),
-                                      ("precision", fig_precision), ("consistency", fig_consistency),
-                                      ("training", fig_training)) if fig(runs, out)]
+        made = [name for name, fig in FIGURES if fig(runs, out)]
     except PlotError as e:
         print(f"plot.py: error: {e}", file=sys.stderr)
         return 2

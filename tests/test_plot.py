@@ -1,45 +1,71 @@
 """plot.py on synthetic run folders: every figure, clear errors, tolerant of failed or old runs."""
 import json
 
-
 import plot
-
-STRATS = ("standard", "pattern", "hybrid", "gate")
+from experiment import HORIZONS, STRATEGIES
 
 
 def entry(**means):
-    return {"means": means, "stderrs": {k: 0.01 for k in means}}
+    return {"means": means, "stderrs": {k: (None if v is None else 0.01) for k, v in means.items()}}
 
 
-def fake_run(folder, window, with_extras=True):
-    folder.mkdir()
-    info = {"sae": entry(fve=0.8), "temporal_consistency": entry(
-        all_smoothness=1.5, all_lag1_autocorr=0.1, all_jaccard=0.2, selected_smoothness=1.8,
-        selected_lag1_autocorr=0.05, selected_jaccard=0.02)}
-    for i, s in enumerate(STRATS):
-        info[f"unlearning_{s}"] = entry(unlearning_score=0.1 * i, retain_kl=0.2, precision_auroc=0.7)
-        info[f"detection_{s}"] = entry(token_f1=0.1 + 0.05 * i)
-    (folder / "final_info.json").write_text(json.dumps(info))
-    (folder / "config.json").write_text(json.dumps({"window": window}))
-    if not with_extras:
-        return
-    pts = [dict(strategy=s, multiplier=m, n_features=10, retain_threshold=0.01, forget_acc=0.9 - 0.001 * m,
-                retain_acc=0.995 - 0.0005 * m) for s in STRATS for m in (25, 100)]
+def seed_files(folder, k):
+    pts = [dict(strategy=s, multiplier=m, n_features=20, retain_threshold=0.01, forget_acc=0.9 - 0.001 * m,
+                retain_acc=0.995 - 0.0005 * m, forget_ce_increase=0.01 * m * (1 + i) + 0.01 * k,
+                retain_kl=0.001 * m * (6 - i), spliced_kl_after=0.0005 * m, forget_prob_drop=0.002 * m,
+                retain_prob_drop=0.0005 * m) for i, s in enumerate(STRATEGIES) for m in (1, 3, 10, 30, 100)]
     (folder / "sweep.json").write_text(json.dumps({"retain_gate": 0.99, "points": pts}))
     (folder / "log.jsonl").write_text("".join(json.dumps(dict(step=i, tokens=1000 * i, loss=10 / (i + 1), l0=50,
                                                                fve=0.5 + 0.01 * i)) + "\n" for i in range(10)))
     (folder / "spliced_kl.json").write_text(json.dumps({"docs": [
-        {"id": f"spliced-{d}", "label": [0] * 5 + [1] * 5 + [0] * 5, "kl": {s: [0.01 * t for t in range(15)] for s in STRATS}}
+        {"id": f"spliced-{d}", "label": [0] * 5 + [1] * 5 + [0] * 5, "kl": {s: [0.01 * t for t in range(15)] for s in STRATEGIES}}
         for d in range(3)]}))
+    curves = {key: [0.5 + 0.01 * i + 0.01 * k for i in range(len(HORIZONS))]
+              for key in ("token_auroc", "spliced_auroc", "passages_detected", "fire_rate_retain", "fire_rate_forget")}
+    curves["delay_median"] = [2.0 * h for h in HORIZONS[:-1]] + [None]
+    (folder / "detection_horizon.json").write_text(json.dumps({"horizons": list(HORIZONS), "fpr": 0.01, "detectors": {
+        name: curves for name in ("learned", "residual", "dsg_causal", "templates")}}))
 
 
-def test_every_figure_from_two_runs(tmp_path):
+def fake_run(folder, window, with_extras=True, seeds=0):
+    folder.mkdir()
+    info = {"sae": entry(fve=0.8), "temporal_consistency": entry(
+        all_smoothness=1.5, all_lag1_autocorr=0.1, all_jaccard=0.2, selected_smoothness=1.8,
+        selected_lag1_autocorr=0.05, selected_jaccard=0.02)}
+    for i, s in enumerate(STRATEGIES):
+        info[f"unlearning_{s}"] = entry(unlearning_score=0.1 * i, retain_kl=0.2, precision_auroc=0.7)
+        info[f"detection_{s}"] = entry(token_f1=0.1 + 0.05 * i, token_auroc=0.6)
+        info[f"frontier_{s}"] = entry(**{"retain_kl_at_ce_0.25": 0.01 * (i + 1), "retain_kl_at_ce_0.5": 0.02,
+                                         "retain_kl_at_ce_1.0": None, "retain_kl_ratio_at_ce_0.5": 1.0 / (i + 1)})
+    (folder / "final_info.json").write_text(json.dumps(info))
+    (folder / "config.json").write_text(json.dumps({"window": window}))
+    if not with_extras:
+        return
+    if not seeds:
+        seed_files(folder, 0)
+    for k in range(seeds):
+        (folder / f"seed_{k}").mkdir()
+        (folder / f"seed_{k}" / "final_info.json").write_text(json.dumps(info))
+        seed_files(folder / f"seed_{k}", k)
+
+
+FIGS = ("frontier", "frontier_summary", "horizon", "tradeoff", "headline", "precision", "consistency", "training")
+
+
+def test_every_figure_from_two_runs_one_with_seeds(tmp_path):
     fake_run(tmp_path / "run_0", 1)
-    fake_run(tmp_path / "run_1", 4)
+    fake_run(tmp_path / "run_1", 4, seeds=3)
     out = tmp_path / "figs"
     assert plot.main([str(tmp_path / "run_0"), str(tmp_path / "run_1"), f"--out_dir={out}"]) == 0
-    for name in ("tradeoff", "headline", "precision", "consistency", "training"):
+    for name in FIGS:
         assert (out / f"{name}.png").stat().st_size > 10_000, name
+
+
+def test_front_of_keeps_only_undominated_points():
+    pts = [dict(forget_ce_increase=x, retain_kl=y, forget_prob_drop=0.0, retain_prob_drop=0.0)
+           for x, y in ((0.2, 0.1), (0.3, 0.05), (0.5, 0.2), (0.4, 0.3))]
+    front = plot.front_of(pts, "retain_kl")
+    assert [(p["forget_ce_increase"], p["retain_kl"]) for p in front] == [(0.0, 0.0), (0.3, 0.05), (0.5, 0.2)]
 
 
 def test_missing_folder_is_a_clear_error(tmp_path, capsys):
@@ -66,4 +92,4 @@ def test_failed_and_old_runs_are_skipped_with_a_warning(tmp_path, capsys):
     assert plot.main([str(tmp_path / r) for r in ("run_0", "run_1", "run_2")] + [f"--out_dir={out}"]) == 0
     err = capsys.readouterr().err
     assert "skipping" in err and "run_1" in err and "failed" in err
-    assert (out / "tradeoff.png").exists() and (out / "headline.png").exists()
+    assert (out / "frontier.png").exists() and (out / "headline.png").exists()

@@ -1378,28 +1378,55 @@ def _rows_of(x, keep: torch.Tensor, B: int):
 
 
 def subset_batch(b: Batch, keep: torch.Tensor) -> Batch:
-    """The rows `keep` of a cached clean forward, with every per-row argument sliced to match."""
+    """The rows `keep` (a mask, or indices that may repeat) of a cached clean forward, with every
+    per-row argument sliced to match."""
     keep = keep.to(b.tokens.device)
     return Batch(b.tokens[keep], b.attn[keep], subset_time(b.time, keep), b.resid[keep],
-                 _rows_of(b.calls, keep, len(keep)), b.final[keep])
+                 _rows_of(b.calls, keep, len(b.tokens)), b.final[keep])
 
 
 Intervention = Callable[[torch.Tensor, Time], torch.Tensor]  # (resid_BTD, time) -> resid_BTD
 
 
+class Rerun(NamedTuple):
+    """The distinct rows that a set of edits changes, each re-run once."""
+    rows: torch.Tensor  # (n,) int64: the batch row of each distinct edited row
+    h: torch.Tensor     # (n, T, D) final hidden states under that edit
+    hit: torch.Tensor   # (n, T) bool: positions that a changed position precedes (or is)
+    use: dict           # edit key -> (m,) int64 indices into the n rows: the rows that edit changes
+
+
 @torch.no_grad()
-def rerun(model, layer: int, b: Batch, fn: Intervention):
-    """Final hidden states under fn, computed only where they can change. Returns (rows, h, hit):
-    rows (B,) bool = rows fn changes (the others reuse the clean forward), h (n_rows, T, D) their new
-    hidden states, hit (B, T) bool = positions that a changed position precedes (only these can differ
-    from clean: the rest of a re-run row equals its clean values up to float rounding)."""
-    changed = (fn(b.resid, b.time) != b.resid).any(-1)
-    rows, hit = changed.any(1), affected(b.time, changed)
-    if not rows.any():
-        return rows, None, hit
-    sub = subset_batch(b, rows)
-    with intervene(model, layer, lambda r: fn(r, sub.time)):
-        return rows, run_tail(model, layer, sub), hit
+def rerun_many(model, layer: int, b: Batch, news: dict) -> Rerun:
+    """Re-run the blocks after `layer` for every row that an edited residual changes. news: {key:
+    (B, T, D) edited copy of b.resid}. Rows an edit leaves bit-identical keep the clean forward; rows
+    two edits change identically (two strategies clamping the same positions) run once. Positions
+    that no changed position precedes keep their clean values exactly: callers read `hit`."""
+    uniq_rows, uniq_new, by_row, use = [], [], {}, {}
+    for key, new in news.items():
+        use[key] = []
+        for r in torch.nonzero((new != b.resid).any(-1).any(1)).flatten().tolist():
+            j = next((j for j in by_row.get(r, []) if torch.equal(uniq_new[j], new[r])), None)
+            if j is None:
+                j = len(uniq_rows)
+                uniq_rows.append(r), uniq_new.append(new[r]), by_row.setdefault(r, []).append(j)
+            use[key].append(j)
+    use = {k: torch.tensor(v, dtype=torch.long) for k, v in use.items()}
+    if not uniq_rows:
+        return Rerun(torch.zeros(0, dtype=torch.long), None, None, use)
+    rows, hs = torch.tensor(uniq_rows), []
+    for s in batches(len(rows), len(b.tokens)):
+        sub, edited = subset_batch(b, rows[s]), torch.stack(uniq_new[s])
+        with intervene(model, layer, lambda r: edited):
+            hs.append(run_tail(model, layer, sub))
+    dev = b.resid.device
+    changed = (torch.stack(uniq_new) != b.resid[rows.to(dev)]).any(-1)
+    return Rerun(rows, torch.cat(hs), affected(subset_time(b.time, rows.to(dev)), changed), use)
+
+
+def edits_of(fn: Intervention, bs: list) -> list[dict]:
+    """One intervention's edited residual for each batch, in the form rerun_many takes."""
+    return [{0: fn(b.resid, b.time)} for b in bs]
 
 
 def logits_at(model, h_ND: torch.Tensor) -> torch.Tensor:
@@ -1586,19 +1613,28 @@ def clamp_where(c: Clamp, sae, resid_BTD, tm: Time, f_BTk: torch.Tensor) -> torc
     raise ValueError(c.strategy)
 
 
-def clamp_fn(sae: TemporalSAE, c: Clamp) -> Intervention:
-    """resid' = resid + decode(f') - decode(f): only the clamped latents' change is added, so the
-    SAE's error term is kept (SAEBench's intervention). Only the k selected latents are encoded."""
-    dev = sae.W_dec.device
-    lat = c.latents.to(dev)
-    W_dec_kD = sae.W_dec[lat]
+class Plan(NamedTuple):
+    """Where one strategy clamps on one batch, and the clean values of the selected latents there.
+    It does not depend on the multiplier: the sweep makes it once per selection and strategy."""
+    where: torch.Tensor  # (B, T, k) bool
+    f: torch.Tensor      # (B, T, k) clean latents
 
-    def fn(resid_BTD, tm: Time):
-        f_BTk = sae.encode(resid_BTD, tm.valid, lat, tm.prev)
-        where = clamp_where(c, sae, resid_BTD, tm, f_BTk)
-        delta_BTk = torch.where(where, -c.multiplier - f_BTk, torch.zeros_like(f_BTk))
-        return resid_BTD + (delta_BTk @ W_dec_kD) / sae.scale
-    return fn
+
+def clamp_plan(c: Clamp, sae: TemporalSAE, resid_BTD, tm: Time) -> Plan:
+    f_BTk = sae.encode(resid_BTD, tm.valid, c.latents.to(resid_BTD.device), tm.prev)
+    return Plan(clamp_where(c, sae, resid_BTD, tm, f_BTk), f_BTk)
+
+
+def apply_plan(sae: TemporalSAE, latents, plan: Plan, multiplier: float, resid_BTD) -> torch.Tensor:
+    """resid' = resid + decode(f') - decode(f): only the clamped latents' change is added, so the
+    SAE's error term is kept (SAEBench's intervention). Rows with nothing to clamp stay bit-identical."""
+    delta_BTk = torch.where(plan.where, -multiplier - plan.f, torch.zeros_like(plan.f))
+    return resid_BTD + (delta_BTk @ sae.W_dec[latents.to(resid_BTD.device)]) / sae.scale
+
+
+def clamp_fn(sae: TemporalSAE, c: Clamp) -> Intervention:
+    """The clamp as one intervention; only the k selected latents are encoded."""
+    return lambda resid_BTD, tm: apply_plan(sae, c.latents, clamp_plan(c, sae, resid_BTD, tm), c.multiplier, resid_BTD)
 
 
 def splice_fn(sae: TemporalSAE) -> Intervention:
@@ -1841,21 +1877,23 @@ def chunked_ce_kl(model, h_ND, clean_h_ND, target_N, chunk: int = 512):
 
 
 @torch.no_grad()
-def text_stats(model, layer: int, ts: TextSet, fn: Intervention) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-position CE and KL(clean || intervened), (N, T-1) each. Only positions the intervention can
-    reach are put through the LM head; the rest keep their clean CE and a KL of exactly 0."""
-    ce, kl = ts.clean_ce.clone(), torch.zeros(ts.clean_ce.shape)
-    for s, b in zip(batches(len(ts.rows.tokens), len(ts.batches[0].tokens)), ts.batches):
-        rows, h, hit = rerun(model, layer, b, fn)
-        if h is None:
-            continue
-        sel = scored(b.attn[rows]) & hit[rows][:, :-1]
-        c, k = chunked_ce_kl(model, h[:, :-1][sel], b.final[rows][:, :-1][sel], b.tokens[rows][:, 1:][sel])
-        idx = torch.arange(s.start, s.stop)[rows.cpu()]
-        ce_b, kl_b = ce[idx], kl[idx]
-        ce_b[sel.cpu()], kl_b[sel.cpu()] = c.cpu(), k.cpu()
-        ce[idx], kl[idx] = ce_b, kl_b
-    return ce, kl
+def text_stats(model, layer: int, ts: TextSet, edits: list[dict]) -> dict:
+    """Per-position CE and KL(clean || intervened) under each edit: {key: (ce, kl)}, (N, T-1) each.
+    edits: per batch {key: edited resid} (edits_of for one intervention). Only positions an edit can
+    reach go through the LM head; the rest keep their clean CE and a KL of exactly 0."""
+    out = {k: (ts.clean_ce.clone(), torch.zeros(ts.clean_ce.shape)) for k in edits[0]}
+    start = 0
+    for b, news in zip(ts.batches, edits):
+        rr = rerun_many(model, layer, b, news)
+        if len(rr.rows):
+            sel = scored(b.attn[rr.rows]) & rr.hit[:, :-1]
+            c, k = chunked_ce_kl(model, rr.h[:, :-1][sel], b.final[rr.rows][:, :-1][sel], b.tokens[rr.rows][:, 1:][sel])
+            ce_u, kl_u = ts.clean_ce[start + rr.rows.cpu()], torch.zeros(len(rr.rows), sel.shape[1])
+            ce_u[sel.cpu()], kl_u[sel.cpu()] = c.cpu(), k.cpu()
+            for key, u in rr.use.items():
+                out[key][0][start + rr.rows[u]], out[key][1][start + rr.rows[u]] = ce_u[u], kl_u[u]
+        start += len(b.tokens)
+    return out
 
 
 class QASet(NamedTuple):
@@ -1944,23 +1982,32 @@ def slot_scores(qa: QASet, lps: list) -> torch.Tensor:
     return (tot / cnt.clamp_min(1)).view(Q, 4)
 
 
+def clean_scores(qa: QASet) -> torch.Tensor:
+    """(Q, 4) choice scores of the clean model."""
+    return slot_scores(qa, qa.clean_lp)
+
+
 @torch.no_grad()
-def qa_scores(model, layer: int, qa: QASet, fn: Intervention | None) -> torch.Tensor:
-    """(Q, 4) choice scores under fn; pairs fn cannot reach keep their clean log-probs."""
-    if fn is None:
-        return slot_scores(qa, qa.clean_lp)
-    lps = []
-    for b, pr, lp in zip(qa.batches, qa.pairs, qa.clean_lp):
-        rows, h, hit = rerun(model, layer, b, fn)
-        lp = lp.clone()
-        if h is not None:
-            local = torch.cumsum(rows.long(), 0) - 1  # row index within the re-run subset
-            redo = (rows[pr[:, 0]] & hit[pr[:, 0], pr[:, 1]]).cpu()
-            sub = pr[redo].clone()
-            sub[:, 0] = local.cpu()[sub[:, 0]]
-            lp[redo] = pair_log_probs(model, h, sub)
-        lps.append(lp)
-    return slot_scores(qa, lps)
+def qa_scores(model, layer: int, qa: QASet, edits: list[dict]) -> dict:
+    """(Q, 4) choice scores under each edit, {key: scores}; edits: per batch {key: edited resid}.
+    Pairs an edit cannot reach keep their clean log-probs."""
+    lps = {k: [] for k in edits[0]}
+    for b, pr, lp, news in zip(qa.batches, qa.pairs, qa.clean_lp, edits):
+        rr = rerun_many(model, layer, b, news)
+        at, new_lp = torch.zeros(0, 2, dtype=torch.long), torch.zeros(0)
+        if len(rr.rows):  # pairs of each distinct re-run row that its edit can reach
+            mine = pr[:, 0].unsqueeze(1) == rr.rows.unsqueeze(0)                         # (n_pairs, n)
+            at = torch.nonzero(mine & rr.hit.cpu()[:, pr[:, 1]].T)                      # (pair, distinct row)
+            sub = pr[at[:, 0]].clone()
+            sub[:, 0] = at[:, 1]
+            new_lp = pair_log_probs(model, rr.h, sub)
+        for key, u in rr.use.items():
+            lp_k = lp.clone()
+            for j in u.tolist():
+                pick = at[:, 1] == j
+                lp_k[at[pick, 0]] = new_lp[pick]
+            lps[key].append(lp_k)
+    return {k: slot_scores(qa, v) for k, v in lps.items()}
 
 
 def subset_qa(qa: QASet, keep_q: torch.Tensor) -> QASet:
@@ -1987,8 +2034,8 @@ def packing_agrees(model, tok, layer: int, qs: list[Question], batch_rows: int, 
     """Packed rows give the model's own choice scores only if it honours a custom 4-D mask and
     position ids; checked on a few questions against one row per choice."""
     few = qs[:4]
-    packed = qa_scores(model, layer, prepare_qa(model, tok, layer, few, "cloze", batch_rows, True), None)
-    plain = qa_scores(model, layer, prepare_qa(model, tok, layer, few, "cloze", batch_rows, False), None)
+    packed = clean_scores(prepare_qa(model, tok, layer, few, "cloze", batch_rows, True))
+    plain = clean_scores(prepare_qa(model, tok, layer, few, "cloze", batch_rows, False))
     return bool((packed - plain).abs().max() < tol)
 
 
@@ -2135,8 +2182,9 @@ def eval_sae_quality(model, layer, sae, d: EvalData) -> dict:
             fired |= (f > 0).any(0)
         sel = scored(ts.rows.attn)
         sel[:, 0] = False  # BOS -> first token is not predicted from an SAE-reconstructed position
-        ces = [ts.clean_ce[sel], text_stats(model, layer, ts, splice_fn(sae))[0][sel],
-               text_stats(model, layer, ts, zero_fn)[0][sel]]
+        both = [{"sae": splice_fn(sae)(b.resid, b.time), "zero": zero_fn(b.resid, b.time)} for b in ts.batches]
+        stats = text_stats(model, layer, ts, both)
+        ces = [ts.clean_ce[sel], stats["sae"][0][sel], stats["zero"][0][sel]]
         per[name] = dict(x=torch.cat(xs), xh=torch.cat(xhs), l0=torch.cat(l0s), ce=ces)
     x, xh = torch.cat([p["x"] for p in per.values()]), torch.cat([p["xh"] for p in per.values()])
     ce = [torch.cat([p["ce"][i] for p in per.values()]) for i in range(3)]
@@ -2277,13 +2325,26 @@ def make_clamp(cfg, sel: Selection, dets: Detectors, strategy: str, multiplier: 
     return Clamp(strategy, sel.latents, multiplier, cfg.detector_window, det, sel.hi, sel.rho_tau)
 
 
+def eval_batches(d: EvalData) -> dict:
+    """Every evaluation set's batches, by the name measures() reads."""
+    return {"forget": d.ts_f.batches, "retain": d.ts_r.batches, "spliced": d.ts_s.batches,
+            "qa_forget": d.qa_f.batches, "qa_retain": d.qa_r.batches}
+
+
 @torch.no_grad()
-def point_measures(model, layer, fn, d: EvalData) -> tuple[dict, torch.Tensor]:
-    """Everything measured at one sweep point, {metric: (mean, stderr over tokens or questions)}, and
-    the per-token KL on the spliced documents."""
-    ce_f, _ = text_stats(model, layer, d.ts_f, fn)
-    ce_r, kl_r = text_stats(model, layer, d.ts_r, fn)
-    _, kl_s = text_stats(model, layer, d.ts_s, fn)
+def measure_edits(model, layer, d: EvalData, edits: dict) -> dict:
+    """Everything measured for several interventions at once. edits: {set name: per batch {key:
+    edited resid}}; returns {key: ({metric: (mean, stderr over tokens or questions)}, spliced KL)}."""
+    ce_f = text_stats(model, layer, d.ts_f, edits["forget"])
+    ce_r = text_stats(model, layer, d.ts_r, edits["retain"])
+    kl_s = text_stats(model, layer, d.ts_s, edits["spliced"])
+    qa = {name: qa_scores(model, layer, q, edits[f"qa_{name}"]) for name, q in (("forget", d.qa_f), ("retain", d.qa_r))}
+    return {k: (measures(d, ce_f[k][0], ce_r[k][0], ce_r[k][1], kl_s[k][1], qa["forget"][k], qa["retain"][k]), kl_s[k][1])
+            for k in edits["forget"][0]}
+
+
+def measures(d: EvalData, ce_f, ce_r, kl_r, kl_s, s_f, s_r) -> dict:
+    """The sweep's measures from per-token CE / KL and per-question choice scores."""
     sf, sr = scored(d.ts_f.rows.attn), scored(d.ts_r.rows.attn)
     m = {"forget_ce_increase": mean_err((ce_f - d.ts_f.clean_ce)[sf]),
          "retain_ce_increase": mean_err((ce_r - d.ts_r.clean_ce)[sr]), "retain_kl": mean_err(kl_r[sr])}
@@ -2293,28 +2354,42 @@ def point_measures(model, layer, fn, d: EvalData) -> tuple[dict, torch.Tensor]:
     m["spliced_kl_outside"] = mean_err(k_out)
     m["precision_ratio"] = (float(k_in.mean() / k_out.mean().clamp_min(1e-9)), 0.0)
     m["precision_auroc"] = (auroc(torch.cat([k_in, k_out]), torch.cat([torch.ones(len(k_in)), torch.zeros(len(k_out))])), 0.0)
-    for name, qa in (("forget", d.qa_f), ("retain", d.qa_r)):
-        s = qa_scores(model, layer, qa, fn)
+    for name, qa, s in (("forget", d.qa_f, s_f), ("retain", d.qa_r, s_r)):
         q = torch.arange(len(qa.answer))
-        p_new, p_clean = choice_probs(s)[q, qa.answer], choice_probs(qa_scores(model, layer, qa, None))[q, qa.answer]
+        p_new, p_clean = choice_probs(s)[q, qa.answer], choice_probs(clean_scores(qa))[q, qa.answer]
         m[f"{name}_acc"] = mean_err((s.argmax(-1) == qa.answer).float())
         m[f"{name}_prob_drop"] = mean_err(p_clean - p_new)
-    return m, kl_s
+    return m
+
+
+def point_measures(model, layer, fn: Intervention, d: EvalData) -> tuple[dict, torch.Tensor]:
+    """measure_edits for one intervention."""
+    return measure_edits(model, layer, d, {n: edits_of(fn, bs) for n, bs in eval_batches(d).items()})[0]
 
 
 def run_sweep(cfg, model, sae, sels, dets, d: EvalData, progress: bool) -> tuple[list[dict], dict]:
-    """Every strategy at every selection and multiplier; returns the points and, per point index,
-    the per-token spliced KL of the first spliced documents (for the precision figure)."""
-    grid = [(sel, m, s) for sel in sels for m in cfg.multipliers for s in cfg.strategies]
+    """Every strategy at every selection and multiplier. Per selection, each strategy's clamp plan is
+    made once per batch (it does not depend on the multiplier); per multiplier, all strategies are
+    measured together, so rows two strategies edit identically run once. Returns the points and, per
+    point index, the per-token spliced KL of the first spliced documents (for the precision figure)."""
     points, kl_docs = [], {}
-    for i, (sel, mult, strategy) in enumerate(bar(grid, "sweep (points)", progress)):
-        meas, kl_s = point_measures(model, cfg.layer, clamp_fn(sae, make_clamp(cfg, sel, dets, strategy, mult)), d)
-        p = dict(strategy=strategy, multiplier=mult, n_features=sel.n, n_selected=len(sel.latents),
-                 retain_threshold=sel.threshold)
-        for k, (v, e) in meas.items():
-            p[k], p[f"{k}_stderr"] = v, e
-        points.append(p)
-        kl_docs[i] = kl_s[:SPLICED_FIGURE_DOCS]
+    groups = [(sel, m) for sel in sels for m in cfg.multipliers]
+    plans, planned = {}, None
+    for sel, mult in bar(groups, "sweep (selection x multiplier)", progress):
+        if planned is not sel:
+            clamps = {s: make_clamp(cfg, sel, dets, s, 0.0) for s in cfg.strategies}
+            plans = {n: [{s: clamp_plan(c, sae, b.resid, b.time) for s, c in clamps.items()} for b in bs]
+                     for n, bs in eval_batches(d).items()}
+            planned = sel
+        edits = {n: [{s: apply_plan(sae, sel.latents, p, mult, b.resid) for s, p in bp.items()}
+                     for b, bp in zip(eval_batches(d)[n], plans[n])] for n in plans}
+        for s, (meas, kl_s) in measure_edits(model, cfg.layer, d, edits).items():
+            p = dict(strategy=s, multiplier=mult, n_features=sel.n, n_selected=len(sel.latents),
+                     retain_threshold=sel.threshold)
+            for k, (v, e) in meas.items():
+                p[k], p[f"{k}_stderr"] = v, e
+            kl_docs[len(points)] = kl_s[:SPLICED_FIGURE_DOCS]
+            points.append(p)
     return points, kl_docs
 
 
@@ -2649,7 +2724,7 @@ def prepare_data(cfg, model, tok, corpora, questions, st: Stages, progress: bool
         print("note: this model does not honour a packed tree mask; scoring one row per answer choice", flush=True)
     qa = {d: prepare_qa(model, tok, cfg.layer, questions[d], cfg.qa_scoring, cfg.batch_rows, pack, progress)
           for d in ("forget", "retain")}
-    known = {d: qa_scores(model, cfg.layer, q, None).argmax(-1) == q.answer for d, q in qa.items()}
+    known = {d: clean_scores(q).argmax(-1) == q.answer for d, q in qa.items()}
     if known["forget"].sum() == 0 or known["retain"].sum() == 0:
         raise UsageError("the model answers no forget or no retain question correctly: nothing to unlearn or keep")
     qa_entry = entry({**{f"{d}_total": (len(k), 0.0) for d, k in known.items()},

@@ -70,15 +70,20 @@ def test_rerun_equals_full_hooked_forward(model, tok):
         return out
 
     before = n_hooks(model)
-    rows_changed, h, hit = ex.rerun(model, 1, b, fn)
+    new = fn(b.resid, b.time)
+    rr = ex.rerun_many(model, 1, b, {"a": new, "same": new.clone(), "none": b.resid.clone()})
     with torch.no_grad(), ex.intervene(model, 1, lambda x: fn(x, b.time)):
         slow = model.base_model(input_ids=rows.tokens, attention_mask=rows.attn.long()).last_hidden_state
     assert n_hooks(model) == before
-    assert rows_changed.any() and not rows_changed.all()
-    assert torch.allclose(h, slow[rows_changed], atol=1e-5)
-    assert torch.allclose(b.final[~rows_changed], slow[~rows_changed], atol=1e-5)
-    assert not hit[:, :5].any() and hit[rows_changed, 5:].all()
-    assert torch.allclose(h[:, :5], b.final[rows_changed][:, :5], atol=1e-5)
+    changed = torch.zeros(len(rows.tokens), dtype=torch.bool)
+    changed[rr.rows] = True
+    assert changed.any() and not changed.all()
+    assert torch.equal(rr.use["a"], rr.use["same"]) and len(rr.use["none"]) == 0  # identical edits run once
+    assert len(rr.rows) == int(changed.sum())
+    assert torch.allclose(rr.h, slow[rr.rows], atol=1e-5)
+    assert torch.allclose(b.final[~changed], slow[~changed], atol=1e-5)
+    assert not rr.hit[:, :5].any() and rr.hit[:, 5:].all()
+    assert torch.allclose(rr.h[:, :5], b.final[rr.rows][:, :5], atol=1e-5)
 
 
 def test_packed_choices_score_like_one_row_per_choice(model, tok):
@@ -88,11 +93,12 @@ def test_packed_choices_score_like_one_row_per_choice(model, tok):
     packed = ex.prepare_qa(model, tok, 1, qs, "cloze", 2, pack=True)
     plain = ex.prepare_qa(model, tok, 1, qs, "cloze", 2, pack=False)
     assert sum(int(b.attn.sum()) for b in packed.batches) < 0.6 * sum(int(b.attn.sum()) for b in plain.batches)
-    assert torch.allclose(ex.qa_scores(model, 1, packed, None), ex.qa_scores(model, 1, plain, None), atol=1e-4)
+    assert torch.allclose(ex.clean_scores(packed), ex.clean_scores(plain), atol=1e-4)
     sae = ex.TemporalSAE(model.config.hidden_size, 16, window=3, d_head=4)
     fn = ex.clamp_fn(sae, ex.Clamp("standard", torch.tensor([0, 3, 5]), 4.0, 4, None, None, 0.0))
-    assert torch.allclose(ex.qa_scores(model, 1, packed, fn), ex.qa_scores(model, 1, plain, fn), atol=1e-4)
-    assert not torch.allclose(ex.qa_scores(model, 1, packed, fn), ex.qa_scores(model, 1, packed, None), atol=1e-4)
+    under = lambda qa: ex.qa_scores(model, 1, qa, ex.edits_of(fn, qa.batches))[0]
+    assert torch.allclose(under(packed), under(plain), atol=1e-4)
+    assert not torch.allclose(under(packed), ex.clean_scores(packed), atol=1e-4)
     assert ex.packing_agrees(model, tok, 1, qs, 2)
 
 
@@ -106,7 +112,7 @@ def test_zero_multiplier_without_clamping_gives_exact_clean_results(model, tok):
     det = ex.LagDetector(None, torch.zeros(d, 4), 1.0, 4.0, 0.0)  # fires everywhere
     for strategy in ex.STRATEGIES:
         c = ex.Clamp(strategy, torch.tensor([0, 3]), 0.0, 4, det, torch.zeros(2), 0.0)
-        ce, kl = ex.text_stats(model, 1, ts, ex.clamp_fn(sae, c))
+        ce, kl = ex.text_stats(model, 1, ts, ex.edits_of(ex.clamp_fn(sae, c), ts.batches))[0]
         assert torch.equal(ce, ts.clean_ce) and not kl.any(), strategy
 
 
@@ -137,18 +143,18 @@ def test_clamp_sets_selected_latents_and_keeps_the_error_term():
 def test_qa_subset_keeps_answers(model, tok):
     qs = ex.load_questions("embedded", "retain")[:6]
     qa = ex.prepare_qa(model, tok, 1, qs, "cloze", 2)
-    scores = ex.qa_scores(model, 1, qa, None)
+    scores = ex.clean_scores(qa)
     keep = torch.tensor([True, False, True, True, False, True])
     sub = ex.subset_qa(qa, keep)
-    assert torch.equal(ex.qa_scores(model, 1, sub, None), scores[keep])
+    assert torch.equal(ex.clean_scores(sub), scores[keep])
     direct = ex.prepare_qa(model, tok, 1, [q for q, k in zip(qs, keep) if k], "cloze", 2)
-    assert torch.allclose(ex.qa_scores(model, 1, direct, None), scores[keep], atol=1e-5)
+    assert torch.allclose(ex.clean_scores(direct), scores[keep], atol=1e-5)
 
 
 def test_letter_scoring_runs(model, tok):
     qs = ex.load_questions("embedded", "forget")[:3]
     qa = ex.prepare_qa(model, tok, 1, qs, "letter", 4)
-    s = ex.qa_scores(model, 1, qa, None)
+    s = ex.clean_scores(qa)
     assert s.shape == (3, 4) and torch.isfinite(s).all()
 
 
@@ -207,3 +213,25 @@ def test_seeds_run_once_each_and_aggregate(tmp_path, model, tok):
     assert results["sae"]["stderrs"]["fve"] == pytest.approx(abs(v[0] - v[1]) / 2)
     assert results["seeds"]["means"]["n_seeds"] == 2.0
     assert json.loads((tmp_path / "run" / "final_info.json").read_text()) == results
+
+
+def test_grouped_sweep_measures_equal_one_point_at_a_time(tmp_path, model, tok):
+    """The sweep measures all strategies of a selection and multiplier together (identical row edits
+    run once); each must equal measuring that strategy's intervention alone."""
+    flags = [f for f in tiny_flags(tmp_path / "run", "unused") if not f.startswith("--model")]
+    cfg = ex.parse_config(flags)
+    corpora, questions = ex.load_inputs(cfg)
+    d = ex.prepare_data(cfg, model, tok, corpora, questions, ex.Stages(), False)
+    acts = torch.cat([d.forget.acts_train, d.retain.acts_train])
+    mask = torch.cat([d.forget.train.mask, d.retain.train.mask])
+    sae = ex.train_sae(cfg, acts, mask, torch.device("cpu"), tmp_path)
+    sp_f = ex.active_fraction(sae, d.forget.acts_train, d.forget.train.mask)
+    sp_r = ex.active_fraction(sae, d.retain.acts_train, d.retain.train.mask)
+    sels = ex.make_selections(cfg, sae, d.forget, d.retain, sp_f, sp_r)
+    dets = ex.fit_detectors(cfg, sae, d.forget, d.retain, sp_f, sp_r)
+    points, _ = ex.run_sweep(cfg, model, sae, sels[:1], dets, d, False)
+    for p in points[:len(ex.STRATEGIES)]:
+        alone, _ = ex.point_measures(model, cfg.layer, ex.clamp_fn(sae, ex.make_clamp(cfg, sels[0], dets, p["strategy"],
+                                                                                     p["multiplier"])), d)
+        for k, (v, e) in alone.items():
+            assert p[k] == pytest.approx(v, abs=1e-6, nan_ok=True), (p["strategy"], k)

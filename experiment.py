@@ -87,8 +87,10 @@ class Config:
     forget_qa: str = opt("embedded", "embedded | .json/.jsonl/.csv | hf:cais/wmdp:wmdp-bio; comma-separated")
     retain_qa: str = opt("embedded", "embedded | .json/.jsonl/.csv | hf:cais/mmlu:SUBJECT; comma-separated")
     max_corpus_tokens: int = opt(200_000, "cap on tokens read from each corpus")
-    eval_rows: int = opt(24, "held-out rows per domain for CE, KL and consistency metrics")
-    spliced_docs: int = opt(40, "spliced documents for the precision measure")
+    eval_rows: int = opt(6, "held-out rows per domain for the CE and KL of every sweep point")
+    spliced_docs: int = opt(4, "spliced documents for the precision measure (KL inside / after the passage)")
+    qa_questions: int = opt(24, "known questions per domain scored at every sweep point, a fixed random "
+                                "subset (0 = all known); accuracy and known counts are over all questions")
     qa_scoring: Literal["cloze", "letter"] = opt("cloze", "cloze (mean choice log-lik) | letter (SAEBench A-D)")
     max_qa: int = opt(0, "cap on questions per set before filtering (0 = all)")
     # SAE
@@ -100,7 +102,7 @@ class Config:
     warmup_frac: float = opt(0.05, "fraction of steps with linear lr warmup")
     decay_frac: float = opt(0.2, "final fraction of steps with linear lr decay to 0")
     batch_tokens: int = opt(1024, "tokens per SAE step (whole rows, so a little more)")
-    train_tokens: int = opt(800_000, "SAE training budget in tokens")
+    train_tokens: int = opt(400_000, "SAE training budget in tokens")
     sae_autocast: bool = opt(True, "bf16 autocast for SAE matmuls on CPUs with bf16 support")
     checkpoint_every: int = opt(50, "steps between training checkpoints")
     # existing SAEs (SAELens interop)
@@ -109,9 +111,9 @@ class Config:
     export_saelens: str = opt("", "export the w=1 SAE in this run folder to SAELens's layout in --out_dir, then exit")
     # unlearning
     strategies: tuple = opt(STRATEGIES, "interventions to sweep: standard | gate | dsg | dsg_causal | pattern | hybrid")
-    multipliers: tuple = opt((1.0, 3.0, 10.0, 30.0, 100.0, 300.0),
+    multipliers: tuple = opt((3.0, 10.0, 30.0, 100.0, 300.0, 1000.0),
                              "clamp values (latents set to -multiplier), a geometric grid from barely noticeable to destructive")
-    n_features: tuple = opt((20, 50), "numbers of forget latents to clamp (SAEBench's selection)")
+    n_features: tuple = opt((50,), "numbers of forget latents to clamp (SAEBench's selection)")
     retain_thresholds: tuple = opt((0.001, 0.01), "drop latents whose retain sparsity is >= this (SAEBench)")
     retain_gate: float = opt(0.99, "retain accuracy a sweep point must keep (SAEBench)")
     hybrid_quantile: float = opt(0.99, "hybrid clamps off-pattern where a latent exceeds this retain quantile")
@@ -142,7 +144,8 @@ class Config:
             (0 <= self.warmup_frac + self.decay_frac <= 1, "--warmup_frac + --decay_frac must be in [0, 1]"),
             (self.eval_rows >= 2 and self.spliced_docs >= 2, "--eval_rows and --spliced_docs must be >= 2"),
             (self.max_corpus_tokens >= self.context_length, "--max_corpus_tokens must hold one row"),
-            (self.checkpoint_every >= 1 and self.max_qa >= 0, "--checkpoint_every >= 1, --max_qa >= 0"),
+            (self.checkpoint_every >= 1 and self.max_qa >= 0 and self.qa_questions >= 0,
+             "--checkpoint_every >= 1, --max_qa >= 0, --qa_questions >= 0"),
             (len(self.multipliers) > 0 and all(m >= 0 for m in self.multipliers), "--multipliers: >= 0"),
             (len(self.n_features) > 0 and all(n >= 1 for n in self.n_features), "--n_features: >= 1"),
             (len(self.retain_thresholds) > 0 and all(0 < r <= 1 for r in self.retain_thresholds),
@@ -2027,48 +2030,74 @@ class TextSet(NamedTuple):
     rows: Rows
     batches: list         # Batch per `batch_rows` rows
     clean_ce: torch.Tensor  # (N, T-1) clean CE predicting token t+1 at t; 0 where not scored
+    # clean log-probs at the scored positions (n_scored, V), kept for KL sets when they fit in
+    # LOGP_CACHE_BYTES: a sweep point then runs one LM head per position instead of two
+    clean_logp: torch.Tensor | None = None
+    logp_index: torch.Tensor | None = None  # (N, T-1) int64: row of clean_logp, -1 where not scored
+
+
+LOGP_CACHE_BYTES = 1 << 30
 
 
 @torch.no_grad()
-def prepare_text(model, layer: int, rows: Rows, batch_rows: int, progress: bool = False) -> TextSet:
+def prepare_text(model, layer: int, rows: Rows, batch_rows: int, progress: bool = False,
+                 keep_logp: bool = False) -> TextSet:
     bs = [clean_forward(model, layer, rows.tokens[s], rows.attn[s])
           for s in bar(list(batches(len(rows.tokens), batch_rows)), "clean forwards", progress)]
     ce = torch.zeros(scored(rows.attn).shape)
+    keep_logp = keep_logp and int(scored(rows.attn).sum()) * model.config.vocab_size * 4 <= LOGP_CACHE_BYTES
+    logps = []
     for s, b in zip(batches(len(rows.tokens), batch_rows), bs):
         sel = scored(b.attn)
         ce_s = torch.zeros(sel.shape)
-        ce_s[sel.cpu()] = chunked_ce_kl(model, b.final[:, :-1][sel], None, b.tokens[:, 1:][sel])[0].cpu()
+        h = b.final[:, :-1][sel]
+        ce_s[sel.cpu()] = chunked_ce_kl(model, h, None, b.tokens[:, 1:][sel])[0].cpu()
         ce[s] = ce_s
-    return TextSet(rows, bs, ce)
+        if keep_logp:
+            logps += [F.log_softmax(logits_at(model, h[i:i + 512]), -1).cpu() for i in range(0, len(h), 512)]
+    if not keep_logp:
+        return TextSet(rows, bs, ce)
+    sel = scored(rows.attn)
+    index = torch.full(sel.shape, -1, dtype=torch.long)
+    index[sel] = torch.arange(int(sel.sum()))
+    return TextSet(rows, bs, ce, torch.cat(logps), index)
 
 
-def chunked_ce_kl(model, h_ND, clean_h_ND, target_N, chunk: int = 512):
-    """CE of target under h, and KL(clean || h) when clean_h is given, `chunk` positions at a time:
-    a whole batch's logits would take GBs at a 49k vocabulary."""
+def chunked_ce_kl(model, h_ND, clean_h_ND, target_N, chunk: int = 512, clean_logp_NV=None):
+    """CE of target under h, and KL(clean || h) when clean_h (or its cached log-probs) is given,
+    `chunk` positions at a time: a whole batch's logits would take GBs at a 49k vocabulary."""
     ces, kls = [], []
     for i in range(0, len(target_N), chunk):
         new = logits_at(model, h_ND[i:i + chunk])
         ces.append(token_ce(new, target_N[i:i + chunk]))
-        if clean_h_ND is not None:
+        if clean_logp_NV is not None:  # log_softmax of log-probs is the identity: token_kl takes either
+            kls.append(token_kl(clean_logp_NV[i:i + chunk].to(new.device), new))
+        elif clean_h_ND is not None:
             kls.append(token_kl(logits_at(model, clean_h_ND[i:i + chunk]), new))
     cat = lambda xs: torch.cat(xs) if xs else torch.zeros(0)
     return cat(ces), cat(kls)
 
 
 @torch.no_grad()
-def text_stats(model, layer: int, ts: TextSet, edits: list[dict]) -> dict:
+def text_stats(model, layer: int, ts: TextSet, edits: list[dict], kl: bool = True) -> dict:
     """Per-position CE and KL(clean || intervened) under each edit: {key: (ce, kl)}, (N, T-1) each.
     edits: per batch {key: edited resid} (edits_of for one intervention). Only positions an edit can
-    reach go through the LM head; the rest keep their clean CE and a KL of exactly 0."""
+    reach go through the LM head; the rest keep their clean CE and a KL of exactly 0. kl=False skips
+    the clean LM head (half the head's cost) and leaves KL at 0: for sets read for CE only."""
     out = {k: (ts.clean_ce.clone(), torch.zeros(ts.clean_ce.shape)) for k in edits[0]}
     start = 0
     for b, news in zip(ts.batches, edits):
         rr = rerun_many(model, layer, b, news)
         if len(rr.rows):
             sel = scored(b.attn[rr.rows]) & rr.hit[:, :-1]
-            c, k = chunked_ce_kl(model, rr.h[:, :-1][sel], b.final[rr.rows][:, :-1][sel], b.tokens[rr.rows][:, 1:][sel])
+            clean_h = b.final[rr.rows][:, :-1][sel] if kl else None
+            logp = (ts.clean_logp[ts.logp_index[start + rr.rows.cpu()][sel.cpu()]]
+                    if kl and ts.clean_logp is not None else None)
+            c, k = chunked_ce_kl(model, rr.h[:, :-1][sel], clean_h, b.tokens[rr.rows][:, 1:][sel], clean_logp_NV=logp)
             ce_u, kl_u = ts.clean_ce[start + rr.rows.cpu()], torch.zeros(len(rr.rows), sel.shape[1])
-            ce_u[sel.cpu()], kl_u[sel.cpu()] = c.cpu(), k.cpu()
+            ce_u[sel.cpu()] = c.cpu()
+            if kl:
+                kl_u[sel.cpu()] = k.cpu()
             for key, u in rr.use.items():
                 out[key][0][start + rr.rows[u]], out[key][1][start + rr.rows[u]] = ce_u[u], kl_u[u]
         start += len(b.tokens)
@@ -2313,6 +2342,8 @@ class EvalData(NamedTuple):
     qa_f: QASet          # forget questions the clean model answers
     qa_r: QASet          # retain questions the clean model answers
     qa_entry: dict
+    spl_rows: Rows       # more spliced documents, for detection only (SAE-side: residuals, no LM)
+    spl_acts: torch.Tensor  # (N, T, D) their residual after block `layer`
 
 
 def mean_err(x) -> tuple[float, float]:
@@ -2362,7 +2393,7 @@ def eval_sae_quality(model, layer, sae, d: EvalData) -> dict:
         sel = scored(ts.rows.attn)
         sel[:, 0] = False  # BOS -> first token is not predicted from an SAE-reconstructed position
         both = [{"sae": splice_fn(sae)(b.resid, b.time), "zero": zero_fn(b.resid, b.time)} for b in ts.batches]
-        stats = text_stats(model, layer, ts, both)
+        stats = text_stats(model, layer, ts, both, kl=False)
         ces = [ts.clean_ce[sel], stats["sae"][0][sel], stats["zero"][0][sel]]
         per[name] = dict(x=torch.cat(xs), xh=torch.cat(xhs), l0=torch.cat(l0s), ce=ces)
     x, xh = torch.cat([p["x"] for p in per.values()]), torch.cat([p["xh"] for p in per.values()])
@@ -2514,7 +2545,7 @@ def eval_batches(d: EvalData) -> dict:
 def measure_edits(model, layer, d: EvalData, edits: dict) -> dict:
     """Everything measured for several interventions at once. edits: {set name: per batch {key:
     edited resid}}; returns {key: ({metric: (mean, stderr over tokens or questions)}, spliced KL)}."""
-    ce_f = text_stats(model, layer, d.ts_f, edits["forget"])
+    ce_f = text_stats(model, layer, d.ts_f, edits["forget"], kl=False)
     ce_r = text_stats(model, layer, d.ts_r, edits["retain"])
     kl_s = text_stats(model, layer, d.ts_s, edits["spliced"])
     qa = {name: qa_scores(model, layer, q, edits[f"qa_{name}"]) for name, q in (("forget", d.qa_f), ("retain", d.qa_r))}
@@ -2573,6 +2604,8 @@ def run_sweep(cfg, model, sae, sels, dets, d: EvalData, progress: bool) -> tuple
 
 
 SPLICED_FIGURE_DOCS = 6
+CONSISTENCY_ROWS = 64
+DETECTION_SPLICED_DOCS = 40       # spliced documents for detection (cheap: no LM forward past `layer`)             # held-out rows per domain for temporal consistency (SAE only: cheap)
 FRONTIER_CE = (0.25, 0.5, 1.0)    # matched forget-CE increases (nats/token)
 FRONTIER_BUDGETS = (0.01, 0.05)   # retain-KL / after-passage-KL budgets (nats/token)
 
@@ -2653,12 +2686,6 @@ def over_rows(rule, sae, acts_NTD, mask_NT, rows: int = 64) -> tuple[torch.Tenso
     return torch.cat(fs), torch.cat(ss)
 
 
-@torch.no_grad()
-def over_batches(rule, ts: TextSet) -> tuple[torch.Tensor, torch.Tensor]:
-    fs, ss = zip(*[(lambda r: (r[0].cpu(), r[1].cpu()))(rule(b.resid, b.time)) for b in ts.batches])
-    return torch.cat(fs), torch.cat(ss)
-
-
 def detection_entry(rule, sae, d: EvalData) -> dict:
     """Token- and document-level detection of the forget domain by a firing rule: on held-out rows,
     on spliced documents (passage tokens vs the rest), and the delay to the first fire in a passage."""
@@ -2674,8 +2701,8 @@ def detection_entry(rule, sae, d: EvalData) -> dict:
     rtr, _ = over_rows(rule, sae, d.retain.acts_train, d.retain.train.mask)
     cut = 0.5 * (ftr[d.forget.train.mask].float().mean() + rtr[d.retain.train.mask].float().mean()).item()
     out["doc_accuracy"] = mean_err(torch.cat([doc_rate(ff, d.forget.held) > cut, doc_rate(fr, d.retain.held) <= cut]).float())
-    fs, ss = over_batches(rule, d.ts_s)
-    m, lab_s = d.ts_s.rows.mask, d.ts_s.rows.label
+    fs, ss = over_rows(rule, sae, d.spl_acts, d.spl_rows.mask)
+    m, lab_s = d.spl_rows.mask, d.spl_rows.label
     ps, rs, f1s = precision_recall_f1(fs[m], lab_s[m])
     out.update(spliced_precision=(ps, 0.0), spliced_recall=(rs, 0.0), spliced_f1=(f1s, 0.0),
                spliced_auroc=(auroc(ss[m], lab_s[m]), 0.0))
@@ -2719,8 +2746,8 @@ def horizon_study(cfg, sae, sel: Selection, dets: Detectors, d: EvalData) -> dic
         rows = {"cal": (s_cal, make_time(d.retain.train.mask[cal]))}
         for key, c in (("forget", d.forget), ("retain", d.retain)):
             rows[key] = (over_rows(both, sae, c.acts_held, c.held.mask)[0], make_time(c.held.mask))
-        s_spl = over_batches(both, d.ts_s)[0]
-        tm_s = make_time(d.ts_s.rows.mask)
+        s_spl = over_rows(both, sae, d.spl_acts, d.spl_rows.mask)[0]
+        tm_s = make_time(d.spl_rows.mask)
         curves = {k: [] for k in ("token_auroc", "spliced_auroc", "passages_detected", "delay_median",
                                   "fire_rate_retain", "fire_rate_forget")}
         for H in HORIZONS:
@@ -2736,7 +2763,7 @@ def append_horizon_point(curves: dict, ev: dict, rows: dict, ev_s, thr: float, d
     mf, mr = d.forget.held.mask, d.retain.held.mask
     curves["token_auroc"].append(auroc(torch.cat([ev["forget"][mf], ev["retain"][mr]]),
                                        torch.cat([torch.ones(int(mf.sum())), torch.zeros(int(mr.sum()))])))
-    m, lab = d.ts_s.rows.mask, d.ts_s.rows.label
+    m, lab = d.spl_rows.mask, d.spl_rows.label
     curves["spliced_auroc"].append(auroc(ev_s[m], lab[m]))
     fires = (ev_s >= thr) & m
     delays = [detection_delay(fires[i], lab[i]) for i in range(len(fires))]
@@ -2894,11 +2921,14 @@ def prepare_data(cfg, model, tok, corpora, questions, st: Stages, progress: bool
     forget = build_corpus(model, tok, cfg, corpora["forget"], "forget", progress)
     retain = build_corpus(model, tok, cfg, corpora["retain"], "retain", progress)
     st.done("harvest")
-    ts_f, ts_r = (prepare_text(model, cfg.layer, head_rows(c.held, cfg.eval_rows), cfg.batch_rows, progress)
-                  for c in (forget, retain))
-    spl = (load_spliced(cfg.spliced_docs) if cfg.forget_corpus == cfg.retain_corpus == "embedded"
-           else build_spliced(forget.held_docs, retain.held_docs, cfg.spliced_docs, seed=0))
-    ts_s = prepare_text(model, cfg.layer, spliced_rows(tok, spl, 2 * cfg.context_length), cfg.batch_rows, progress)
+    ts_f = prepare_text(model, cfg.layer, head_rows(forget.held, cfg.eval_rows), cfg.batch_rows, progress)
+    ts_r = prepare_text(model, cfg.layer, head_rows(retain.held, cfg.eval_rows), cfg.batch_rows, progress, True)
+    n_det = max(cfg.spliced_docs, DETECTION_SPLICED_DOCS)
+    spl_all = (load_spliced(n_det) if cfg.forget_corpus == cfg.retain_corpus == "embedded"
+               else build_spliced(forget.held_docs, retain.held_docs, n_det, seed=0))
+    spl = spl_all[:cfg.spliced_docs]
+    spl_rows = spliced_rows(tok, spl_all, 2 * cfg.context_length)
+    ts_s = prepare_text(model, cfg.layer, head_rows(spl_rows, cfg.spliced_docs), cfg.batch_rows, progress, True)
     pack = cfg.qa_scoring == "cloze" and packing_agrees(model, tok, cfg.layer, questions["forget"], cfg.batch_rows)
     if cfg.qa_scoring == "cloze" and not pack:
         print("note: this model does not honour a packed tree mask; scoring one row per answer choice", flush=True)
@@ -2907,12 +2937,28 @@ def prepare_data(cfg, model, tok, corpora, questions, st: Stages, progress: bool
     known = {d: clean_scores(q).argmax(-1) == q.answer for d, q in qa.items()}
     if known["forget"].sum() == 0 or known["retain"].sum() == 0:
         raise UsageError("the model answers no forget or no retain question correctly: nothing to unlearn or keep")
+    pick = {d: measured_questions(k, cfg.qa_questions) for d, k in known.items()}
     qa_entry = entry({**{f"{d}_total": (len(k), 0.0) for d, k in known.items()},
                       **{f"{d}_known": (int(k.sum()), 0.0) for d, k in known.items()},
+                      **{f"{d}_measured": (int(pick[d].sum()), 0.0) for d in known},
                       **{f"{d}_clean_acc": mean_err(k.float()) for d, k in known.items()}})
+    # a small subset of many batches is re-run as fresh full batches: subset_qa would keep the
+    # original batching, and a sweep point over many near-empty batches wastes most of its forwards
+    qa = {d: subset_qa(q, pick[d]) if pick[d].sum() * 2 > len(pick[d]) else
+          prepare_qa(model, tok, cfg.layer, [x for x, p in zip(questions[d], pick[d]) if p], cfg.qa_scoring,
+                     cfg.batch_rows, pack) for d, q in qa.items()}
     st.done("eval_sets")
-    return EvalData(forget, retain, ts_f, ts_r, ts_s, spl, subset_qa(qa["forget"], known["forget"]),
-                    subset_qa(qa["retain"], known["retain"]), qa_entry)
+    spl_acts = harvest(model, cfg.layer, spl_rows, cfg.batch_rows)
+    return EvalData(forget, retain, ts_f, ts_r, ts_s, spl, qa["forget"], qa["retain"], qa_entry, spl_rows, spl_acts)
+
+
+def measured_questions(known_Q: torch.Tensor, n: int) -> torch.Tensor:
+    """(Q,) bool: the known questions scored at every sweep point, a random subset of n of them drawn
+    with a fixed generator (the same questions for every --seed, so seeds differ only in the SAE)."""
+    idx = torch.nonzero(known_Q).flatten()
+    if n and len(idx) > n:
+        idx = idx[torch.randperm(len(idx), generator=torch.Generator().manual_seed(0))[:n]]
+    return torch.zeros_like(known_Q).index_fill_(0, idx, True)
 
 
 def run(cfg: Config, model=None, tok=None) -> dict:
@@ -3009,7 +3055,7 @@ def experiment(cfg, model, tok, d: EvalData, out: Path, st: Stages, progress: bo
     st.done("metrics")
     main_sel = sels[0]
     atomic_write_json(out / "detection_horizon.json", horizon_study(cfg, sae, main_sel, dets, d))
-    results["temporal_consistency"] = consistency_entry(sae, d.forget, d.retain, main_sel.latents, cfg.eval_rows)
+    results["temporal_consistency"] = consistency_entry(sae, d.forget, d.retain, main_sel.latents, CONSISTENCY_ROWS)
     probing = run_probing(cfg, sae, d.forget, d.retain, progress)
     atomic_write_json(out / "sparse_probing.json", probing)
     results["sparse_probing"] = {"means": probing["eval_result_metrics"]["sae"] | probing["eval_result_metrics"]["llm"],

@@ -116,6 +116,20 @@ def test_zero_multiplier_without_clamping_gives_exact_clean_results(model, tok):
         assert torch.equal(ce, ts.clean_ce) and not kl.any(), strategy
 
 
+def test_cached_clean_log_probs_give_the_same_ce_and_kl(model, tok):
+    """KL sets keep the clean log-probs so a sweep point runs one LM head, not two: same numbers."""
+    rows = some_rows(tok)
+    sae = ex.TemporalSAE(model.config.hidden_size, 16, window=2, d_head=4)
+    fn = ex.clamp_fn(sae, ex.Clamp("standard", torch.tensor([0, 3, 5]), 4.0, 4, None, None, 0.0))
+    plain, cached = ex.prepare_text(model, 1, rows, 2), ex.prepare_text(model, 1, rows, 2, keep_logp=True)
+    assert plain.clean_logp is None and cached.clean_logp is not None
+    (ce_p, kl_p), (ce_c, kl_c) = (ex.text_stats(model, 1, ts, ex.edits_of(fn, ts.batches))[0] for ts in (plain, cached))
+    assert kl_p.gt(0).any() and torch.equal(ce_p, ce_c)
+    assert torch.allclose(kl_p, kl_c, atol=1e-6, rtol=1e-4)
+    ce_only, kl_none = ex.text_stats(model, 1, plain, ex.edits_of(fn, plain.batches), kl=False)[0]
+    assert torch.equal(ce_only, ce_p) and not kl_none.any()
+
+
 def test_clamp_sets_selected_latents_and_keeps_the_error_term():
     torch.manual_seed(0)
     sae = ex.TemporalSAE(8, 12, window=1)

@@ -89,8 +89,8 @@ class Config:
     max_corpus_tokens: int = opt(200_000, "cap on tokens read from each corpus")
     eval_rows: int = opt(6, "held-out rows per domain for the CE and KL of every sweep point")
     spliced_docs: int = opt(4, "spliced documents for the precision measure (KL inside / after the passage)")
-    qa_questions: int = opt(24, "known questions per domain scored at every sweep point, a fixed random "
-                                "subset (0 = all known); accuracy and known counts are over all questions")
+    qa_questions: int = opt(24, "known questions per domain scored at every sweep point: the first found "
+                                "in a fixed random order (0 = all known); qa's counts are over those scored")
     qa_scoring: Literal["cloze", "letter"] = opt("cloze", "cloze (mean choice log-lik) | letter (SAEBench A-D)")
     max_qa: int = opt(0, "cap on questions per set before filtering (0 = all)")
     # SAE
@@ -123,7 +123,7 @@ class Config:
     detector_window: int = opt(4, "tokens a detector reads at once: t and its predecessors (independent of --window)")
     horizon: float = opt(8.0, "tokens over which detector evidence is pooled causally (EMA; 1 = none)")
     detector_fpr: float = opt(0.01, "detector threshold: this fraction of retain training tokens fire")
-    detector_latents: int = opt(256, "candidate latents the learned detector reads (by forget/retain frequency ratio)")
+    detector_latents: int = opt(256, "candidate latents the learned detector reads (half by the largest rise, half by the largest fall of firing frequency on forget vs retain training text)")
     n_templates: int = opt(8, "templates of the template detector")
     tau: float = opt(0.8, "correlation a window needs with a template to fire (template detector)")
     # runs
@@ -1990,8 +1990,8 @@ def frontier_within(front: list[tuple[float, float, float]], budget: float) -> f
 
 def aggregate_seeds(infos: list[dict]) -> dict:
     """One results dict from several seeds' final_info: each metric's mean over seeds and its stderr
-    over seeds (std(ddof=1)/sqrt(n)). A metric that is null (e.g. a frontier level not reached) in
-    any seed is null; an entry or metric missing from a seed is left out."""
+    over seeds (std(ddof=1)/sqrt(n)). A metric that is null (e.g. a frontier level not reached) or
+    missing in any seed is null; an entry missing from any seed, or a metric seed 0 lacks, is left out."""
     out = {}
     for key in infos[0]:
         if not all(key in i for i in infos):
@@ -2604,8 +2604,8 @@ def run_sweep(cfg, model, sae, sels, dets, d: EvalData, progress: bool) -> tuple
 
 
 SPLICED_FIGURE_DOCS = 6
-CONSISTENCY_ROWS = 64
-DETECTION_SPLICED_DOCS = 40       # spliced documents for detection (cheap: no LM forward past `layer`)             # held-out rows per domain for temporal consistency (SAE only: cheap)
+CONSISTENCY_ROWS = 64             # held-out rows per domain for temporal consistency (SAE only: cheap)
+DETECTION_SPLICED_DOCS = 40       # spliced documents for detection (cheap: no LM forward past `layer`)
 FRONTIER_CE = (0.25, 0.5, 1.0)    # matched forget-CE increases (nats/token)
 FRONTIER_BUDGETS = (0.01, 0.05)   # retain-KL / after-passage-KL budgets (nats/token)
 
@@ -2623,7 +2623,8 @@ def frontier_entry(mine: list[dict], standard: list[dict]) -> dict:
             out[f"{y}_at_ce_{x}"] = a if a else (None, None)
             ok = a is not None and b is not None and b[0] > 0
             r = a[0] / b[0] if ok else None
-            rel = math.sqrt((a[1] / max(a[0], 1e-12)) ** 2 + (b[1] / b[0]) ** 2) if ok else None
+            # independent errors propagated; standard against itself is exactly 1
+            rel = (0.0 if mine == standard else math.sqrt((a[1] / max(a[0], 1e-12)) ** 2 + (b[1] / b[0]) ** 2)) if ok else None
             out[f"{y}_ratio_at_ce_{x}"] = (r, r * rel if ok else None)
         for budget in FRONTIER_BUDGETS:
             out[f"forget_ce_within_{y}_{budget}"] = (frontier_within(fronts[0], budget), 0.0)
@@ -2696,10 +2697,14 @@ def detection_entry(rule, sae, d: EvalData) -> dict:
     out = {"token_precision": (p, 0.0), "token_recall": (r, 0.0), "token_f1": (f1, 0.0),
            "token_auroc": (auroc(torch.cat([sf[mf], sr[mr]]), lab), 0.0),
            "fire_rate_forget": mean_err(ff[mf].float()), "fire_rate_retain": mean_err(fr[mr].float())}
-    # documents: flagged when their fire rate exceeds the midpoint of the two training-domain rates
-    ftr, _ = over_rows(rule, sae, d.forget.acts_train, d.forget.train.mask)
-    rtr, _ = over_rows(rule, sae, d.retain.acts_train, d.retain.train.mask)
-    cut = 0.5 * (ftr[d.forget.train.mask].float().mean() + rtr[d.retain.train.mask].float().mean()).item()
+    # documents: flagged when their fire rate exceeds the midpoint of the two domains' rates on the
+    # calibration documents (training data held back from fitting)
+    rates = []
+    for c in (d.forget, d.retain):
+        cal = calibration_rows(c.train)
+        fire, _ = over_rows(rule, sae, c.acts_train[cal], c.train.mask[cal])
+        rates.append(fire[c.train.mask[cal]].float().mean())
+    cut = 0.5 * float(rates[0] + rates[1])
     out["doc_accuracy"] = mean_err(torch.cat([doc_rate(ff, d.forget.held) > cut, doc_rate(fr, d.retain.held) <= cut]).float())
     fs, ss = over_rows(rule, sae, d.spl_acts, d.spl_rows.mask)
     m, lab_s = d.spl_rows.mask, d.spl_rows.label
@@ -2826,10 +2831,12 @@ def prepare_out_dir(cfg: Config) -> Path:
     except OSError as e:
         raise UsageError(f"--out_dir {out} cannot be written ({e.strerror})")
     if not cfg.resume:
-        for name in RESULT_FILES + ("log.jsonl", "checkpoint.safetensors"):
+        for name in RESULT_FILES + ("log.jsonl", "checkpoint.safetensors", "cfg.json"):
             (out / name).unlink(missing_ok=True)
-    elif not (out / "checkpoint.safetensors").exists() and not (out / "sae.safetensors").exists():
+    elif not cfg.seeds and not (out / "checkpoint.safetensors").exists() and not (out / "sae.safetensors").exists():
         raise UsageError(f"--resume: no checkpoint in {out}")
+    elif cfg.seeds and not any((out / f"seed_{k}").is_dir() for k in cfg.seeds):
+        raise UsageError(f"--resume: no seed_<k> folder in {out}")
     return out
 
 
@@ -2932,33 +2939,41 @@ def prepare_data(cfg, model, tok, corpora, questions, st: Stages, progress: bool
     pack = cfg.qa_scoring == "cloze" and packing_agrees(model, tok, cfg.layer, questions["forget"], cfg.batch_rows)
     if cfg.qa_scoring == "cloze" and not pack:
         print("note: this model does not honour a packed tree mask; scoring one row per answer choice", flush=True)
-    qa = {d: prepare_qa(model, tok, cfg.layer, questions[d], cfg.qa_scoring, cfg.batch_rows, pack, progress)
-          for d in ("forget", "retain")}
-    known = {d: clean_scores(q).argmax(-1) == q.answer for d, q in qa.items()}
-    if known["forget"].sum() == 0 or known["retain"].sum() == 0:
-        raise UsageError("the model answers no forget or no retain question correctly: nothing to unlearn or keep")
-    pick = {d: measured_questions(k, cfg.qa_questions) for d, k in known.items()}
+    qa, known = {}, {}
+    for d in ("forget", "retain"):
+        qa[d], known[d] = known_questions(model, tok, cfg, questions[d], pack, progress)
+        if not any(known[d]):
+            raise UsageError(f"the model answers no {d} question correctly: nothing to "
+                             + ("unlearn" if d == "forget" else "keep"))
     qa_entry = entry({**{f"{d}_total": (len(k), 0.0) for d, k in known.items()},
-                      **{f"{d}_known": (int(k.sum()), 0.0) for d, k in known.items()},
-                      **{f"{d}_measured": (int(pick[d].sum()), 0.0) for d in known},
-                      **{f"{d}_clean_acc": mean_err(k.float()) for d, k in known.items()}})
-    # a small subset of many batches is re-run as fresh full batches: subset_qa would keep the
-    # original batching, and a sweep point over many near-empty batches wastes most of its forwards
-    qa = {d: subset_qa(q, pick[d]) if pick[d].sum() * 2 > len(pick[d]) else
-          prepare_qa(model, tok, cfg.layer, [x for x, p in zip(questions[d], pick[d]) if p], cfg.qa_scoring,
-                     cfg.batch_rows, pack) for d, q in qa.items()}
-    st.done("eval_sets")
+                      **{f"{d}_known": (sum(k), 0.0) for d, k in known.items()},
+                      **{f"{d}_measured": (len(qa[d].answer), 0.0) for d in known},
+                      **{f"{d}_clean_acc": mean_err([float(x) for x in k]) for d, k in known.items()}})
     spl_acts = harvest(model, cfg.layer, spl_rows, cfg.batch_rows)
+    st.done("eval_sets")
     return EvalData(forget, retain, ts_f, ts_r, ts_s, spl, qa["forget"], qa["retain"], qa_entry, spl_rows, spl_acts)
 
 
-def measured_questions(known_Q: torch.Tensor, n: int) -> torch.Tensor:
-    """(Q,) bool: the known questions scored at every sweep point, a random subset of n of them drawn
-    with a fixed generator (the same questions for every --seed, so seeds differ only in the SAE)."""
-    idx = torch.nonzero(known_Q).flatten()
-    if n and len(idx) > n:
-        idx = idx[torch.randperm(len(idx), generator=torch.Generator().manual_seed(0))[:n]]
-    return torch.zeros_like(known_Q).index_fill_(0, idx, True)
+def known_questions(model, tok, cfg, qs: list[Question], pack: bool, progress: bool) -> tuple[QASet, list]:
+    """The questions scored at every sweep point: the clean model scores the set in a fixed random
+    order (the same for every --seed), in chunks, until --qa_questions it answers correctly are found
+    (all of them when 0). Returns their QASet and the known flag of every question scored."""
+    order = torch.randperm(len(qs), generator=torch.Generator().manual_seed(0)).tolist()
+    step = max(2 * cfg.qa_questions, 32) if cfg.qa_questions else len(qs)
+    flags, picked = [], []
+    for i in range(0, len(order), step):
+        chunk = [qs[j] for j in order[i:i + step]]
+        qa = prepare_qa(model, tok, cfg.layer, chunk, cfg.qa_scoring, cfg.batch_rows, pack, progress)
+        k = (clean_scores(qa).argmax(-1) == qa.answer).tolist()
+        flags += k
+        picked += [q for q, ok in zip(chunk, k) if ok]
+        if cfg.qa_questions and len(picked) >= cfg.qa_questions:
+            break
+    if not cfg.qa_questions:  # one chunk held every question: keep its clean forward
+        return subset_qa(qa, torch.tensor(flags)), flags
+    # re-run as fresh full batches: subset_qa would keep the chunk's batching, near-empty batches
+    picked = picked[:cfg.qa_questions]
+    return prepare_qa(model, tok, cfg.layer, picked, cfg.qa_scoring, cfg.batch_rows, pack), flags
 
 
 def run(cfg: Config, model=None, tok=None) -> dict:
@@ -3007,11 +3022,14 @@ def run_seeds(cfg: Config, model, tok, data: EvalData, out: Path, st: Stages, pr
     own results are the mean over seeds with the stderr over seeds."""
     infos = []
     for k in cfg.seeds:
-        sub_cfg = dataclasses.replace(cfg, seed=k, seeds=(), out_dir=str(out / f"seed_{k}"))
-        sub = prepare_out_dir(sub_cfg)
+        sub = out / f"seed_{k}"
         if cfg.resume and (sub / "final_info.json").exists():
             infos.append(read_json(sub / "final_info.json", "a finished seed's results"))
             continue
+        begun = (sub / "checkpoint.safetensors").exists() or (sub / "sae.safetensors").exists()
+        # --resume continues a seed that had begun and starts the ones that had not
+        sub_cfg = dataclasses.replace(cfg, seed=k, seeds=(), out_dir=str(sub), resume=cfg.resume and begun)
+        prepare_out_dir(sub_cfg)
         t0, st.prefix = time.time(), f"seed_{k}/"
         torch.manual_seed(k)
         start_run_folder(sub_cfg, sub, model.device, t0, st)

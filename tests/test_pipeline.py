@@ -1,6 +1,7 @@
 """Activations, the intervention hook, the re-run of later blocks, packed questions, and a whole run
 on a tiny model."""
 import json
+import shutil
 import math
 
 import pytest
@@ -227,6 +228,11 @@ def test_seeds_run_once_each_and_aggregate(tmp_path, model, tok):
     assert results["sae"]["stderrs"]["fve"] == pytest.approx(abs(v[0] - v[1]) / 2)
     assert results["seeds"]["means"]["n_seeds"] == 2.0
     assert json.loads((tmp_path / "run" / "final_info.json").read_text()) == results
+    # killed after seed 0 finished: --resume reuses seed 0's results and runs seed 1 again
+    (tmp_path / "run" / "final_info.json").unlink()
+    shutil.rmtree(tmp_path / "run" / "seed_1")
+    again = ex.run(ex.parse_config(flags + ["--resume"]), model=model, tok=tok)
+    assert again["sae"] == results["sae"]
 
 
 def test_grouped_sweep_measures_equal_one_point_at_a_time(tmp_path, model, tok):

@@ -22,7 +22,7 @@ def main():
         qs = ex.load_questions("embedded", domain)
         topics = [r["topic"] for r in ex.read_jsonl(ex.DATA_DIR / f"{domain}_qa.jsonl", "questions")]
         qa = ex.prepare_qa(model, tok, cfg.layer, qs, "cloze", cfg.batch_rows)
-        known = ex.qa_correct(model, tok, cfg.layer, qa, None)
+        known = ex.clean_scores(qa).argmax(-1) == qa.answer
         total, hit = Counter(topics), Counter(t for t, k in zip(topics, known.tolist()) if k)
         print(f"{domain} questions: {int(known.sum())} of {len(qs)} answered correctly (cloze)")
         for t in sorted(total):
@@ -30,8 +30,7 @@ def main():
         docs = ex.load_corpus("embedded", domain)
         train, held = ex.split_docs(docs)
         rows = ex.make_rows(tok, held, cfg.context_length, 10**9, forget=domain == "forget")
-        es = ex.prepare_eval(model, cfg.layer, rows, cfg.batch_rows)
-        ce, _ = ex.token_stats(model, cfg.layer, es, None)
+        ce = ex.prepare_text(model, cfg.layer, rows, cfg.batch_rows).clean_ce
         sel = ex.scored(rows.attn)
         print(f"{domain} corpus: {len(docs)} documents, {len(train)} train / {len(held)} held-out, "
               f"{sum(len(d.text.split()) for d in docs)} words; held-out CE {ce[sel].mean():.3f} nats/token "

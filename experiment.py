@@ -88,7 +88,7 @@ class Config:
     retain_qa: str = opt("embedded", "embedded | .json/.jsonl/.csv | hf:cais/mmlu:SUBJECT; comma-separated")
     max_corpus_tokens: int = opt(200_000, "cap on tokens read from each corpus")
     eval_rows: int = opt(6, "held-out rows per domain for the CE and KL of every sweep point")
-    spliced_docs: int = opt(4, "spliced documents for the precision measure (KL inside / after the passage)")
+    spliced_docs: int = opt(3, "spliced documents for the precision measure (KL inside / after the passage)")
     qa_questions: int = opt(24, "known questions per domain scored at every sweep point: the first found "
                                 "in a fixed random order (0 = all known); qa's counts are over those scored")
     qa_scoring: Literal["cloze", "letter"] = opt("cloze", "cloze (mean choice log-lik) | letter (SAEBench A-D)")
@@ -102,7 +102,7 @@ class Config:
     warmup_frac: float = opt(0.05, "fraction of steps with linear lr warmup")
     decay_frac: float = opt(0.2, "final fraction of steps with linear lr decay to 0")
     batch_tokens: int = opt(1024, "tokens per SAE step (whole rows, so a little more)")
-    train_tokens: int = opt(400_000, "SAE training budget in tokens")
+    train_tokens: int = opt(800_000, "SAE training budget in tokens")
     sae_autocast: bool = opt(True, "bf16 autocast for SAE matmuls on CPUs with bf16 support")
     checkpoint_every: int = opt(50, "steps between training checkpoints")
     # existing SAEs (SAELens interop)

@@ -1644,7 +1644,8 @@ def fit_logistic(X: torch.Tensor, y: torch.Tensor, l2: float = 1.0, iters: int =
     probes fit a few hundred rows in fp64."""
     Xd = X.to(dtype)
     mu, sd = Xd.mean(0), Xd.std(0).clamp_min(1e-6)
-    Z, yd = (Xd - mu) / sd, y.to(dtype)
+    Z, yd = (Xd - mu).div_(sd), y.to(dtype)  # in place: a residual detector's X is ~600 MB
+    del Xd
     w = torch.zeros(X.shape[1], dtype=dtype, requires_grad=True)
     b = torch.zeros((), dtype=dtype, requires_grad=True)
     opt = torch.optim.LBFGS([w, b], max_iter=iters, line_search_fn="strong_wolfe")
@@ -2461,10 +2462,19 @@ def fit_template_detector(cfg, sae, forget: Corpus, retain: Corpus, lat, cal_r) 
     return Templates(temps, cfg.detector_window, 1.0, cfg.tau)
 
 
-def lag_design(g_NTF: torch.Tensor, mask_NT: torch.Tensor, lags: int, pick_NT: torch.Tensor) -> torch.Tensor:
-    """(n, lags*F) rows of features at the picked positions and their lags-1 predecessors."""
-    g = g_NTF * mask_NT.unsqueeze(-1)
-    return torch.cat([lagged(g, s)[pick_NT] for s in range(lags)], dim=-1)
+def lag_design(g_NTF: torch.Tensor, mask_NT: torch.Tensor, lags: int, pick_NT: torch.Tensor,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """(n, lags*F) rows of features at the picked positions and their lags-1 predecessors (0 before a
+    row's start or at a masked position), written into `out` if given. Gathers only the picked rows:
+    no shifted copy of g (a residual detector's design is hundreds of MB)."""
+    r, t = torch.nonzero(pick_NT, as_tuple=True)
+    F_ = g_NTF.shape[-1]
+    out = g_NTF.new_zeros(len(r), lags * F_) if out is None else out.zero_()
+    for s in range(lags):
+        ok = t >= s
+        src_r, src_t = r[ok], t[ok] - s
+        out[ok, s * F_:(s + 1) * F_] = g_NTF[src_r, src_t] * mask_NT[src_r, src_t].unsqueeze(-1)
+    return out
 
 
 def pick_positions(mask_NT: torch.Tensor, n: int, g: torch.Generator) -> torch.Tensor:
@@ -2480,14 +2490,18 @@ def fit_lag_detector(cfg, sae, idx, forget: Corpus, retain: Corpus, max_tokens: 
     """Logistic regression of domain on per-lag features, on training rows of both domains outside
     the calibration documents; threshold at --detector_fpr on the calibration retain rows."""
     g = torch.Generator().manual_seed(cfg.seed)
-    X, y = [], []
-    for c, label in ((forget, 1.0), (retain, 0.0)):
-        keep = ~calibration_rows(c.train)
+    keeps = [~calibration_rows(c.train) for c in (forget, retain)]
+    picks = [pick_positions(c.train.mask[k], max_tokens, g) for c, k in zip((forget, retain), keeps)]
+    n = [int(p.sum()) for p in picks]
+    n_feat = sae.d_in if idx is None else len(idx)
+    X = torch.empty(sum(n), cfg.detector_window * n_feat)  # filled in place: no per-domain copies
+    for i, (c, keep, pick) in enumerate(zip((forget, retain), keeps, picks)):
         feats = detector_features(sae, idx, c.acts_train[keep], c.train.mask[keep])
-        pick = pick_positions(c.train.mask[keep], max_tokens, g)
-        X.append(lag_design(feats, c.train.mask[keep], cfg.detector_window, pick))
-        y.append(torch.full((len(X[-1]),), label))
-    lr = fit_logistic(torch.cat(X), torch.cat(y), dtype=torch.float32)
+        lag_design(feats, c.train.mask[keep], cfg.detector_window, pick, X[sum(n[:i]):sum(n[:i + 1])])
+        del feats
+    y = torch.cat([torch.ones(n[0]), torch.zeros(n[1])])
+    lr = fit_logistic(X, y, dtype=torch.float32)
+    del X
     w = lr.w / lr.sd
     det = LagDetector(idx, w.view(cfg.detector_window, -1).T.contiguous(), float(lr.b - (lr.mu * w).sum()),
                       cfg.horizon, math.nan)

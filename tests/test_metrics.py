@@ -220,3 +220,17 @@ def test_batched_active_fraction_equals_sparsity():
     acts, mask = torch.randn(70, 6, 8), torch.rand(70, 6) > 0.2
     full = ex.sparsity(ex.encode_all(sae, acts, mask), mask)
     assert torch.allclose(ex.active_fraction(sae, acts, mask, rows=16), full)
+
+
+def test_lag_design_gathers_the_shifted_features():
+    """Rows of the detector's design = features at t and its predecessors, 0 before the row's start
+    and at masked positions; the same as shifting the masked features (the reference)."""
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(3, 7, 5, generator=g)
+    mask = torch.rand(3, 7, generator=g) > 0.2
+    pick = torch.rand(3, 7, generator=g) > 0.5
+    ref = torch.cat([ex.lagged(feats * mask.unsqueeze(-1), s)[pick] for s in range(3)], dim=-1)
+    assert torch.equal(ex.lag_design(feats, mask, 3, pick), ref)
+    out = torch.full((int(pick.sum()), 15), 7.0)
+    ex.lag_design(feats, mask, 3, pick, out)
+    assert torch.equal(out, ref)

@@ -7,10 +7,11 @@ default run's activations, counted on the evaluation rows, on all held-out rows 
     python tools/latent_rates.py --window 4 --freeze W_q,W_k # window parameters kept at their init
 
 Trains with `train_sae` at the default settings (other budgets with --l1_coeff / --train_tokens), then
-prints L0 and FVE on the evaluation rows (the held-out rows `eval_sae_quality` reads), the fraction of
-latents that never fire on the evaluation rows, on all held-out rows and on the training rows, the
-fraction firing on under 0.1% of training tokens, the dead fraction a Poisson model predicts for the
-evaluation rows from the training rates, and for w > 1 the context term's share of the pre-activation
+prints L0 and FVE on the evaluation rows (the first `--eval_rows` held-out rows per domain), the
+fraction of latents that never fire on the evaluation rows, on all held-out rows (`dead_frac` in
+final_info.json) and on the training rows, the
+fraction firing on under 0.1% of training tokens, the dead fractions a Poisson model predicts for the
+evaluation and held-out rows from the training rates, and for w > 1 the context term's share of the pre-activation
 variance (ctx W_ctx against (x - b_dec) W_enc). The harvested activations are cached in --cache.
 """
 import argparse
@@ -20,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import experiment as ex  # noqa: E402
@@ -28,17 +30,19 @@ DOMAINS = ("forget", "retain")
 
 
 def harvested(cfg: ex.Config, cache: Path) -> dict:
-    if cache.exists():
-        return torch.load(cache)
-    model, tok = ex.load_model(cfg, torch.device("cpu"))
-    corpora, _ = ex.load_inputs(cfg)
-    data = {}
-    for dom in DOMAINS:
-        c = ex.build_corpus(model, tok, cfg, corpora[dom], dom)
-        data[dom] = {"train": (c.acts_train, c.train.mask), "held": (c.acts_held, c.held.mask),
-                     "eval_rows": cfg.eval_rows}  # eval_sae_quality reads acts_held[:eval_rows]
-    torch.save(data, cache)
-    return data
+    """{domain: {"train": (acts, mask), "held": (acts, mask)}}, cached as safetensors."""
+    if not cache.exists():
+        model, tok = ex.load_model(cfg, torch.device("cpu"))
+        corpora, _ = ex.load_inputs(cfg)
+        flat = {}
+        for dom in DOMAINS:
+            c = ex.build_corpus(model, tok, cfg, corpora[dom], dom, False)
+            flat.update({f"{dom}.train.acts": c.acts_train, f"{dom}.train.mask": c.train.mask,
+                         f"{dom}.held.acts": c.acts_held, f"{dom}.held.mask": c.held.mask})
+        save_file({k: v.contiguous() for k, v in flat.items()}, str(cache))
+    flat = load_file(str(cache))
+    return {dom: {part: (flat[f"{dom}.{part}.acts"], flat[f"{dom}.{part}.mask"]) for part in ("train", "held")}
+            for dom in DOMAINS}
 
 
 @torch.no_grad()
@@ -69,7 +73,7 @@ def main():
     ap.add_argument("--pos_std", type=float, default=1.0, help="std of the position embeddings' init (class: 1.0)")
     ap.add_argument("--w_ctx_init", type=float, default=0.1, help="W_ctx init = this * W_dec^T (class: 0.1)")
     ap.add_argument("--freeze", default="", help="comma-separated window parameters kept at their init")
-    ap.add_argument("--cache", default="/tmp/latent_rates_acts.pt", help="harvested activations, reused if present")
+    ap.add_argument("--cache", default="/tmp/latent_rates_acts.safetensors", help="harvested activations, reused if present")
     args = ap.parse_args()
     cfg = ex.Config(window=args.window, l1_coeff=args.l1_coeff, train_tokens=args.train_tokens, out_dir="unused")
     data = harvested(cfg, Path(args.cache))
@@ -90,8 +94,8 @@ def main():
     mask = torch.cat([data[d]["train"][1] for d in DOMAINS])
     with tempfile.TemporaryDirectory() as d:
         sae = ex.train_sae(cfg, acts, mask, torch.device("cpu"), Path(d))
-    ev = stats(sae, [(a[:data[d]["eval_rows"]], m[:data[d]["eval_rows"]]) for d in DOMAINS
-                     for a, m in [data[d]["held"]]])
+    n = cfg.eval_rows  # the sweep's evaluation rows: the first held-out rows of each domain
+    ev = stats(sae, [(a[:n], m[:n]) for d in DOMAINS for a, m in [data[d]["held"]]])
     held = stats(sae, [data[d]["held"] for d in DOMAINS])
     train = stats(sae, [(acts, mask)])
     rate = train["fired"] / train["tokens"]
@@ -104,6 +108,7 @@ def main():
         "dead_train": round((train["fired"] == 0).float().mean().item(), 4),
         "rare_train_below_0.1%": round((rate < 1e-3).float().mean().item(), 4),
         "poisson_dead_eval_from_train_rates": round(torch.exp(-rate * ev["tokens"]).mean().item(), 4),
+        "poisson_dead_held_from_train_rates": round(torch.exp(-rate * held["tokens"]).mean().item(), 4),
         "median_train_rate": float(rate.median()),
         "ctx_share_of_pre_variance": None if held["ctx_share"] is None else round(held["ctx_share"], 3)}))
 

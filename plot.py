@@ -98,7 +98,9 @@ def front_of(points: list[dict], y: str) -> list[dict]:
     with the clean model first (experiment.pareto_front: the front the frontier metrics use)."""
     tagged = [(p["forget_ce_increase"], p[y], float(i + 1)) for i, p in enumerate(points)]
     clean = {"forget_ce_increase": 0.0, y: 0.0, "forget_prob_drop": 0.0, "retain_prob_drop": 0.0}
-    return [points[int(t) - 1] if t else clean for _, _, t in pareto_front(tagged)]
+    front = [points[int(t) - 1] if t else clean for _, _, t in pareto_front(tagged)]
+    # a point with y = 0 dominates the clean model itself; the curve still starts there
+    return front if front[0] is clean else [clean] + front
 
 
 def seed_band(fronts: list[list[dict]], key: str, xs: np.ndarray):
@@ -112,6 +114,9 @@ def seed_band(fronts: list[list[dict]], key: str, xs: np.ndarray):
     mean = ys.mean(0)
     err = ys.std(0, ddof=1) / np.sqrt(len(fronts)) if len(fronts) > 1 else np.zeros(len(xs))
     return mean, err
+
+
+KL_FLOOR = 1e-4  # a log axis has no 0: a strategy that never touches the retain rows is drawn here
 
 
 def fig_frontier(runs, out: Path) -> bool:
@@ -128,8 +133,9 @@ def fig_frontier(runs, out: Path) -> bool:
                 continue
             xs = np.linspace(0, max(f[-1]["forget_ce_increase"] for f in fronts), 80)
             m, e = seed_band(fronts, "retain_kl", xs)
-            ax_kl.plot(xs, m, color=COLORS[s], label=s)
-            ax_kl.fill_between(xs, m - e, m + e, color=COLORS[s], alpha=0.2, lw=0)
+            ax_kl.plot(xs, np.maximum(m, KL_FLOOR), color=COLORS[s], label=s)
+            ax_kl.fill_between(xs, np.maximum(m - e, KL_FLOOR), np.maximum(m + e, KL_FLOOR), color=COLORS[s],
+                               alpha=0.2, lw=0)
             for key, ls in (("forget_prob_drop", "-"), ("retain_prob_drop", "--")):
                 m, e = seed_band(fronts, key, xs)
                 ax_qa.plot(xs, m, color=COLORS[s], ls=ls, label=f"{s}: {key.split('_')[0]}")
@@ -137,8 +143,9 @@ def fig_frontier(runs, out: Path) -> bool:
         for x in FRONTIER_CE:
             ax_kl.axvline(x, color="k", lw=0.6, ls=":")
         ax_kl.set_yscale("log")
+        ax_kl.set_ylim(bottom=KL_FLOOR / 2)
         ax_kl.set_xlabel("forget-text CE increase (nats/token)")
-        ax_kl.set_ylabel("retain KL(clean||intervened), nats/token (log)")
+        ax_kl.set_ylabel(f"retain KL(clean||intervened), nats/token (log; 0 drawn at {KL_FLOOR:g})")
         ax_kl.set_title(f"{label(run)}: retain damage against forgetting ({len(sweeps)} seed(s); band: stderr)",
                         fontsize=9)
         ax_qa.set_xlabel("forget-text CE increase (nats/token)")

@@ -288,9 +288,11 @@ def bench_sweep(model, tok, cfg, device, acts, mask):
     n_blocks = len(ex.blocks_of(model))
 
     def full():  # no reuse: the whole hooked forward, LM head at every position
-        with torch.no_grad(), ex.intervene(model, cfg.layer, fn):
+        with torch.no_grad():
             for b in ts.batches:
-                model(input_ids=b.tokens, attention_mask=b.attn.long(), use_cache=False)
+                edited = fn(b.resid, b.time)
+                with ex.intervene(model, cfg.layer, lambda r: edited):
+                    model(input_ids=b.tokens, attention_mask=b.attn.long(), use_cache=False)
 
     t_fast = timed(lambda: ex.text_stats(model, cfg.layer, ts, ex.edits_of(fn, ts.batches), kl=False), device)
     t_full = timed(full, device)
@@ -325,6 +327,7 @@ def bench_e2e():
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--skip_e2e", action="store_true", help="skip the end-to-end run (figures 4 and 5)")
+    ap.add_argument("--skip_steps", action="store_true", help="skip the SAE step comparison (figures 2 and 2b)")
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()
     cfg = ex.Config(device=args.device)
@@ -344,9 +347,10 @@ def main():
         print("    bf16 harvesting: skipped, this CPU has no native bf16 (it would measure the emulation)")
     mask = torch.ones(acts.shape[:2], dtype=torch.bool)
     mask[:, 0] = False
-    for d_sae, batch in ((cfg.d_sae, cfg.batch_tokens), (4608, 4096)):
+    for d_sae, batch in () if args.skip_steps else ((cfg.d_sae, cfg.batch_tokens), (4608, 4096)):
         bench_sae_step(acts, mask, device, d_sae, batch, native_bf16)
-    bench_crossover(acts, mask, device, cfg.d_sae, cfg.batch_tokens, native_bf16)
+    if not args.skip_steps:
+        bench_crossover(acts, mask, device, cfg.d_sae, cfg.batch_tokens, native_bf16)
     bench_sweep(model, tok, cfg, device, acts, mask)
     del model
     if not args.skip_e2e:

@@ -175,14 +175,17 @@ def fig_frontier_summary(runs, out: Path) -> bool:
             for j, s in enumerate(STRATEGIES):
                 e = run["info"].get(f"frontier_{s}", {"means": {}, "stderrs": {}})
                 v = e["means"].get(f"retain_kl_at_ce_{x}")
-                if v is not None:
-                    xs.append(j + i * width), ys.append(v), es.append(e["stderrs"].get(f"retain_kl_at_ce_{x}") or 0.0)
-            ax.bar(xs, ys, width, yerr=es, capsize=3, label=label(run))
+                if v is not None:  # a log axis has no 0: zero is drawn at the floor, bars start below it
+                    err = e["stderrs"].get(f"retain_kl_at_ce_{x}") or 0.0
+                    xs.append(j + i * width), ys.append(max(v, KL_FLOOR)), es.append(min(err, max(v, KL_FLOOR) - KL_FLOOR / 2))
+            ax.bar(xs, [y - KL_FLOOR / 2 for y in ys], width, bottom=KL_FLOOR / 2, yerr=[es, es], capsize=3,
+                   label=label(run))
             drew |= bool(ys)
         group_axis(ax, STRATEGIES, len(have_runs), width, f"retain KL at forget CE +{x} nats\n(lower better; "
-                                                             "missing: never reached)")
+                                                             f"0 drawn at {KL_FLOOR:g}; missing: never reached)")
         if drew:
             ax.set_yscale("log")
+            ax.set_ylim(bottom=KL_FLOOR / 2)
         else:
             ax.text(0.5, 0.5, "no strategy reached this level", ha="center", transform=ax.transAxes)
     finish(fig, axes[0][0], "Retain damage at matched forgetting (error bars: stderr over seeds)",

@@ -2050,12 +2050,16 @@ def prepare_text(model, layer: int, rows: Rows, batch_rows: int, progress: bool 
     logps = []
     for s, b in zip(batches(len(rows.tokens), batch_rows), bs):
         sel = scored(b.attn)
+        h, target = b.final[:, :-1][sel], b.tokens[:, 1:][sel]
+        ces = []
+        for i in range(0, len(h), 512):  # one LM head per chunk serves the CE and the kept log-probs
+            logits = logits_at(model, h[i:i + 512])
+            ces.append(token_ce(logits, target[i:i + 512]))
+            if keep_logp:
+                logps.append(F.log_softmax(logits, -1).cpu())
         ce_s = torch.zeros(sel.shape)
-        h = b.final[:, :-1][sel]
-        ce_s[sel.cpu()] = chunked_ce_kl(model, h, None, b.tokens[:, 1:][sel])[0].cpu()
+        ce_s[sel.cpu()] = torch.cat(ces).cpu() if ces else torch.zeros(0)
         ce[s] = ce_s
-        if keep_logp:
-            logps += [F.log_softmax(logits_at(model, h[i:i + 512]), -1).cpu() for i in range(0, len(h), 512)]
     if not keep_logp:
         return TextSet(rows, bs, ce)
     sel = scored(rows.attn)
@@ -2091,9 +2095,9 @@ def text_stats(model, layer: int, ts: TextSet, edits: list[dict], kl: bool = Tru
         rr = rerun_many(model, layer, b, news)
         if len(rr.rows):
             sel = scored(b.attn[rr.rows]) & rr.hit[:, :-1]
-            clean_h = b.final[rr.rows][:, :-1][sel] if kl else None
-            logp = (ts.clean_logp[ts.logp_index[start + rr.rows.cpu()][sel.cpu()]]
-                    if kl and ts.clean_logp is not None else None)
+            cached = kl and ts.clean_logp is not None
+            logp = ts.clean_logp[ts.logp_index[start + rr.rows.cpu()][sel.cpu()]] if cached else None
+            clean_h = b.final[rr.rows][:, :-1][sel] if kl and not cached else None
             c, k = chunked_ce_kl(model, rr.h[:, :-1][sel], clean_h, b.tokens[rr.rows][:, 1:][sel], clean_logp_NV=logp)
             ce_u, kl_u = ts.clean_ce[start + rr.rows.cpu()], torch.zeros(len(rr.rows), sel.shape[1])
             ce_u[sel.cpu()] = c.cpu()

@@ -1863,11 +1863,34 @@ def token_ce(logits_NV: torch.Tensor, target_N: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits_NV.float(), target_N, reduction="none")
 
 
+class CleanDist(NamedTuple):
+    """The clean next-token distribution at some positions, in the form KL against it needs."""
+    p: torch.Tensor       # (N, V) probabilities
+    negent: torch.Tensor  # (N,) sum_v p log p
+
+
+def clean_dist(clean_logits_NV: torch.Tensor) -> CleanDist:
+    lp = F.log_softmax(clean_logits_NV.float(), -1)
+    p = lp.exp()
+    return CleanDist(p, (p * lp).sum(-1))
+
+
+def ce_kl(new_logits_NV: torch.Tensor, target_N: torch.Tensor | None, clean: CleanDist | None):
+    """Per-token CE of target and KL(clean || new), from one logsumexp of the new logits:
+    CE = lse - z[target]; KL = sum p log p - sum p z + lse (sum p = 1). Two passes over the
+    vocabulary instead of the five a log_softmax per side takes. None where not asked for."""
+    z = new_logits_NV.float()
+    lse = torch.logsumexp(z, -1)
+    ce = None if target_N is None else lse - z.gather(-1, target_N.unsqueeze(-1)).squeeze(-1)
+    if clean is None:
+        return ce, None
+    dot = torch.bmm(clean.p.unsqueeze(1), z.unsqueeze(-1)).view(-1)
+    return ce, (clean.negent - dot + lse).clamp_min(0)
+
+
 def token_kl(clean_logits_NV: torch.Tensor, new_logits_NV: torch.Tensor) -> torch.Tensor:
     """KL(clean || intervened) per token, in nats."""
-    p = F.log_softmax(clean_logits_NV.float(), -1)
-    q = F.log_softmax(new_logits_NV.float(), -1)
-    return (p.exp() * (p - q)).sum(-1).clamp_min(0)
+    return ce_kl(new_logits_NV, None, clean_dist(clean_logits_NV))[1]
 
 
 def auroc(scores, labels) -> float:
@@ -2031,10 +2054,10 @@ class TextSet(NamedTuple):
     rows: Rows
     batches: list         # Batch per `batch_rows` rows
     clean_ce: torch.Tensor  # (N, T-1) clean CE predicting token t+1 at t; 0 where not scored
-    # clean log-probs at the scored positions (n_scored, V), kept for KL sets when they fit in
-    # LOGP_CACHE_BYTES: a sweep point then runs one LM head per position instead of two
-    clean_logp: torch.Tensor | None = None
-    logp_index: torch.Tensor | None = None  # (N, T-1) int64: row of clean_logp, -1 where not scored
+    # the clean distribution at the scored positions (n_scored rows), kept for KL sets when it fits
+    # in LOGP_CACHE_BYTES: a sweep point then runs one LM head per position instead of two
+    clean: CleanDist | None = None
+    logp_index: torch.Tensor | None = None  # (N, T-1) int64: row of clean, -1 where not scored
 
 
 LOGP_CACHE_BYTES = 1 << 30
@@ -2047,16 +2070,16 @@ def prepare_text(model, layer: int, rows: Rows, batch_rows: int, progress: bool 
           for s in bar(list(batches(len(rows.tokens), batch_rows)), "clean forwards", progress)]
     ce = torch.zeros(scored(rows.attn).shape)
     keep_logp = keep_logp and int(scored(rows.attn).sum()) * model.config.vocab_size * 4 <= LOGP_CACHE_BYTES
-    logps = []
+    dists = []
     for s, b in zip(batches(len(rows.tokens), batch_rows), bs):
         sel = scored(b.attn)
         h, target = b.final[:, :-1][sel], b.tokens[:, 1:][sel]
         ces = []
-        for i in range(0, len(h), 512):  # one LM head per chunk serves the CE and the kept log-probs
+        for i in range(0, len(h), 512):  # one LM head per chunk serves the CE and the kept distribution
             logits = logits_at(model, h[i:i + 512])
             ces.append(token_ce(logits, target[i:i + 512]))
             if keep_logp:
-                logps.append(F.log_softmax(logits, -1).cpu())
+                dists.append(clean_dist(logits))
         ce_s = torch.zeros(sel.shape)
         ce_s[sel.cpu()] = torch.cat(ces).cpu() if ces else torch.zeros(0)
         ce[s] = ce_s
@@ -2065,20 +2088,26 @@ def prepare_text(model, layer: int, rows: Rows, batch_rows: int, progress: bool 
     sel = scored(rows.attn)
     index = torch.full(sel.shape, -1, dtype=torch.long)
     index[sel] = torch.arange(int(sel.sum()))
-    return TextSet(rows, bs, ce, torch.cat(logps), index)
+    return TextSet(rows, bs, ce, CleanDist(*(torch.cat([x[i].cpu() for x in dists]) for i in range(2))), index)
 
 
-def chunked_ce_kl(model, h_ND, clean_h_ND, target_N, chunk: int = 512, clean_logp_NV=None):
-    """CE of target under h, and KL(clean || h) when clean_h (or its cached log-probs) is given,
-    `chunk` positions at a time: a whole batch's logits would take GBs at a 49k vocabulary."""
+def chunked_ce_kl(model, h_ND, clean_h_ND, target_N, chunk: int = 512, clean: CleanDist | None = None,
+                  clean_at_N: torch.Tensor | None = None):
+    """CE of target under h, and KL(clean || h) when clean_h (or the cached clean distribution, read
+    at rows clean_at) is given, `chunk` positions at a time: a whole batch's logits, or its cached
+    distributions gathered at once, would take GBs at a 49k vocabulary."""
     ces, kls = [], []
     for i in range(0, len(target_N), chunk):
         new = logits_at(model, h_ND[i:i + chunk])
-        ces.append(token_ce(new, target_N[i:i + chunk]))
-        if clean_logp_NV is not None:  # log_softmax of log-probs is the identity: token_kl takes either
-            kls.append(token_kl(clean_logp_NV[i:i + chunk].to(new.device), new))
-        elif clean_h_ND is not None:
-            kls.append(token_kl(logits_at(model, clean_h_ND[i:i + chunk]), new))
+        if clean is not None:
+            at = clean_at_N[i:i + chunk]
+            ref = CleanDist(clean.p[at].to(new.device), clean.negent[at].to(new.device))
+        else:
+            ref = None if clean_h_ND is None else clean_dist(logits_at(model, clean_h_ND[i:i + chunk]))
+        c, k = ce_kl(new, target_N[i:i + chunk], ref)
+        ces.append(c)
+        if k is not None:
+            kls.append(k)
     cat = lambda xs: torch.cat(xs) if xs else torch.zeros(0)
     return cat(ces), cat(kls)
 
@@ -2095,10 +2124,11 @@ def text_stats(model, layer: int, ts: TextSet, edits: list[dict], kl: bool = Tru
         rr = rerun_many(model, layer, b, news)
         if len(rr.rows):
             sel = scored(b.attn[rr.rows]) & rr.hit[:, :-1]
-            cached = kl and ts.clean_logp is not None
-            logp = ts.clean_logp[ts.logp_index[start + rr.rows.cpu()][sel.cpu()]] if cached else None
+            cached = kl and ts.clean is not None
+            at = ts.logp_index[start + rr.rows.cpu()][sel.cpu()] if cached else None
             clean_h = b.final[rr.rows][:, :-1][sel] if kl and not cached else None
-            c, k = chunked_ce_kl(model, rr.h[:, :-1][sel], clean_h, b.tokens[rr.rows][:, 1:][sel], clean_logp_NV=logp)
+            c, k = chunked_ce_kl(model, rr.h[:, :-1][sel], clean_h, b.tokens[rr.rows][:, 1:][sel],
+                                 clean=ts.clean if cached else None, clean_at_N=at)
             ce_u, kl_u = ts.clean_ce[start + rr.rows.cpu()], torch.zeros(len(rr.rows), sel.shape[1])
             ce_u[sel.cpu()] = c.cpu()
             if kl:
@@ -2181,8 +2211,10 @@ def pair_log_probs(model, h_BTD: torch.Tensor, pairs: torch.Tensor) -> torch.Ten
     if not len(pairs):
         return torch.zeros(0)
     where, inv = torch.unique(pairs[:, :2], dim=0, return_inverse=True)
-    lp = F.log_softmax(logits_at(model, h_BTD[where[:, 0].to(h_BTD.device), where[:, 1].to(h_BTD.device)]), -1)
-    return lp[inv.to(lp.device), pairs[:, 2].to(lp.device)].cpu()
+    z = logits_at(model, h_BTD[where[:, 0].to(h_BTD.device), where[:, 1].to(h_BTD.device)])
+    lse = torch.logsumexp(z, -1)  # log-prob = z - lse: no full log_softmax
+    inv, tgt = inv.to(z.device), pairs[:, 2].to(z.device)
+    return (z[inv, tgt] - lse[inv]).cpu()
 
 
 def slot_scores(qa: QASet, lps: list) -> torch.Tensor:
@@ -2261,8 +2293,8 @@ PROBE_KS = (1, 2, 5, 10, 20, 50)
 
 def mean_pool(x_NTD: torch.Tensor, mask_NT: torch.Tensor) -> torch.Tensor:
     """(N, D): mean over each row's non-pad tokens, BOS excluded."""
-    m = mask_NT.unsqueeze(-1).to(x_NTD.dtype)
-    return (x_NTD * m).sum(1) / m.sum(1).clamp_min(1)
+    m = mask_NT.to(x_NTD.dtype)  # a batched product: x * mask would copy x, GBs for a whole corpus
+    return torch.bmm(m.unsqueeze(1), x_NTD).squeeze(1) / m.sum(1, keepdim=True).clamp_min(1)
 
 
 def probe_accuracy(Xtr, ytr, Xte, yte, k: int | None) -> float:

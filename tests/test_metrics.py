@@ -4,6 +4,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import experiment as ex
 
@@ -54,6 +55,24 @@ def test_token_kl_zero_for_same_logits_and_known_value():
     p, q = torch.tensor([[0.0, 0.0]]), torch.tensor([[0.0, math.log(3)]])  # (1/2,1/2) vs (1/4,3/4)
     expected = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
     assert ex.token_kl(p, q).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_fused_ce_kl_equals_log_softmax_reference():
+    """ce_kl takes CE and KL from one logsumexp; the textbook forms give the same numbers."""
+    g = torch.Generator().manual_seed(0)
+    clean, new = torch.randn(6, 50, generator=g) * 4, torch.randn(6, 50, generator=g) * 4
+    target = torch.randint(0, 50, (6,), generator=g)
+    ce, kl = ex.ce_kl(new, target, ex.clean_dist(clean))
+    lp, lq = F.log_softmax(clean, -1), F.log_softmax(new, -1)
+    assert torch.allclose(ce, F.cross_entropy(new, target, reduction="none"), atol=1e-5)
+    assert torch.allclose(kl, (lp.exp() * (lp - lq)).sum(-1), atol=1e-5)
+    assert ex.ce_kl(new, None, None) == (None, None)
+
+
+def test_mean_pool_averages_unmasked_tokens_only():
+    x = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [100.0, 100.0]], [[5.0, 5.0], [7.0, 7.0], [9.0, 9.0]]])
+    m = torch.tensor([[True, True, False], [False, False, False]])
+    assert torch.equal(ex.mean_pool(x, m), torch.tensor([[2.0, 3.0], [0.0, 0.0]]))
 
 
 def test_temporal_consistency_by_hand():

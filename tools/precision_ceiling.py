@@ -1,0 +1,87 @@
+"""How precise can any gate be? The spliced precision measure against a gate that knows the passage.
+
+    python tools/precision_ceiling.py --sae_dir run_1/seed_0 [--spliced_docs 12]
+                                      [--forget_corpus F --retain_corpus R]
+
+The precision measure (`precision_auroc` in sweep.json) ranks per-token KL inside a forget passage
+against KL before and after it. Clamping inside the passage also changes the tokens after it: they
+attend to the edited positions. To see how much of the after-passage KL is this leak and how much is
+a gate that stays on too long, this script adds an `oracle` clamp that sets the selected latents
+wherever they fire inside the passage (the true labels) and nowhere else, beside `standard`,
+`pattern` and `hybrid` with the run's own selection and detector. For every selection and
+multiplier it prints, per clamp, the mean KL inside / after the passage, the fraction of
+after-passage tokens it clamps, and the precision AUROC. The oracle's AUROC is the ceiling a causal
+per-token gate can reach with this clamp; nothing here is used to set any default.
+"""
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import experiment as ex  # noqa: E402
+
+STRATEGIES = ("standard", "pattern", "hybrid")
+
+
+def oracle_plan(sae, lat, b: ex.Batch, label_BT: torch.Tensor) -> ex.Plan:
+    """Clamp the selected latents wherever they fire inside the passage: a gate with perfect recall
+    and no delay or false fire."""
+    f = sae.encode(b.resid, b.time.valid, lat, b.time.prev)
+    return ex.Plan((f > 0) & (b.time.valid & label_BT.to(f.device)).unsqueeze(-1), f)
+
+
+def point(kl_NT, clamped_NT, rows: ex.Rows) -> dict:
+    reg = ex.spliced_regions(rows.label[:, :-1], ex.scored(rows.attn))
+    k_in, k_out = kl_NT[reg["inside"]], kl_NT[reg["before"] | reg["after"]]
+    lab = torch.cat([torch.ones(len(k_in)), torch.zeros(len(k_out))])
+    return {"kl_inside": float(k_in.mean()), "kl_after": float(kl_NT[reg["after"]].mean()),
+            "clamped_after": float(clamped_NT[:, :-1][reg["after"]].float().mean()),
+            "precision_auroc": ex.auroc(torch.cat([k_in, k_out]), lab)}
+
+
+@torch.no_grad()
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sae_dir", required=True, help="a run folder holding sae.safetensors, cfg.json and config.json")
+    ap.add_argument("--forget_corpus", default="embedded")
+    ap.add_argument("--retain_corpus", default="embedded")
+    ap.add_argument("--spliced_docs", type=int, default=12)
+    args = ap.parse_args()
+    run_cfg = ex.read_json(Path(args.sae_dir) / "config.json", "run config")
+    keep = {f.name for f in dataclasses.fields(ex.Config)} - {"out_dir", "forget_corpus", "retain_corpus", "seeds"}
+    cfg = dataclasses.replace(ex.Config(), **{k: (tuple(v) if isinstance(v, list) else v)
+                                              for k, v in run_cfg.items() if k in keep},
+                              forget_corpus=args.forget_corpus, retain_corpus=args.retain_corpus)
+    model, tok = ex.load_model(cfg, torch.device("cpu"))
+    sae = ex.load_sae(Path(args.sae_dir))
+    docs = {d: ex.load_corpus(getattr(cfg, f"{d}_corpus"), d) for d in ("forget", "retain")}
+    forget, retain = (ex.build_corpus(model, tok, cfg, docs[d], d, False) for d in ("forget", "retain"))
+    spl = (ex.load_spliced(args.spliced_docs) if cfg.forget_corpus == cfg.retain_corpus == "embedded"
+           else ex.build_spliced(forget.held_docs, retain.held_docs, args.spliced_docs, seed=0))
+    rows = ex.spliced_rows(tok, spl, 2 * cfg.context_length)
+    ts = ex.prepare_text(model, cfg.layer, rows, cfg.batch_rows, keep_logp=True)
+    labels = [rows.label[s] for s in ex.batches(len(rows.tokens), cfg.batch_rows)]
+    sp_f = ex.active_fraction(sae, forget.acts_train, forget.train.mask)
+    sp_r = ex.active_fraction(sae, retain.acts_train, retain.train.mask)
+    sels = ex.make_selections(cfg, sae, forget, retain, sp_f, sp_r)
+    dets = ex.fit_detectors(cfg, sae, forget, retain, sp_f, sp_r)
+    print(f"# {args.sae_dir}: {len(spl)} spliced documents; cpu {ex.cpu_info()[0]}", flush=True)
+    for sel in sels:
+        plans = [{s: ex.clamp_plan(ex.make_clamp(cfg, sel, dets, s, 0.0), sae, b.resid, b.time) for s in STRATEGIES}
+                 | {"oracle": oracle_plan(sae, sel.latents, b, lab)} for b, lab in zip(ts.batches, labels)]
+        clamped = {s: torch.cat([p[s].where.any(-1).cpu() for p in plans]) for s in plans[0]}
+        for mult in cfg.multipliers:
+            edits = [{s: ex.apply_plan(sae, sel.latents, p, mult, b.resid) for s, p in bp.items()}
+                     for b, bp in zip(ts.batches, plans)]
+            out = ex.text_stats(model, cfg.layer, ts, edits)
+            for s, (_, kl) in out.items():
+                r = point(kl, clamped[s], rows)
+                print(f"threshold {sel.threshold:<6g} n {len(sel.latents):<3d} x{mult:<6g} {s:9s} "
+                      + "  ".join(f"{k} {v:.3f}" for k, v in r.items()), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -121,7 +121,8 @@ class Config:
     # detectors
     detector: Literal["learned", "templates"] = opt("learned", "the detector pattern / hybrid gate on")
     detector_window: int = opt(4, "tokens a detector reads at once: t and its predecessors (independent of --window)")
-    horizon: float = opt(8.0, "tokens over which detector evidence is pooled causally (EMA; 1 = none)")
+    horizon: float = opt(2.0, "tokens over which detector evidence is pooled causally (EMA; 1 = none); the default "
+                              "was chosen on calibration documents (tools/detector_scan.py, tools/precision_ceiling.py)")
     detector_fpr: float = opt(0.01, "detector threshold: this fraction of retain training tokens fire")
     detector_latents: int = opt(256, "candidate latents the learned detector reads (half by the largest rise, half by the largest fall of firing frequency on forget vs retain training text)")
     n_templates: int = opt(8, "templates of the template detector")
@@ -2796,7 +2797,7 @@ def horizon_study(cfg, sae, sel: Selection, dets: Detectors, d: EvalData) -> dic
     out = {"horizons": list(HORIZONS), "fpr": cfg.detector_fpr, "retain_threshold": sel.threshold,
            "n_features": sel.n, "detectors": {}}
     for name, score in scorers.items():
-        both = lambda x, tm: (score(x, tm), score(x, tm))
+        both = lambda x, tm: (lambda s: (s, s))(score(x, tm))  # over_rows takes (fire, score): scored once
         s_cal = over_rows(both, sae, d.retain.acts_train[cal], d.retain.train.mask[cal])[0]
         rows = {"cal": (s_cal, make_time(d.retain.train.mask[cal]))}
         for key, c in (("forget", d.forget), ("retain", d.retain)):

@@ -2,6 +2,7 @@
 
     python tools/precision_ceiling.py --sae_dir run_1/seed_0 [--spliced_docs 12]
                                       [--forget_corpus F --retain_corpus R]
+    python tools/precision_ceiling.py --sae_dir run_1/seed_0 --calibration --horizons 1,2,4,8
 
 The precision measure (`precision_auroc` in sweep.json) ranks per-token KL inside a forget passage
 against KL before and after it. Clamping inside the passage also changes the tokens after it: they
@@ -11,7 +12,13 @@ wherever they fire inside the passage (the true labels) and nowhere else, beside
 `pattern` and `hybrid` with the run's own selection and detector. For every selection and
 multiplier it prints, per clamp, the mean KL inside / after the passage, the fraction of
 after-passage tokens it clamps, and the precision AUROC. The oracle's AUROC is the ceiling a causal
-per-token gate can reach with this clamp; nothing here is used to set any default.
+per-token gate can reach with this clamp.
+
+With --calibration the spliced documents are built from the calibration documents (every 4th
+training document, never used to fit a detector) instead of the held-out ones, and --horizons adds
+`pattern` with the learned detector pooled over each H (its threshold re-set at --detector_fpr on
+the calibration retain rows): the choice of the default horizon by this table reads training data
+only.
 """
 import argparse
 import dataclasses
@@ -37,8 +44,9 @@ def point(kl_NT, clamped_NT, rows: ex.Rows) -> dict:
     reg = ex.spliced_regions(rows.label[:, :-1], ex.scored(rows.attn))
     k_in, k_out = kl_NT[reg["inside"]], kl_NT[reg["before"] | reg["after"]]
     lab = torch.cat([torch.ones(len(k_in)), torch.zeros(len(k_out))])
+    c = clamped_NT[:, :-1]
     return {"kl_inside": float(k_in.mean()), "kl_after": float(kl_NT[reg["after"]].mean()),
-            "clamped_after": float(clamped_NT[:, :-1][reg["after"]].float().mean()),
+            "clamped_inside": float(c[reg["inside"]].float().mean()), "clamped_after": float(c[reg["after"]].float().mean()),
             "precision_auroc": ex.auroc(torch.cat([k_in, k_out]), lab)}
 
 
@@ -49,6 +57,8 @@ def main():
     ap.add_argument("--forget_corpus", default="embedded")
     ap.add_argument("--retain_corpus", default="embedded")
     ap.add_argument("--spliced_docs", type=int, default=12)
+    ap.add_argument("--calibration", action="store_true", help="spliced documents from calibration training documents")
+    ap.add_argument("--horizons", default="", help="comma-separated H: pattern with the detector pooled over each")
     args = ap.parse_args()
     run_cfg = ex.read_json(Path(args.sae_dir) / "config.json", "run config")
     keep = {f.name for f in dataclasses.fields(ex.Config)} - {"out_dir", "forget_corpus", "retain_corpus", "seeds"}
@@ -59,8 +69,13 @@ def main():
     sae = ex.load_sae(Path(args.sae_dir))
     docs = {d: ex.load_corpus(getattr(cfg, f"{d}_corpus"), d) for d in ("forget", "retain")}
     forget, retain = (ex.build_corpus(model, tok, cfg, docs[d], d, False) for d in ("forget", "retain"))
-    spl = (ex.load_spliced(args.spliced_docs) if cfg.forget_corpus == cfg.retain_corpus == "embedded"
-           else ex.build_spliced(forget.held_docs, retain.held_docs, args.spliced_docs, seed=0))
+    if args.calibration:
+        cal = lambda c: [c.train_docs[i] for i in sorted(set(c.train.doc[ex.calibration_rows(c.train)].tolist()))]
+        spl = ex.build_spliced(cal(forget), cal(retain), args.spliced_docs, seed=0)
+    elif cfg.forget_corpus == cfg.retain_corpus == "embedded":
+        spl = ex.load_spliced(args.spliced_docs)
+    else:
+        spl = ex.build_spliced(forget.held_docs, retain.held_docs, args.spliced_docs, seed=0)
     rows = ex.spliced_rows(tok, spl, 2 * cfg.context_length)
     ts = ex.prepare_text(model, cfg.layer, rows, cfg.batch_rows, keep_logp=True)
     labels = [rows.label[s] for s in ex.batches(len(rows.tokens), cfg.batch_rows)]
@@ -68,9 +83,16 @@ def main():
     sp_r = ex.active_fraction(sae, retain.acts_train, retain.train.mask)
     sels = ex.make_selections(cfg, sae, forget, retain, sp_f, sp_r)
     dets = ex.fit_detectors(cfg, sae, forget, retain, sp_f, sp_r)
-    print(f"# {args.sae_dir}: {len(spl)} spliced documents; cpu {ex.cpu_info()[0]}", flush=True)
+    variants = {}
+    for H in [float(h) for h in args.horizons.split(",") if h]:
+        det = dets.learned._replace(horizon=H)
+        variants[f"pattern_H{H:g}"] = det._replace(threshold=ex.calibrate(det, sae, retain, cfg.detector_fpr))
+    print(f"# {args.sae_dir}: {len(spl)} spliced documents ({'calibration' if args.calibration else 'held-out'}); "
+          f"cpu {ex.cpu_info()[0]}", flush=True)
     for sel in sels:
-        plans = [{s: ex.clamp_plan(ex.make_clamp(cfg, sel, dets, s, 0.0), sae, b.resid, b.time) for s in STRATEGIES}
+        clamps = {s: ex.make_clamp(cfg, sel, dets, s, 0.0) for s in STRATEGIES}
+        clamps |= {k: clamps["pattern"]._replace(detector=det) for k, det in variants.items()}
+        plans = [{s: ex.clamp_plan(c, sae, b.resid, b.time) for s, c in clamps.items()}
                  | {"oracle": oracle_plan(sae, sel.latents, b, lab)} for b, lab in zip(ts.batches, labels)]
         clamped = {s: torch.cat([p[s].where.any(-1).cpu() for p in plans]) for s in plans[0]}
         for mult in cfg.multipliers:
@@ -79,7 +101,7 @@ def main():
             out = ex.text_stats(model, cfg.layer, ts, edits)
             for s, (_, kl) in out.items():
                 r = point(kl, clamped[s], rows)
-                print(f"threshold {sel.threshold:<6g} n {len(sel.latents):<3d} x{mult:<6g} {s:9s} "
+                print(f"threshold {sel.threshold:<6g} n {len(sel.latents):<3d} x{mult:<6g} {s:12s} "
                       + "  ".join(f"{k} {v:.3f}" for k, v in r.items()), flush=True)
 
 

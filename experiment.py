@@ -2680,7 +2680,9 @@ def frontier_entry(mine: list[dict], standard: list[dict]) -> dict:
         for budget in FRONTIER_BUDGETS:
             out[f"forget_ce_within_{y}_{budget}"] = (frontier_within(fronts[0], budget), 0.0)
     reach = [p for p in mine if p["forget_ce_increase"] >= 0.5]
-    best = min(reach, key=lambda p: p["retain_kl"]) if reach else None
+    # ties in retain KL (a gate that never fires on the retain rows gives 0 at every point) go to the
+    # point nearest the matched level, not to whichever comes first in the sweep
+    best = min(reach, key=lambda p: (p["retain_kl"], p["forget_ce_increase"])) if reach else None
     out["precision_auroc_at_ce_0.5"] = (best["precision_auroc"], 0.0) if best else (None, None)
     return entry(out)
 

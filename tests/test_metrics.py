@@ -204,6 +204,16 @@ def test_frontier_when_retain_damage_is_zero():
     assert ex.frontier_at(front, 0.25)[0] == 0.0 and ex.frontier_within(front, 0.0) == pytest.approx(0.3)
 
 
+def test_precision_at_matched_forgetting_breaks_retain_kl_ties_by_forget_ce():
+    """A gate that never touches the retain rows has retain KL 0 everywhere: the precision read at
+    +0.5 comes from the point nearest that level, not the first in sweep order."""
+    pt = lambda ce, kl, prec: {"forget_ce_increase": ce, "retain_kl": kl, "retain_kl_stderr": 0.0,
+                               "spliced_kl_after": kl, "spliced_kl_after_stderr": 0.0, "precision_auroc": prec}
+    pts = [pt(3.0, 0.0, 0.40), pt(0.2, 0.0, 0.95), pt(0.7, 0.0, 0.80), pt(0.6, 0.1, 0.99)]
+    assert ex.frontier_entry(pts, pts)["means"]["precision_auroc_at_ce_0.5"] == 0.80
+    assert ex.frontier_entry(pts[1:2], pts)["means"]["precision_auroc_at_ce_0.5"] is None
+
+
 def test_aggregate_seeds_mean_and_stderr_over_seeds():
     infos = [{"a": {"means": {"x": v, "y": y}, "stderrs": {"x": 9.0, "y": 0.0}}}
              for v, y in ((1.0, 2.0), (2.0, None), (6.0, 1.0))]

@@ -75,6 +75,19 @@ def test_mean_pool_averages_unmasked_tokens_only():
     assert torch.equal(ex.mean_pool(x, m), torch.tensor([[2.0, 3.0], [0.0, 0.0]]))
 
 
+def test_temporal_consistency_in_latent_chunks_equals_all_at_once():
+    """More latents than one chunk (256): the chunked float64 sums give the one-shot formulas."""
+    g = torch.Generator().manual_seed(0)
+    f, valid = torch.relu(torch.randn(5, 20, 600, generator=g)), torch.rand(5, 20, generator=g) > 0.2
+    pair = valid[:, 1:] & valid[:, :-1]
+    a, b = f[:, :-1][pair].double(), f[:, 1:][pair].double()
+    am, bm = a - a.mean(0), b - b.mean(0)
+    denom = (am.pow(2).sum(0) * bm.pow(2).sum(0)).sqrt()
+    tc = ex.temporal_consistency(f, valid)
+    assert tc["smoothness"] == pytest.approx(float((b - a).abs().mean() / a.abs().mean()), rel=1e-9)
+    assert tc["lag1_autocorr"] == pytest.approx(float(((am * bm).sum(0)[denom > 0] / denom[denom > 0]).mean()), rel=1e-9)
+
+
 def test_temporal_consistency_by_hand():
     f = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]]])  # constant latent 0, dead latent 1
     valid = torch.ones(1, 3, dtype=torch.bool)

@@ -2058,27 +2058,40 @@ def scored(attn_BT: torch.Tensor) -> torch.Tensor:
     return attn_BT[:, 1:] & attn_BT[:, :-1]
 
 
+def by_region(x_NT: torch.Tensor, rows: Rows) -> dict:
+    """Per-position values of spliced rows (N, T-1) split by region into 1-D tensors: inside the
+    passage, before it, after it, and outside it (before + after)."""
+    reg = spliced_regions(rows.label[:, :-1], scored(rows.attn))
+    return {**{r: x_NT[m] for r, m in reg.items()}, "outside": x_NT[reg["before"] | reg["after"]]}
+
+
+def precision_auroc(kl_in: torch.Tensor, kl_out: torch.Tensor) -> float:
+    """AUROC of per-token KL at telling passage positions from the rest: 1 = the edit changes the
+    model's predictions only inside the passage, 0.5 = no more inside than outside."""
+    return auroc(torch.cat([kl_in, kl_out]), torch.cat([torch.ones(len(kl_in)), torch.zeros(len(kl_out))]))
+
+
 class TextSet(NamedTuple):
     """Text rows (held-out or spliced) for per-token CE and KL under an intervention."""
     rows: Rows
     batches: list         # Batch per `batch_rows` rows
     clean_ce: torch.Tensor  # (N, T-1) clean CE predicting token t+1 at t; 0 where not scored
     # the clean distribution at the scored positions (n_scored rows), kept for KL sets when it fits
-    # in LOGP_CACHE_BYTES: a sweep point then runs one LM head per position instead of two
+    # in CLEAN_CACHE_BYTES: a sweep point then runs one LM head per position instead of two
     clean: CleanDist | None = None
-    logp_index: torch.Tensor | None = None  # (N, T-1) int64: row of clean, -1 where not scored
+    clean_index: torch.Tensor | None = None  # (N, T-1) int64: row of clean, -1 where not scored
 
 
-LOGP_CACHE_BYTES = 1 << 30
+CLEAN_CACHE_BYTES = 1 << 30
 
 
 @torch.no_grad()
 def prepare_text(model, layer: int, rows: Rows, batch_rows: int, progress: bool = False,
-                 keep_logp: bool = False) -> TextSet:
+                 keep_clean: bool = False) -> TextSet:
     bs = [clean_forward(model, layer, rows.tokens[s], rows.attn[s])
           for s in bar(list(batches(len(rows.tokens), batch_rows)), "clean forwards", progress)]
     ce = torch.zeros(scored(rows.attn).shape)
-    keep_logp = keep_logp and int(scored(rows.attn).sum()) * model.config.vocab_size * 4 <= LOGP_CACHE_BYTES
+    keep_clean = keep_clean and int(scored(rows.attn).sum()) * model.config.vocab_size * 4 <= CLEAN_CACHE_BYTES
     dists = []
     for s, b in zip(batches(len(rows.tokens), batch_rows), bs):
         sel = scored(b.attn)
@@ -2087,12 +2100,12 @@ def prepare_text(model, layer: int, rows: Rows, batch_rows: int, progress: bool 
         for i in range(0, len(h), 512):  # one LM head per chunk serves the CE and the kept distribution
             logits = logits_at(model, h[i:i + 512])
             ces.append(token_ce(logits, target[i:i + 512]))
-            if keep_logp:
+            if keep_clean:
                 dists.append(clean_dist(logits))
         ce_s = torch.zeros(sel.shape)
         ce_s[sel.cpu()] = torch.cat(ces).cpu() if ces else torch.zeros(0)
         ce[s] = ce_s
-    if not keep_logp:
+    if not keep_clean:
         return TextSet(rows, bs, ce)
     sel = scored(rows.attn)
     index = torch.full(sel.shape, -1, dtype=torch.long)
@@ -2134,7 +2147,7 @@ def text_stats(model, layer: int, ts: TextSet, edits: list[dict], kl: bool = Tru
         if len(rr.rows):
             sel = scored(b.attn[rr.rows]) & rr.hit[:, :-1]
             cached = kl and ts.clean is not None
-            at = ts.logp_index[start + rr.rows.cpu()][sel.cpu()] if cached else None
+            at = ts.clean_index[start + rr.rows.cpu()][sel.cpu()] if cached else None
             clean_h = b.final[rr.rows][:, :-1][sel] if kl and not cached else None
             c, k = chunked_ce_kl(model, rr.h[:, :-1][sel], clean_h, b.tokens[rr.rows][:, 1:][sel],
                                  clean=ts.clean if cached else None, clean_at_N=at)
@@ -2617,12 +2630,10 @@ def measures(d: EvalData, ce_f, ce_r, kl_r, kl_s, s_f, s_r) -> dict:
     sf, sr = scored(d.ts_f.rows.attn), scored(d.ts_r.rows.attn)
     m = {"forget_ce_increase": mean_err((ce_f - d.ts_f.clean_ce)[sf]),
          "retain_ce_increase": mean_err((ce_r - d.ts_r.clean_ce)[sr]), "retain_kl": mean_err(kl_r[sr])}
-    reg = spliced_regions(d.ts_s.rows.label[:, :-1], scored(d.ts_s.rows.attn))
-    k_in, k_out = kl_s[reg["inside"]], kl_s[reg["before"] | reg["after"]]
-    m.update({f"spliced_kl_{r}": mean_err(kl_s[reg[r]]) for r in ("inside", "before", "after")})
-    m["spliced_kl_outside"] = mean_err(k_out)
-    m["precision_ratio"] = (float(k_in.mean() / k_out.mean().clamp_min(1e-9)), 0.0)
-    m["precision_auroc"] = (auroc(torch.cat([k_in, k_out]), torch.cat([torch.ones(len(k_in)), torch.zeros(len(k_out))])), 0.0)
+    k = by_region(kl_s, d.ts_s.rows)
+    m.update({f"spliced_kl_{r}": mean_err(k[r]) for r in ("inside", "before", "after", "outside")})
+    m["precision_ratio"] = (float(k["inside"].mean() / k["outside"].mean().clamp_min(1e-9)), 0.0)
+    m["precision_auroc"] = (precision_auroc(k["inside"], k["outside"]), 0.0)
     for name, qa, s in (("forget", d.qa_f, s_f), ("retain", d.qa_r, s_r)):
         q = torch.arange(len(qa.answer))
         p_new, p_clean = choice_probs(s)[q, qa.answer], choice_probs(clean_scores(qa))[q, qa.answer]

@@ -49,6 +49,20 @@ def test_detector_on_the_passage_exactly_has_recall_one_and_delay_zero():
     assert ex.detection_delay([1, 0, 0, 0, 0, 1], label) is None
 
 
+def test_regions_and_precision_auroc_by_hand():
+    # one row: BOS, 2 text tokens, a 3-token passage, 2 text tokens, one pad; scored = next token real
+    label = torch.tensor([[0, 0, 0, 1, 1, 1, 0, 0, 0]], dtype=torch.bool)
+    attn = torch.tensor([[1, 1, 1, 1, 1, 1, 1, 1, 0]], dtype=torch.bool)
+    rows = ex.Rows(torch.zeros(1, 9, dtype=torch.long), attn, attn, torch.zeros(1, dtype=torch.long), label)
+    kl = torch.arange(8.0)[None]  # position t's value is t; position 7 predicts the pad: not scored
+    r = ex.by_region(kl, rows)
+    assert r["inside"].tolist() == [3, 4, 5] and r["before"].tolist() == [0, 1, 2]
+    assert r["after"].tolist() == [6] and r["outside"].tolist() == [0, 1, 2, 6]
+    assert ex.precision_auroc(r["inside"], r["outside"]) == 0.75  # 9 of 12 pairs ordered, 3 below 6
+    assert ex.precision_auroc(torch.ones(3), torch.zeros(4)) == 1.0
+    assert ex.precision_auroc(torch.zeros(3), torch.zeros(4)) == 0.5
+
+
 def test_token_kl_zero_for_same_logits_and_known_value():
     logits = torch.randn(5, 7)
     assert torch.allclose(ex.token_kl(logits, logits), torch.zeros(5), atol=1e-6)

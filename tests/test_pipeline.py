@@ -122,7 +122,7 @@ def test_cached_clean_log_probs_give_the_same_ce_and_kl(model, tok):
     rows = some_rows(tok)
     sae = ex.TemporalSAE(model.config.hidden_size, 16, window=2, d_head=4)
     fn = ex.clamp_fn(sae, ex.Clamp("standard", torch.tensor([0, 3, 5]), 4.0, 4, None, None, 0.0))
-    plain, cached = ex.prepare_text(model, 1, rows, 2), ex.prepare_text(model, 1, rows, 2, keep_logp=True)
+    plain, cached = ex.prepare_text(model, 1, rows, 2), ex.prepare_text(model, 1, rows, 2, keep_clean=True)
     assert plain.clean is None and cached.clean is not None
     (ce_p, kl_p), (ce_c, kl_c) = (ex.text_stats(model, 1, ts, ex.edits_of(fn, ts.batches))[0] for ts in (plain, cached))
     assert kl_p.gt(0).any() and torch.equal(ce_p, ce_c)

@@ -41,13 +41,10 @@ def oracle_plan(sae, lat, b: ex.Batch, label_BT: torch.Tensor) -> ex.Plan:
 
 
 def point(kl_NT, clamped_NT, rows: ex.Rows) -> dict:
-    reg = ex.spliced_regions(rows.label[:, :-1], ex.scored(rows.attn))
-    k_in, k_out = kl_NT[reg["inside"]], kl_NT[reg["before"] | reg["after"]]
-    lab = torch.cat([torch.ones(len(k_in)), torch.zeros(len(k_out))])
-    c = clamped_NT[:, :-1]
-    return {"kl_inside": float(k_in.mean()), "kl_after": float(kl_NT[reg["after"]].mean()),
-            "clamped_inside": float(c[reg["inside"]].float().mean()), "clamped_after": float(c[reg["after"]].float().mean()),
-            "precision_auroc": ex.auroc(torch.cat([k_in, k_out]), lab)}
+    k, c = ex.by_region(kl_NT, rows), ex.by_region(clamped_NT[:, :-1].float(), rows)
+    return {"kl_inside": float(k["inside"].mean()), "kl_after": float(k["after"].mean()),
+            "clamped_inside": float(c["inside"].mean()), "clamped_after": float(c["after"].mean()),
+            "precision_auroc": ex.precision_auroc(k["inside"], k["outside"])}
 
 
 @torch.no_grad()
@@ -77,7 +74,7 @@ def main():
     else:
         spl = ex.build_spliced(forget.held_docs, retain.held_docs, args.spliced_docs, seed=0)
     rows = ex.spliced_rows(tok, spl, 2 * cfg.context_length)
-    ts = ex.prepare_text(model, cfg.layer, rows, cfg.batch_rows, keep_logp=True)
+    ts = ex.prepare_text(model, cfg.layer, rows, cfg.batch_rows, keep_clean=True)
     labels = [rows.label[s] for s in ex.batches(len(rows.tokens), cfg.batch_rows)]
     sp_f = ex.active_fraction(sae, forget.acts_train, forget.train.mask)
     sp_r = ex.active_fraction(sae, retain.acts_train, retain.train.mask)

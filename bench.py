@@ -1,6 +1,6 @@
 """Speed and memory benchmarks. Each figure is printed with the configuration it used.
 
-    python bench.py                  # all figures: 1-3 took about 8 minutes on the 2-core AMD EPYC, plus a default run
+    python bench.py                  # all figures: 1-3 took 5.6 minutes on the 2-core AMD EPYC, plus a default run
     python bench.py --skip_e2e       # without the end-to-end run of experiment.py (figures 4 and 5)
     python bench.py --bf16_emulated 512   # figure 2 only, under bf16 autocast even where bf16 is emulated
     pip install -r requirements-bench.txt   # optional: the SAELens and dictionary_learning peers
@@ -38,6 +38,7 @@ import torch
 import experiment as ex
 
 ROOT = Path(__file__).resolve().parent
+EMULATED_BF16 = "bf16 autocast (EMULATED: ratios only, rates mean nothing)"
 
 
 def sync(device):
@@ -282,7 +283,7 @@ def bench_crossover(acts, mask, device, d_sae: int, batch_tokens: int, native_bf
             print(f"    window={w}  " + ",  ".join(cells))
 
 
-def bench_sweep(model, tok, cfg, device, acts, mask):
+def bench_sweep(model, tok, cfg, device, acts, mask, rounds: int = 7):
     """One sweep point (standard clamp, 10 frequent latents, multiplier 30) on 16 forget rows: CE at
     every position with the cached tail (changed rows only) vs a full hooked forward."""
     sae = ex.TemporalSAE(acts.shape[-1], cfg.d_sae, cfg.window, cfg.d_head).to(device)
@@ -307,12 +308,12 @@ def bench_sweep(model, tok, cfg, device, acts, mask):
     # interleaved medians: timed one after the other, drift in the machine's speed (3 repeats each) moved
     # the ratio between 79% and 100% of ideal over five runs of the same code
     secs = interleaved({"fast": lambda: ex.text_stats(model, cfg.layer, ts, ex.edits_of(fn, ts.batches), kl=False),
-                        "full": full}, device, rounds=7)
+                        "full": full}, device, rounds)
     t_fast, t_full = secs["fast"], secs["full"]
     ideal = n_blocks / (n_blocks - cfg.layer - 1)
     changed = sum(int((fn(b.resid, b.time) != b.resid).flatten(1).any(1).sum()) for b in ts.batches)
     print(f"\n[3] sweep cost  {len(rows.tokens)} forget rows x {cfg.context_length} tokens ({changed} changed by the "
-          f"clamp), layer {cfg.layer} of {n_blocks}; medians of 7 interleaved rounds")
+          f"clamp), layer {cfg.layer} of {n_blocks}; medians of {rounds} interleaved rounds")
     print(f"    cached tail (blocks {cfg.layer + 1}..{n_blocks - 1}, changed rows): {t_fast:.2f} s/point")
     print(f"    full hooked forward:                          {t_full:.2f} s/point")
     print(f"    ratio {t_full / t_fast:.2f}x vs ideal {ideal:.2f}x = {t_full / t_fast / ideal:.0%} of ideal "
@@ -367,15 +368,15 @@ def main():
     mask = torch.ones(acts.shape[:2], dtype=torch.bool)
     mask[:, 0] = False
     if args.bf16_emulated:
-        label = "bf16 autocast" + ("" if native_bf16 else " (EMULATED: ratios only, rates mean nothing)")
+        label = "bf16 autocast" if native_bf16 else EMULATED_BF16
         bench_sae_step(acts, mask, device, cfg.d_sae, args.bf16_emulated, native_bf16, rounds=3,
                        precisions=[(label, True)])
         return
     for d_sae, batch in () if args.skip_steps else ((cfg.d_sae, cfg.batch_tokens), (4608, 4096)):
         bench_sae_step(acts, mask, device, d_sae, batch, native_bf16)
-    if not args.skip_steps and not native_bf16:  # emulated bf16 is ~8x slower: the default size only, 3 rounds
+    if not args.skip_steps and not native_bf16:  # emulated bf16 ran ~30x slower: the default size only, 3 rounds
         bench_sae_step(acts, mask, device, cfg.d_sae, cfg.batch_tokens, native_bf16, rounds=3,
-                       precisions=[("bf16 autocast (EMULATED: ratios only, rates mean nothing)", True)])
+                       precisions=[(EMULATED_BF16, True)])
     if not args.skip_steps:
         bench_crossover(acts, mask, device, cfg.d_sae, cfg.batch_tokens, native_bf16)
     bench_sweep(model, tok, cfg, device, acts, mask)

@@ -1,0 +1,46 @@
+"""tools/budget_curve.py on hand-made sweeps: the curve it reads off the Pareto front, and its errors."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import budget_curve  # noqa: E402
+
+
+def point(strategy, ce, kl):
+    return {"strategy": strategy, "forget_ce_increase": ce, "retain_kl": kl, "retain_kl_stderr": 0.0}
+
+
+def write_seed(folder: Path, points):
+    folder.mkdir(parents=True)
+    (folder / "sweep.json").write_text(json.dumps({"retain_gate": 0.99, "points": points}))
+
+
+def test_reach_within_follows_the_front():
+    # (ce 1, kl 0.1) and (ce 2, kl 0.3) are on the front; (ce 0.5, kl 0.2) is beaten by (1, 0.1)
+    pts = [point("a", 1.0, 0.1), point("a", 2.0, 0.3), point("a", 0.5, 0.2), point("b", 9.0, 0.0)]
+    got = budget_curve.reach_within(pts, "a", budgets=(0.05, 0.1, 0.2, 0.3, 1.0))
+    assert got == pytest.approx([0.5, 1.0, 1.5, 2.0, 2.0])  # 0.05: half way from the clean model to (1, 0.1)
+    assert budget_curve.reach_within(pts, "b", budgets=(0.0,)) == [9.0]
+    assert budget_curve.reach_within(pts, "c") is None
+
+
+def test_curves_over_seeds_and_wins(tmp_path, capsys):
+    write_seed(tmp_path / "run" / "seed_0", [point("pattern", 2.0, 0.01), point("dsg", 1.0, 0.0)])
+    write_seed(tmp_path / "run" / "seed_1", [point("pattern", 1.0, 0.01), point("dsg", 3.0, 0.0)])
+    c = budget_curve.curves(tmp_path / "run")
+    assert c["pattern"].shape == (2, len(budget_curve.BUDGETS))
+    assert c["dsg"][:, 0].tolist() == [1.0, 3.0]  # dsg reaches its whole increase at zero retain KL
+    assert budget_curve.main([str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "| dsg | 2.00 ± 1.00 |" in out
+    assert "0.01: 1/1" in out  # each strategy reaches further on one seed at budget 0.01
+
+
+def test_missing_sweep_is_one_line_error(tmp_path, capsys):
+    (tmp_path / "run" / "seed_0").mkdir(parents=True)
+    assert budget_curve.main([str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "sweep.json" in err and "\n" not in err

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -79,7 +80,9 @@ def load_run(folder: Path) -> dict | None:
     seeds = [read_seed(d) for d in seed_dirs if (d / "final_info.json").exists()] or [read_seed(folder)]
     cfg = folder / "config.json"
     config = read_json(cfg) if cfg.exists() else {}
-    return {"name": folder.name, "info": info, "seeds": seeds, "window": config.get("window"),
+    # a sensitivity folder inside a run (run_1/eval_24) is named with its run: the last part alone repeats
+    name = f"{folder.parent.name}/{folder.name}" if (folder.parent / "final_info.json").exists() else folder.name
+    return {"name": name, "info": info, "seeds": seeds, "window": config.get("window"),
             "l1": config.get("l1_coeff")}
 
 
@@ -209,8 +212,10 @@ def fig_horizon(runs, out: Path) -> bool:
                                  if name in h["detectors"]], dtype=float)
                 if not len(vals):
                     continue
-                m = np.nanmean(vals, 0)
-                e = np.nanstd(vals, 0, ddof=1) / np.sqrt(len(vals)) if len(vals) > 1 else np.zeros(len(H))
+                with warnings.catch_warnings():  # a delay that is None on every seed stays NaN: no point drawn
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    m = np.nanmean(vals, 0)
+                    e = np.nanstd(vals, 0, ddof=1) / np.sqrt(len(vals)) if len(vals) > 1 else np.zeros(len(H))
                 ax.errorbar(H, m, yerr=e, color=color, marker="o", ms=3, capsize=2, label=name)
             ax.set_xscale("log", base=2)
             ax.set_xlabel("pooling horizon H (tokens)")

@@ -93,3 +93,11 @@ def test_failed_and_old_runs_are_skipped_with_a_warning(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "skipping" in err and "run_1" in err and "failed" in err
     assert (out / "frontier.png").exists() and (out / "headline.png").exists()
+
+
+def test_a_sensitivity_folder_is_named_with_its_run(tmp_path):
+    fake_run(tmp_path / "run_1", 4, seeds=2)
+    fake_run(tmp_path / "run_1" / "eval_24", 4, seeds=2)
+    fake_run(tmp_path / "run_2", 1)
+    names = [plot.load_run(tmp_path / r)["name"] for r in ("run_1", "run_1/eval_24", "run_2")]
+    assert names == ["run_1", "run_1/eval_24", "run_2"]

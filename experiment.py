@@ -1998,6 +1998,11 @@ def pareto_front(points: list[tuple[float, float, float]]) -> list[tuple[float, 
     return front[::-1]
 
 
+def sweep_front(points: list[dict], y: str) -> list[tuple[float, float, float]]:
+    """The Pareto front of one strategy's sweep points in (forget-CE increase, y, y's stderr)."""
+    return pareto_front([(p["forget_ce_increase"], p[y], p[f"{y}_stderr"]) for p in points])
+
+
 def frontier_at(front: list[tuple[float, float, float]], x: float) -> tuple[float, float] | None:
     """y (and its stderr) needed to reach x, interpolated linearly between neighbouring points of the
     front (a mixture of the two settings achieves it); None when no point reaches x (no extrapolation)."""
@@ -2686,8 +2691,7 @@ def frontier_entry(mine: list[dict], standard: list[dict]) -> dict:
     within each KL budget; interpolated along each Pareto front (None: never reached)."""
     out = {}
     for y in ("retain_kl", "spliced_kl_after"):
-        fronts = [pareto_front([(p["forget_ce_increase"], p[y], p[f"{y}_stderr"]) for p in pts])
-                  for pts in (mine, standard)]
+        fronts = [sweep_front(pts, y) for pts in (mine, standard)]
         for x in FRONTIER_CE:
             a, b = (frontier_at(f, x) for f in fronts)
             out[f"{y}_at_ce_{x}"] = a if a else (None, None)

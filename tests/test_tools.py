@@ -44,3 +44,12 @@ def test_missing_sweep_is_one_line_error(tmp_path, capsys):
     assert budget_curve.main([str(tmp_path / "run")]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "sweep.json" in err and "\n" not in err
+
+
+def test_the_curve_agrees_with_final_infos_two_budgets():
+    import experiment as ex
+    pts = [dict(point("pattern", ce, kl), spliced_kl_after=kl, spliced_kl_after_stderr=0.0, precision_auroc=0.7)
+           for ce, kl in ((0.3, 0.002), (0.8, 0.02), (2.0, 0.04), (3.0, 0.2), (1.0, 0.5))]
+    entry = ex.frontier_entry(pts, pts)["means"]
+    got = budget_curve.reach_within(pts, "pattern", budgets=ex.FRONTIER_BUDGETS)
+    assert got == pytest.approx([entry[f"forget_ce_within_retain_kl_{b}"] for b in ex.FRONTIER_BUDGETS])

@@ -1,6 +1,6 @@
 """Forgetting against retain damage as a curve: the forget-CE increase each strategy reaches within a
 grid of retain-KL budgets, read from the committed sweeps (sweep.json) with the harness's own Pareto
-front and interpolation (experiment.pareto_front / frontier_within). final_info.json carries two
+front and interpolation (experiment.sweep_front / frontier_within). final_info.json carries two
 budgets (0.01, 0.05); this prints the whole curve, mean ± stderr over seeds, and per seed which of
 two strategies reaches further. It reads results only: no model, no SAE.
 
@@ -31,10 +31,10 @@ def seed_folders(run: Path) -> list[Path]:
 def reach_within(points: list[dict], strategy: str, budgets=BUDGETS) -> list[float] | None:
     """Forget-CE increase within each retain-KL budget along the strategy's Pareto front; None when
     the sweep has no point of that strategy."""
-    mine = [(p["forget_ce_increase"], p["retain_kl"], p["retain_kl_stderr"]) for p in points if p["strategy"] == strategy]
+    mine = [p for p in points if p["strategy"] == strategy]
     if not mine:
         return None
-    front = ex.pareto_front(mine)
+    front = ex.sweep_front(mine, "retain_kl")  # the front final_info.json's frontier measures use
     return [ex.frontier_within(front, b) for b in budgets]
 
 

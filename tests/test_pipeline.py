@@ -207,7 +207,7 @@ def test_tiny_model_end_to_end_meets_the_results_contract(tmp_path, model, tok):
     assert json.loads((out / "metadata.json").read_text())["status"] == "complete"
     assert ex.load_sae(out).window == cfg.window
     probing = json.loads((out / "sparse_probing.json").read_text())
-    assert "domain_forget_vs_retain" in probing["eval_result_details"]
+    assert "domain_forget_vs_retain" in {d["dataset_name"] for d in probing["eval_result_details"]}
     unl = json.loads((out / "unlearning.json").read_text())
     assert unl["eval_type_id"] == "unlearning" and "unlearning_score" in unl["eval_result_metrics"]["unlearning"]
     assert {d["strategy"] for d in unl["eval_result_details"]} == set(ex.STRATEGIES)

@@ -2482,11 +2482,10 @@ def held_recon(sae: TemporalSAE, c: Corpus, rows: int = 64) -> HeldRecon:
     for s in batches(len(c.acts_held), rows):
         m = c.held.mask[s]
         o = sae(c.acts_held[s].to(sae.W_enc.device), m.to(sae.W_enc.device))
-        f_BTF = o.f.cpu() * m.unsqueeze(-1)
-        on_BTF = f_BTF > 0
+        on_BTF = (o.f.cpu() > 0) & m.unsqueeze(-1)
         tokens_F += on_BTF.sum((0, 1)).float()
         rows_F += on_BTF.any(1).sum(0).float()
-        f = f_BTF[m]
+        f = o.f.cpu()[m]
         xs.append(c.acts_held[s][m]), xhs.append(o.x_hat.cpu()[m])
         l0s.append((f > 0).sum(-1).float()), l1s.append(f.sum(-1))
     cat = torch.cat
@@ -2498,7 +2497,7 @@ def recon_stats(x_ND: torch.Tensor, x_hat_ND: torch.Tensor, scale: float) -> dic
     mse is in the SAE's normalised units (x * scale, E||x||^2 = d_in), summed over dimensions;
     the legacy explained variance is SAEBench's per-token 1 - |x - x_hat|^2 / |x - mean x|^2; the
     relative reconstruction bias is E|x_hat|^2 / E<x, x_hat> (Wright & Sharkey 2024, eq. 10)."""
-    x, xh = x_ND.double(), x_hat_ND.double()
+    x, xh = x_ND.float(), x_hat_ND.float()  # per-token values in fp32; means are taken in fp64 (mean_err)
     sse = (x - xh).pow(2).sum(-1)
     n_in, n_out = x.norm(dim=-1), xh.norm(dim=-1)
     cos = (x * xh).sum(-1) / (n_in * n_out).clamp_min(1e-12)
@@ -2506,7 +2505,7 @@ def recon_stats(x_ND: torch.Tensor, x_hat_ND: torch.Tensor, scale: float) -> dic
             "explained_variance_legacy": mean_err(1 - sse / (x - x.mean(0)).pow(2).sum(-1).clamp_min(1e-12)),
             "cossim": mean_err(cos), "l2_norm_in": mean_err(n_in), "l2_norm_out": mean_err(n_out),
             "l2_ratio": mean_err(n_out / torch.where(n_in.abs() < 1e-4, torch.ones_like(n_in), n_in)),
-            "relative_reconstruction_bias": (float(n_out.pow(2).mean() / (x * xh).sum(-1).mean()), 0.0)}
+            "relative_reconstruction_bias": (float(n_out.double().pow(2).mean() / (x * xh).sum(-1).double().mean()), 0.0)}
 
 
 def max_other_cosine(W_KF: torch.Tensor) -> torch.Tensor:

@@ -5,12 +5,14 @@
 
 Reads each run's final_info.json and, from the run folder or from each of its seed_<k>/ folders,
 sweep.json, detection_horizon.json, spliced_kl.json and log.jsonl, and writes PNGs:
-frontier.png (the headline: retain damage against forgetting, one curve per strategy, seed bands),
-frontier_summary.png (retain KL at matched forgetting, per run and strategy), horizon.png (detection
-against the pooling horizon), tradeoff.png (QA accuracies at every sweep point), headline.png,
-precision.png, consistency.png, training.png. A named folder that is missing, or a results file
-that is not valid JSON, stops with a one-line error; a run without final_info.json (failed or
-unfinished) is skipped with a warning, and a figure whose data a run lacks is drawn without it.
+headline.png (README's figure: the forget-CE increase standard, dsg and pattern reach within a
+retain-KL budget, one panel per run, seed bands), frontier.png (retain damage against forgetting, one
+curve per strategy, seed bands), frontier_summary.png (retain KL at matched forgetting, per run and
+strategy), horizon.png (detection against the pooling horizon), tradeoff.png (QA accuracies at every
+sweep point), strategies.png (four headline measures per strategy), precision.png, consistency.png,
+training.png. A named folder that is missing, or a results file that is not valid JSON, stops with a
+one-line error; a run without final_info.json (failed or unfinished) is skipped with a warning, and a
+figure whose data a run lacks is drawn without it.
 """
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from experiment import FRONTIER_CE, STRATEGIES, pareto_front  # noqa: E402  (the metric the runs report)
+# the runs' own front and interpolation, so a figure shows what final_info.json reports
+from experiment import FRONTIER_BUDGETS, FRONTIER_CE, STRATEGIES, frontier_within, pareto_front  # noqa: E402
 
 COLORS = {"standard": "tab:blue", "gate": "tab:gray", "dsg": "tab:purple", "dsg_causal": "tab:pink",
           "pattern": "tab:orange", "hybrid": "tab:green"}
@@ -251,17 +254,66 @@ def fig_tradeoff(runs, out: Path) -> bool:
     return True
 
 
-HEADLINE = [("frontier", "retain_kl_at_ce_0.5", "retain KL at forget CE +0.5\n(nats/token, lower better)"),
-            ("frontier", "retain_kl_ratio_at_ce_0.5", "... relative to standard\n(lower better)"),
-            ("unlearning", "unlearning_score", "SAEBench unlearning score\n(higher better)"),
-            ("detection", "token_auroc", "detection token AUROC\n(where it clamps; higher better)")]
+HEADLINE_STRATEGIES = ("standard", "dsg", "pattern")  # SAEBench's clamp, the published gate, the learned one
+HEADLINE_BUDGETS = np.logspace(-3, 0, 61)  # retain KL, nats/token
+
+
+def reach_within(points: list[dict], budgets) -> np.ndarray:
+    """Forget-CE increase reached within each retain-KL budget along the Pareto front of one strategy's
+    sweep points (experiment.frontier_within: final_info's forget_ce_within_retain_kl_<b> at b)."""
+    front = pareto_front([(p["forget_ce_increase"], p["retain_kl"], 0.0) for p in points])
+    return np.array([frontier_within(front, b) for b in budgets])
 
 
 def fig_headline(runs, out: Path) -> bool:
-    fig, axes = plt.subplots(1, len(HEADLINE), figsize=(4.2 * len(HEADLINE), 4.2))
+    """The matched-budget view of the frontier: how much forgetting each strategy buys for a given
+    retain damage. Read along the retain-KL axis every seed has a value, also where a strategy's front
+    is a single point at zero retain KL (dsg on most seeds), so the mean over seeds is defined."""
+    rows = [r for r in runs if have(r, "sweep")]
+    if not rows:
+        return False
+    ncol = min(2, len(rows))
+    nrow = -(-len(rows) // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(6.2 * ncol, 3.9 * nrow), squeeze=False)
+    for ax, run in zip(axes.flat, rows):
+        sweeps = have(run, "sweep")
+        for s in HEADLINE_STRATEGIES:
+            reach = np.array([reach_within(pts, HEADLINE_BUDGETS) for pts in
+                              ([p for p in sw["points"] if p["strategy"] == s] for sw in sweeps) if pts])
+            if not len(reach):
+                continue
+            m = reach.mean(0)
+            e = reach.std(0, ddof=1) / np.sqrt(len(reach)) if len(reach) > 1 else np.zeros_like(m)
+            ax.plot(HEADLINE_BUDGETS, m, color=COLORS[s], label=s)
+            ax.fill_between(HEADLINE_BUDGETS, m - e, m + e, color=COLORS[s], alpha=0.2, lw=0)
+        for b in FRONTIER_BUDGETS:
+            ax.axvline(b, color="k", lw=0.6, ls=":")
+        ax.set_xscale("log")
+        ax.set_xlabel("retain-KL budget (nats/token, log)")
+        ax.set_ylabel("forget-CE increase reached (nats/token)")
+        ax.set_title(f"{label(run)}, {len(sweeps)} seed(s)", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="upper left")
+    for ax in axes.flat[len(rows):]:
+        ax.set_visible(False)
+    fig.suptitle("Forgetting within a retain-damage budget (higher is better; band: stderr over seeds;\n"
+                 f"dotted: the budgets final_info.json reports, {', '.join(f'{b:g}' for b in FRONTIER_BUDGETS)})",
+                 fontsize=10)
+    save(fig, out / "headline.png")
+    return True
+
+
+STRATEGY_PANELS = [("frontier", "retain_kl_at_ce_0.5", "retain KL at forget CE +0.5\n(nats/token, lower better)"),
+                   ("frontier", "retain_kl_ratio_at_ce_0.5", "... relative to standard\n(lower better)"),
+                   ("unlearning", "unlearning_score", "SAEBench unlearning score\n(higher better)"),
+                   ("detection", "token_auroc", "detection token AUROC\n(where it clamps; higher better)")]
+
+
+def fig_strategies(runs, out: Path) -> bool:
+    fig, axes = plt.subplots(1, len(STRATEGY_PANELS), figsize=(4.2 * len(STRATEGY_PANELS), 4.2))
     drew = False
     width = 0.8 / max(1, len(runs))
-    for ax, (prefix, metric, title) in zip(axes, HEADLINE):
+    for ax, (prefix, metric, title) in zip(axes, STRATEGY_PANELS):
         for i, run in enumerate(runs):
             xs, ys, es = [], [], []
             for j, s in enumerate(STRATEGIES):
@@ -274,9 +326,9 @@ def fig_headline(runs, out: Path) -> bool:
                 drew = True
                 ax.bar(xs, ys, width, yerr=es, capsize=3, label=label(run))
             else:
-                warn(f"{run['name']} has no {prefix}_*/{metric}: left out of headline.png")
+                warn(f"{run['name']} has no {prefix}_*/{metric}: left out of strategies.png")
         group_axis(ax, STRATEGIES, len(runs), width, title)
-    finish(fig, axes[0], "Per strategy (error bars: stderr)", out / "headline.png")
+    finish(fig, axes[0], "Per strategy (error bars: stderr)", out / "strategies.png")
     return drew
 
 
@@ -364,9 +416,9 @@ def save(fig, path: Path):
     plt.close(fig)
 
 
-FIGURES = (("frontier", fig_frontier), ("frontier_summary", fig_frontier_summary), ("horizon", fig_horizon),
-           ("tradeoff", fig_tradeoff), ("headline", fig_headline), ("precision", fig_precision),
-           ("consistency", fig_consistency), ("training", fig_training))
+FIGURES = (("headline", fig_headline), ("frontier", fig_frontier), ("frontier_summary", fig_frontier_summary),
+           ("horizon", fig_horizon), ("tradeoff", fig_tradeoff), ("strategies", fig_strategies),
+           ("precision", fig_precision), ("consistency", fig_consistency), ("training", fig_training))
 
 
 def main(argv=None) -> int:

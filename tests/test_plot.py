@@ -49,7 +49,8 @@ def fake_run(folder, window, with_extras=True, seeds=0):
         seed_files(folder / f"seed_{k}", k)
 
 
-FIGS = ("frontier", "frontier_summary", "horizon", "tradeoff", "headline", "precision", "consistency", "training")
+FIGS = ("headline", "frontier", "frontier_summary", "horizon", "tradeoff", "strategies", "precision", "consistency",
+        "training")
 
 
 def test_every_figure_from_two_runs_one_with_seeds(tmp_path):
@@ -92,7 +93,7 @@ def test_failed_and_old_runs_are_skipped_with_a_warning(tmp_path, capsys):
     assert plot.main([str(tmp_path / r) for r in ("run_0", "run_1", "run_2")] + [f"--out_dir={out}"]) == 0
     err = capsys.readouterr().err
     assert "skipping" in err and "run_1" in err and "failed" in err
-    assert (out / "frontier.png").exists() and (out / "headline.png").exists()
+    assert (out / "frontier.png").exists() and (out / "headline.png").exists() and (out / "strategies.png").exists()
 
 
 def test_a_sensitivity_folder_is_named_with_its_run(tmp_path):
@@ -101,3 +102,13 @@ def test_a_sensitivity_folder_is_named_with_its_run(tmp_path):
     fake_run(tmp_path / "run_2", 1)
     names = [plot.load_run(tmp_path / r)["name"] for r in ("run_1", "run_1/eval_24", "run_2")]
     assert names == ["run_1", "run_1/eval_24", "run_2"]
+
+
+def test_headline_reaches_what_final_info_reports_at_its_budgets(tmp_path):
+    """The headline curve at final_info's budgets is frontier_within on the run's own Pareto front."""
+    from experiment import FRONTIER_BUDGETS, frontier_within, sweep_front
+    fake_run(tmp_path / "run_0", 1)
+    pts = [dict(p, retain_kl_stderr=0.0) for p in json.loads((tmp_path / "run_0" / "sweep.json").read_text())["points"]
+           if p["strategy"] == "pattern"]
+    want = [frontier_within(sweep_front(pts, "retain_kl"), b) for b in FRONTIER_BUDGETS]
+    assert list(plot.reach_within(pts, FRONTIER_BUDGETS)) == want

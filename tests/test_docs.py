@@ -1,0 +1,221 @@
+"""The documentation against what it documents: README's results table against the JSON it names,
+every generated table and docs/cli.md against their generators, every flag the docs name against the
+script that takes it, every relative link. Reads text and JSON only: no model, no SAE."""
+import contextlib
+import io
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+import cli_doc  # noqa: E402
+import doc_tables  # noqa: E402
+
+DOCS = [ROOT / "README.md"] + sorted((ROOT / "docs").glob("*.md"))
+REGENERATE = "regenerate with `python tools/doc_tables.py` after checking the change is intended"
+
+
+def read(doc: Path) -> str:
+    return doc.read_text(encoding="utf-8")
+
+
+# ------------------------------------------------------------------------------------------------
+# README's results table
+# ------------------------------------------------------------------------------------------------
+
+def readme_table() -> tuple[list[str], list[list[str]]]:
+    """Header cells and rows of the table between `<!-- table readme -->` and `<!-- end table -->`."""
+    text = read(ROOT / "README.md")
+    block = text.split("<!-- table readme -->\n", 1)[1].split("<!-- end table -->", 1)[0]
+    lines = [l for l in block.splitlines() if l.startswith("|")]
+    cells = [[c.strip() for c in l.strip().strip("|").split("|")] for l in lines]
+    return cells[0], cells[2:]
+
+
+def printed(cell: str) -> tuple[str, str | None]:
+    """'0.386 ± 0.031' -> ('0.386', '0.031'); '0.000' -> ('0.000', None)."""
+    mean, _, err = cell.partition(" ± ")
+    return mean, err or None
+
+
+def check_cell(cell: str, value) -> str | None:
+    """None when `cell` is `value` (mean, stderr) rounded as printed; else what is wrong."""
+    if value is None:
+        return None if cell == "–" else "the JSON has no such entry"
+    mean, err = value
+    if mean is None:
+        return None if cell == "n.r." else "the JSON value is null (print n.r.)"
+    m, e = printed(cell)
+    decimals = len(m.partition(".")[2])
+    if f"{mean:.{decimals}f}" != m:
+        return f"mean {mean!r}"
+    if e is None:
+        return None if not err else f"stderr {err!r} is not printed"
+    return None if err and f"{err:.{decimals}f}" == e else f"stderr {err!r}"
+
+
+def test_readme_results_table_names_its_sources_and_matches_them():
+    header, rows = readme_table()
+    keys = [re.fullmatch(r".*`(\w+)\.([\w.]+)`", h) for h in header[2:]]
+    assert header[:2] == ["run", "strategy"] and keys and all(keys), \
+        f"every value column names its key as `entry.key`: {header}"
+    assert len(rows) >= 3
+    wrong = []
+    for row in rows:
+        run_link = re.fullmatch(r"\[([^\]]+)\]\(([^)]+)\)", row[0])
+        strategy = re.fullmatch(r"`(\w+)`", row[1])
+        assert run_link and strategy, f"a row names its run's final_info.json and its strategy: {row[:2]}"
+        path = ROOT / run_link.group(2)
+        assert path.name == "final_info.json" and path.is_file(), f"{run_link.group(2)} is not a results file"
+        info = json.loads(path.read_text())
+        for cell, key in zip(row[2:], keys):
+            entry = info.get(f"{key.group(1)}_{strategy.group(1)}")
+            value = None if entry is None else (entry["means"][key.group(2)], entry["stderrs"][key.group(2)])
+            problem = check_cell(cell, value)
+            if problem:
+                wrong.append(f"{run_link.group(2)} {key.group(1)}_{strategy.group(1)}.{key.group(2)}: "
+                             f"printed {cell!r}, {problem}")
+    assert not wrong, "README's results table differs from the JSON:\n" + "\n".join(wrong) + f"\n{REGENERATE}"
+
+
+def test_check_cell_reads_numbers_as_printed():
+    assert check_cell("0.386 ± 0.031", (0.38649, 0.0306)) is None
+    assert check_cell("0.386 ± 0.031", (0.3871, 0.0306)) == "mean 0.3871"
+    assert check_cell("0.000", (0.0, 0.0)) is None
+    assert check_cell("0.000", (0.0, 0.002)) == "stderr 0.002 is not printed"
+    assert check_cell("n.r.", (None, None)) is None
+    assert check_cell("0.5", (None, None)) is not None
+    assert check_cell("–", None) is None
+
+
+def test_every_generated_table_matches_the_json():
+    diffs = doc_tables.stale()
+    assert not diffs, "\n".join(diffs.values()) + f"\n{REGENERATE}"
+
+
+# ------------------------------------------------------------------------------------------------
+# Flags and docs/cli.md
+# ------------------------------------------------------------------------------------------------
+
+FLAG = re.compile(r"(?<![\w-])--[A-Za-z][\w-]*")
+SCRIPT = re.compile(r"(?:tools/\w+|\bbench|\bplot|\bexperiment)\.py")
+PIP_FLAGS = {"--no-deps"}  # pip's own, on the set-up and test lines
+
+
+def script_flags() -> dict[str, set[str]]:
+    """Flags each script takes: experiment.py's from its own parser, the others' from their
+    add_argument calls."""
+    out = {"experiment.py": {o for a in cli_doc.experiment_parser()._actions for o in a.option_strings}}
+    for path in [ROOT / "bench.py", ROOT / "plot.py"] + sorted((ROOT / "tools").glob("*.py")):
+        found = re.findall(r"add_argument\(\s*\"(--[\w-]+)\"", path.read_text())
+        out[path.relative_to(ROOT).as_posix()] = set(found) | {"--help", "-h"}
+    return out
+
+
+def commands(text: str):
+    """(script, the text its flags are in) for every `python SCRIPT ...` command: each line of a code
+    block from the script on (comment included), and each inline code span from the script on."""
+    in_code = False
+    for line in text.splitlines():
+        if line.startswith("```"):
+            in_code = not in_code
+            continue
+        if in_code:
+            for part in line.split("&&"):
+                m = re.search(r"python\s+(?:-u\s+)?(\S+\.py)", part)
+                if m:
+                    yield m.group(1), part[m.end():]
+                elif part.strip().startswith("pip "):
+                    yield "pip", part
+    for span in re.findall(r"`([^`]+)`", re.sub(r"```.*?```", "", text, flags=re.S)):
+        m = re.search(r"python\s+(?:-u\s+)?(\S+\.py)", span)
+        if m:
+            yield m.group(1), span[m.end():]
+
+
+def test_every_flag_the_docs_name_exists():
+    """A flag on a command line (a code-block line or an inline code span running `python SCRIPT`)
+    must be one SCRIPT takes; on a `pip` line, pip's. Every other `--flag` on a page must be one of
+    experiment.py's or of a script that page names (e.g. `--versus` beside tools/budget_curve.py)."""
+    flags = script_flags()
+    wrong = []
+    for doc in DOCS:
+        text = read(doc)
+        for script, args in commands(text):
+            allowed = PIP_FLAGS if script == "pip" else flags.get(script)
+            if allowed is None:
+                wrong.append(f"{doc.name}: `python {script}`: no such script")
+                continue
+            for f in FLAG.findall(args):
+                if f not in allowed:
+                    wrong.append(f"{doc.name}: {script} has no flag {f}")
+        named = set(SCRIPT.findall(text)) & set(flags)
+        page = PIP_FLAGS | flags["experiment.py"] | set().union(*(flags[s] for s in named))
+        prose = re.sub(r"```.*?```", "", text, flags=re.S)
+        wrong += [f"{doc.name}: {f} is no flag of experiment.py or of a script this page names"
+                  for f in sorted(set(FLAG.findall(prose)) - page)]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_flag_check_catches_a_wrong_flag():
+    flags = script_flags()
+    cmds = list(commands("```bash\npython tools/budget_curve.py run_1 --versus pattern,dsg  # --nope\n```\n"
+                         "Run `python experiment.py --out_dir=x --windw=4`."))
+    assert cmds[0][0] == "tools/budget_curve.py" and set(FLAG.findall(cmds[0][1])) == {"--versus", "--nope"}
+    assert "--windw" in FLAG.findall(cmds[1][1]) and "--windw" not in flags["experiment.py"]
+    assert "--versus" in flags["tools/budget_curve.py"] and "--window" in flags["experiment.py"]
+
+
+def test_cli_md_is_generated_from_config_and_matches_help():
+    text = read(ROOT / "docs" / "cli.md")
+    assert text == cli_doc.generate(), "docs/cli.md is out of date: run `python tools/cli_doc.py`"
+    import experiment as ex
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        ex.parse_config(["--help"])
+    helped = set(FLAG.findall(out.getvalue())) - {"--help"}
+    documented = set(FLAG.findall("\n".join(l.split("|")[1] for l in text.splitlines() if l.startswith("| `"))))
+    assert helped == documented
+    assert {f"--{f.name}" for f in ex.dataclasses.fields(ex.Config)} <= documented
+    for action in cli_doc.experiment_parser()._actions:
+        if action.dest != "help":
+            assert cli_doc.md(cli_doc.help_of(action)) in text, action.dest
+
+
+# ------------------------------------------------------------------------------------------------
+# Links
+# ------------------------------------------------------------------------------------------------
+
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def anchors(doc: Path) -> set[str]:
+    """GitHub's heading anchors of a markdown file: lower case, punctuation dropped, spaces to -."""
+    seen, out = {}, set()
+    for line in re.sub(r"```.*?```", "", read(doc), flags=re.S).splitlines():
+        m = re.match(r"#+ (.+)", line)
+        if m:
+            slug = re.sub(r"[^\w\- ]", "", m.group(1).lower()).replace(" ", "-")
+            n = seen.get(slug, 0)
+            seen[slug] = n + 1
+            out.add(slug if n == 0 else f"{slug}-{n}")
+    return out
+
+
+def test_every_relative_link_resolves():
+    wrong = []
+    for doc in DOCS:
+        for target in LINK.findall(read(doc)):
+            if re.match(r"[a-z]+:", target):
+                continue
+            path, _, anchor = target.partition("#")
+            file = (doc.parent / path).resolve() if path else doc
+            if not file.exists():
+                wrong.append(f"{doc.name}: {target}: no such file")
+            elif anchor and file.suffix == ".md" and anchor not in anchors(file):
+                wrong.append(f"{doc.name}: {target}: no heading #{anchor} in {file.name}")
+    assert not wrong, "\n".join(wrong)

@@ -1,0 +1,262 @@
+"""The results tables of README.md and docs/results.md, generated from the committed final_info.json
+files, so that a rerun run folder updates its tables with one command and no table can drift from
+its JSON.
+
+    python tools/doc_tables.py            # rewrite every generated table in place
+    python tools/doc_tables.py --check    # exit 1 and print a diff where a table differs from the JSON
+
+A generated table sits between a line `<!-- table KIND ARGS -->` and a line `<!-- end table -->`;
+KIND and ARGS (run folders, a forget-CE level) say what it shows (see KINDS), and everything in
+between is this tool's output. Each cell is `mean ± stderr` from the `means` / `stderrs` of one final_info.json entry
+(the stderr is left out where it is 0, `n.r.` is null: a level never reached, `–` a strategy the run
+did not sweep). It reads JSON only: no model, no SAE.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import os
+import re
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ("README.md", "docs/results.md")
+STRATEGIES = ("standard", "gate", "dsg", "dsg_causal", "pattern", "hybrid")
+DETECTORS = ("learned", "residual", "templates", "dsg", "dsg_causal", "gate", "standard", "pattern")
+BEGIN = re.compile(r"^<!-- table (\S+)((?: \S+)*) -->$")
+END = "<!-- end table -->"
+
+# README's table: the default run, the two w=1 baselines and real text; standard (SAEBench's
+# baseline), dsg (the published gate) and pattern (the learned causal gate)
+README_RUNS = ("run_1", "run_0", "run_2", "run_real")
+README_STRATEGIES = ("standard", "dsg", "pattern")
+# (title, entry prefix, key, decimals): the entry is f"{prefix}_{strategy}"
+README_COLUMNS = (("retain KL at +0.5", "frontier", "retain_kl_at_ce_0.5", 3),
+                  ("forget CE within retain KL 0.01", "frontier", "forget_ce_within_retain_kl_0.01", 2),
+                  ("forget CE within retain KL 0.05", "frontier", "forget_ce_within_retain_kl_0.05", 2),
+                  ("precision AUROC at +0.5", "frontier", "precision_auroc_at_ce_0.5", 3),
+                  ("SAEBench score", "unlearning", "unlearning_score", 3))
+
+
+@lru_cache(maxsize=None)
+def final_info(run: str) -> dict:
+    return json.loads((ROOT / run / "final_info.json").read_text())
+
+
+def value(run: str, entry: str, key: str) -> tuple[float | None, float | None] | None:
+    """(mean, stderr) of one key, or None when the run has no such entry."""
+    e = final_info(run).get(entry)
+    if e is None:
+        return None
+    return e["means"][key], e["stderrs"][key]
+
+
+def fmt(v: tuple[float | None, float | None] | None, decimals: int) -> str:
+    """`mean ± stderr` as printed everywhere in the docs: no stderr where it is 0, `n.r.` for null."""
+    if v is None:
+        return "–"
+    mean, err = v
+    if mean is None:
+        return "n.r."
+    return f"{mean:.{decimals}f}" + (f" ± {err:.{decimals}f}" if err else "")
+
+
+def cell(run: str, entry: str, key: str, decimals: int) -> str:
+    return fmt(value(run, entry, key), decimals)
+
+
+def link(run: str, doc: str) -> str:
+    """A markdown link from `doc` to the run's final_info.json, named by the run."""
+    target = os.path.relpath(ROOT / run / "final_info.json", (ROOT / doc).parent)
+    return f"[{run}]({Path(target).as_posix()})"
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def swept(runs, prefix="unlearning") -> list[str]:
+    return [s for s in STRATEGIES if any(f"{prefix}_{s}" in final_info(r) for r in runs)]
+
+
+# ------------------------------------------------------------------------------------------------
+# Kinds of table: each takes the document it goes into and its arguments, and returns its lines
+# ------------------------------------------------------------------------------------------------
+
+def t_readme(doc: str) -> list[str]:
+    """README's headline numbers. Each header names the key (`frontier.` = entry frontier_<strategy>),
+    each row the file: tests/test_docs.py reads the table back against the JSON."""
+    header = ["run", "strategy"] + [f"{title}<br>`{prefix}.{key}`" for title, prefix, key, _ in README_COLUMNS]
+    rows = [[link(run, doc), f"`{s}`"] + [cell(run, f"{prefix}_{s}", key, d) for _, prefix, key, d in README_COLUMNS]
+            for run in README_RUNS for s in README_STRATEGIES]
+    return table(header, rows)
+
+
+def t_sae(doc: str, *runs: str) -> list[str]:
+    cols = (("FVE", "fve", 3), ("L0", "l0", 3), ("CE recovered", "ce_loss_recovered", 3), ("dead", "dead_frac", 3))
+    return table(["run"] + [c[0] for c in cols], [[link(r, doc)] + [cell(r, "sae", k, d) for _, k, d in cols] for r in runs])
+
+
+def t_frontier(doc: str, x: str, *runs: str) -> list[str]:
+    """retain KL at forget-CE +x (ratio to standard) / spliced after-passage KL at +x."""
+    def one(r, s):
+        if f"frontier_{s}" not in final_info(r):
+            return "–"
+        e = f"frontier_{s}"
+        return (f"{cell(r, e, f'retain_kl_at_ce_{x}', 3)} ({cell(r, e, f'retain_kl_ratio_at_ce_{x}', 2)})"
+                f" / {cell(r, e, f'spliced_kl_after_at_ce_{x}', 3)}")
+    return table(["strategy"] + [link(r, doc) for r in runs], [[s] + [one(r, s) for r in runs] for s in swept(runs)])
+
+
+def t_budget(doc: str, *runs: str) -> list[str]:
+    """forget-CE increase within retain KL 0.01 / 0.05; SAEBench score."""
+    def one(r, s):
+        if f"frontier_{s}" not in final_info(r):
+            return "–"
+        f = f"frontier_{s}"
+        return (f"{cell(r, f, 'forget_ce_within_retain_kl_0.01', 2)} / {cell(r, f, 'forget_ce_within_retain_kl_0.05', 2)}"
+                f"; {cell(r, f'unlearning_{s}', 'unlearning_score', 3)}")
+    return table(["strategy"] + [link(r, doc) for r in runs], [[s] + [one(r, s) for r in runs] for s in swept(runs)])
+
+
+def t_detection(doc: str, *runs: str) -> list[str]:
+    """token AUROC / spliced AUROC / retain fire rate / passages detected / median delay."""
+    keys = (("token_auroc", 3), ("spliced_auroc", 3), ("fire_rate_retain", 3), ("passages_detected", 3),
+            ("delay_tokens_median", 1))
+
+    def one(r, d):
+        e = f"detection_{d}"
+        return " / ".join(cell(r, e, k, n) for k, n in keys) if e in final_info(r) else "–"
+    names = [d for d in DETECTORS if any(f"detection_{d}" in final_info(r) for r in runs)]
+    return table(["detector"] + [link(r, doc) for r in runs], [[d] + [one(r, d) for r in runs] for d in names])
+
+
+def t_precision(doc: str, *runs: str) -> list[str]:
+    """precision AUROC at the SAEBench scoring point / at matched forgetting (+0.5)."""
+    def one(r, s):
+        if f"unlearning_{s}" not in final_info(r):
+            return "–"
+        return (f"{cell(r, f'unlearning_{s}', 'precision_auroc', 3)} / "
+                f"{cell(r, f'frontier_{s}', 'precision_auroc_at_ce_0.5', 3)}")
+    return table(["strategy"] + [link(r, doc) for r in runs], [[s] + [one(r, s) for r in runs] for s in swept(runs)])
+
+
+def t_strategies(doc: str, run: str) -> list[str]:
+    """One run, strategies as columns, with the targets: the layout of the real-text table."""
+    ss = swept([run])
+    rows = [
+        ("token AUROC / spliced AUROC of its rule",
+         lambda s: f"{cell(run, f'detection_{s}', 'token_auroc', 3)} / {cell(run, f'detection_{s}', 'spliced_auroc', 3)}",
+         "≥ 0.90 / ≥ 0.90"),
+        ("retain KL at +0.25 / +0.5 / +1.0, ratio to `standard`",
+         lambda s: " / ".join(cell(run, f"frontier_{s}", f"retain_kl_ratio_at_ce_{x}", 2) for x in ("0.25", "0.5", "1.0")),
+         "≤ 0.25"),
+        ("forget-CE increase within retain KL 0.01 / 0.05",
+         lambda s: " / ".join(cell(run, f"frontier_{s}", f"forget_ce_within_retain_kl_{b}", 2) for b in ("0.01", "0.05")),
+         ""),
+        ("precision AUROC at +0.5", lambda s: cell(run, f"frontier_{s}", "precision_auroc_at_ce_0.5", 3), "≥ 0.85"),
+        ("SAEBench score", lambda s: cell(run, f"unlearning_{s}", "unlearning_score", 3), ""),
+    ]
+    return table([f"measure ({link(run, doc)})"] + [f"`{s}`" for s in ss] + ["target"],
+                 [[name] + [fn(s) for s in ss] + [target] for name, fn, target in rows])
+
+
+def t_versus(doc: str, strategy: str, *runs: str) -> list[str]:
+    """One strategy across runs (a sensitivity folder beside its parent run), measures as rows."""
+    f, u, d = f"frontier_{strategy}", f"unlearning_{strategy}", f"detection_{strategy}"
+    rows = [
+        ("retain-KL ratio at +0.25 / +0.5 / +1.0",
+         lambda r: " / ".join(cell(r, f, f"retain_kl_ratio_at_ce_{x}", 2) for x in ("0.25", "0.5", "1.0"))),
+        ("retain KL at +0.5", lambda r: cell(r, f, "retain_kl_at_ce_0.5", 3)),
+        ("forget-CE increase within retain KL 0.01", lambda r: cell(r, f, "forget_ce_within_retain_kl_0.01", 2)),
+        ("forget-CE increase within retain KL 0.05", lambda r: cell(r, f, "forget_ce_within_retain_kl_0.05", 2)),
+        ("precision AUROC at +0.5", lambda r: cell(r, f, "precision_auroc_at_ce_0.5", 3)),
+        ("SAEBench score", lambda r: cell(r, u, "unlearning_score", 3)),
+        ("retain fire rate of its rule", lambda r: cell(r, d, "fire_rate_retain", 4)),
+        ("median delay of its rule (tokens)", lambda r: cell(r, d, "delay_tokens_median", 1)),
+    ]
+    return table([f"`{strategy}`"] + [link(r, doc) for r in runs], [[name] + [fn(r) for r in runs] for name, fn in rows])
+
+
+def t_machine(doc: str, *runs: str) -> list[str]:
+    """Where and how long each run ran, from its metadata.json (and its seeds')."""
+    def meta(path: Path) -> dict:
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    rows = []
+    for r in runs:
+        seeds = [meta(p) for p in sorted((ROOT / r).glob("seed_*/metadata.json"))]
+        m = meta(ROOT / r / "metadata.json") or seeds[0]
+        walls = [s["wall_time_s"] for s in seeds]
+        target = os.path.relpath(ROOT / r / "command.txt", (ROOT / doc).parent)
+        rows.append([f"[{r}]({Path(target).as_posix()})", str(len(seeds) or 1), m["cpu_model"],
+                     "yes" if m["cpu_bf16"] else "no", m["versions"]["torch"], str(m["torch_threads"]),
+                     f"{meta(ROOT / r / 'metadata.json')['wall_time_s']:.0f} s" if (ROOT / r / "metadata.json").exists() else "–",
+                     f"{min(walls):.0f}-{max(walls):.0f} s" if walls else "–"])
+    return table(["run (command)", "seeds", "CPU", "native bf16", "torch", "threads", "wall, whole run", "wall per seed"], rows)
+
+
+KINDS = {"machine": t_machine, "readme": t_readme, "sae": t_sae, "frontier": t_frontier, "budget": t_budget, "detection": t_detection,
+         "precision": t_precision, "strategies": t_strategies, "versus": t_versus}
+
+
+# ------------------------------------------------------------------------------------------------
+# Rewriting the marked tables
+# ------------------------------------------------------------------------------------------------
+
+def render(doc: str, text: str) -> str:
+    """`text` with every marked table replaced by this tool's output for it."""
+    out, lines, i = [], text.split("\n"), 0
+    while i < len(lines):
+        out.append(lines[i])
+        m = BEGIN.match(lines[i])
+        i += 1
+        if not m:
+            continue
+        kind, args = m.group(1), m.group(2).split()
+        if kind not in KINDS:
+            raise ValueError(f"{doc}: unknown table kind {kind!r} (known: {', '.join(KINDS)})")
+        try:
+            end = lines.index(END, i)
+        except ValueError:
+            raise ValueError(f"{doc}: table {kind} {' '.join(args)} has no `{END}` line")
+        out += [""] + KINDS[kind](doc, *args) + [""]  # blank lines: the comments stay out of the table
+        i = end
+    return "\n".join(out)
+
+
+def stale() -> dict[str, str]:
+    """doc -> unified diff of its text against the regenerated tables, for every doc that differs."""
+    diffs = {}
+    for doc in DOCS:
+        text = (ROOT / doc).read_text()
+        new = render(doc, text)
+        if new != text:
+            diffs[doc] = "".join(difflib.unified_diff(text.splitlines(True), new.splitlines(True), doc,
+                                                      f"{doc} (from the JSON)"))
+    return diffs
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--check", action="store_true", help="only report tables that differ from the JSON (exit 1)")
+    args = ap.parse_args(argv)
+    diffs = stale()
+    if args.check:
+        for d in diffs.values():
+            print(d)
+        return 1 if diffs else 0
+    for doc in diffs:
+        path = ROOT / doc
+        path.write_text(render(doc, path.read_text()))
+        print(f"rewrote the tables of {doc}")
+    if not diffs:
+        print("every table already matches the JSON")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -115,14 +115,26 @@ class Config:
                              "clamp values (latents set to -multiplier), a geometric grid from barely noticeable to destructive")
     n_features: tuple = opt((50,), "numbers of forget latents to clamp (SAEBench's selection)")
     retain_thresholds: tuple = opt((0.001, 0.01), "drop latents whose retain sparsity is >= this (SAEBench)")
+    gated_features: tuple = opt((400,), "numbers of latents in the gated selection, which gate, dsg, dsg_causal, "
+                                        "pattern and hybrid sweep beside SAEBench's (standard does not); empty = none; "
+                                        "chosen on calibration documents (tools/selection_scan.py)", elem=int)
+    gated_threshold: float = opt(0.003, "gated selection: drop latents active on >= this fraction of the retain "
+                                        "training tokens where the detector fires; rank the rest by the forget tokens "
+                                        "they cover where it fires")
     retain_gate: float = opt(0.99, "retain accuracy a sweep point must keep (SAEBench)")
     hybrid_quantile: float = opt(0.99, "hybrid clamps off-pattern where a latent exceeds this retain quantile")
     dsg_quantile: float = opt(0.95, "dsg clamps rows whose active fraction exceeds this retain quantile (DSG)")
     # detectors
     detector: Literal["learned", "templates"] = opt("learned", "the detector pattern / hybrid gate on")
     detector_window: int = opt(4, "tokens a detector reads at once: t and its predecessors (independent of --window)")
+    evidence: Literal["ema", "hmm"] = opt("ema", "how the learned detector carries evidence from token to token: ema "
+                                                 "(average over --horizon tokens) | hmm (two-state forward filter: "
+                                                 "--switch_prob, --evidence_scale)")
     horizon: float = opt(2.0, "tokens over which detector evidence is pooled causally (EMA; 1 = none); the default "
                               "was chosen on calibration documents (tools/detector_scan.py, tools/precision_ceiling.py)")
+    switch_prob: float = opt(0.01, "hmm evidence: probability that the domain changes between two tokens")
+    evidence_scale: float = opt(0.25, "hmm evidence: weight of one token's log-odds (neighbouring tokens are not "
+                                      "independent evidence)")
     detector_fpr: float = opt(0.01, "detector threshold: this fraction of retain training tokens fire")
     detector_latents: int = opt(256, "candidate latents the learned detector reads (half by the largest rise, half by the largest fall of firing frequency on forget vs retain training text)")
     n_templates: int = opt(8, "templates of the template detector")
@@ -149,6 +161,8 @@ class Config:
              "--checkpoint_every >= 1, --max_qa >= 0, --qa_questions >= 0"),
             (len(self.multipliers) > 0 and all(m >= 0 for m in self.multipliers), "--multipliers: >= 0"),
             (len(self.n_features) > 0 and all(n >= 1 for n in self.n_features), "--n_features: >= 1"),
+            (all(n >= 1 for n in self.gated_features) and 0 < self.gated_threshold <= 1,
+             "--gated_features: >= 1; --gated_threshold in (0, 1]"),
             (len(self.retain_thresholds) > 0 and all(0 < r <= 1 for r in self.retain_thresholds),
              "--retain_thresholds: in (0, 1]"),
             (0 < self.retain_gate <= 1 and -1 <= self.tau <= 1, "--retain_gate in (0,1], --tau in [-1,1]"),
@@ -158,6 +172,7 @@ class Config:
             (0 < self.dsg_quantile < 1 and 0 < self.detector_fpr < 1, "--dsg_quantile, --detector_fpr in (0, 1)"),
             (self.detector_window >= 1 and self.horizon >= 1 and self.detector_latents >= 1,
              "--detector_window, --horizon, --detector_latents must be >= 1"),
+            (0 < self.switch_prob < 0.5 and self.evidence_scale > 0, "--switch_prob in (0, 0.5), --evidence_scale > 0"),
             (len(set(self.seeds)) == len(self.seeds), "--seeds must be distinct"),
             (self.device == "auto" or re.fullmatch(r"cpu|cuda(:\d+)?", self.device), "--device: auto|cpu|cuda[:N]"),
             (not (self.sae_path and self.resume), "--resume continues training: it has no meaning with --sae_path"),
@@ -769,6 +784,26 @@ def ema(x_BT: torch.Tensor, tm: Time, horizon: float) -> torch.Tensor:
     num = torch.bmm(w, x_BT.unsqueeze(-1)).squeeze(-1)
     den = w.sum(-1)
     return torch.where(den > 0, num / den.clamp_min(1e-12), torch.zeros_like(num))
+
+
+def hmm_filter(llr_BT: torch.Tensor, tm: Time, switch: float) -> torch.Tensor:
+    """Sequential evidence: the forward filter of a two-state (forget / retain) hidden Markov model
+    along each position's predecessors. L_t = llr_t + g(L_prev(t)), with
+    g(L) = log(((1 - q) e^L + q) / (q e^L + 1 - q)) the log-odds after one step in which the domain
+    switches with probability q; a row starts at even odds (L = 0). The state is one number per
+    sequence, so a streaming reader carries it in O(1). Evidence accumulates while it points one way,
+    so one decision rests on many tokens, and g bounds it by log((1 - q) / q), so it turns within a few
+    tokens when the text turns (Rabiner 1989; a two-sided, bounded form of Page's 1954 CUSUM).
+    Positions that are not valid (BOS, pads) pass the state on unchanged."""
+    lq, l1q = math.log(switch), math.log1p(-switch)
+    g = lambda L: torch.logaddexp(l1q + L, torch.full_like(L, lq)) - torch.logaddexp(lq + L, torch.full_like(L, l1q))
+    L = torch.zeros_like(llr_BT)
+    has_prev = tm.prev >= 0
+    for d in range(int(tm.depth.max()) + 1 if tm.depth.numel() else 0):
+        at = tm.depth == d
+        before = torch.where(has_prev, L.gather(1, tm.prev.clamp_min(0)), torch.zeros_like(L))
+        L = torch.where(at, torch.where(tm.valid, llr_BT + g(before), before), L)
+    return L
 
 
 def affected(tm: Time, changed_BT: torch.Tensor) -> torch.Tensor:
@@ -1687,13 +1722,24 @@ def fit_logistic(X: torch.Tensor, y: torch.Tensor, l2: float = 1.0, iters: int =
 
 class LagDetector(NamedTuple):
     """A learned matched filter over time: a per-token log-odds from features at the current token and
-    its lags-1 predecessors, one weight vector per lag, pooled causally over `horizon` tokens
-    (`ema`); fires where the pooled evidence reaches `threshold`."""
+    its lags-1 predecessors, one weight vector per lag, carried from token to token by `evidence`:
+    `ema`, the average over the last ~`horizon` tokens, or `hmm`, the posterior log-odds of a
+    two-state filter (hmm_filter) fed the log-odds times `scale`; fires where it reaches `threshold`."""
     idx: torch.Tensor | None  # (C,) SAE latents it reads (log1p of each); None = the raw residual (no SAE)
     weight: torch.Tensor      # (F, lags) per-lag weights on raw features, standardisation folded in
     bias: float
     horizon: float
     threshold: float          # set on retain training rows for the target false-positive rate
+    evidence: str = "ema"     # ema | hmm
+    switch: float = 0.01      # hmm: probability that the domain changes between two tokens
+    scale: float = 1.0        # hmm: weight of one token's log-odds (neighbouring tokens are not independent)
+
+
+def pool(det, s_BT: torch.Tensor, tm: Time) -> torch.Tensor:
+    """A detector's per-token evidence carried along time, the quantity its threshold applies to."""
+    if getattr(det, "evidence", "ema") == "hmm":
+        return hmm_filter(s_BT * det.scale, tm, det.switch)
+    return ema(s_BT, tm, det.horizon)
 
 
 class Templates(NamedTuple):
@@ -1747,7 +1793,7 @@ def token_score(det, sae, resid_BTD, tm: Time, f_sel_BTk=None) -> torch.Tensor:
 
 
 def detector_fires(det, sae, resid_BTD, tm: Time, f_sel_BTk=None) -> torch.Tensor:
-    evidence = ema(token_score(det, sae, resid_BTD, tm, f_sel_BTk), tm, det.horizon)
+    evidence = pool(det, token_score(det, sae, resid_BTD, tm, f_sel_BTk), tm)
     return (evidence >= det.threshold) & tm.valid
 
 
@@ -1991,6 +2037,13 @@ def select_features(forget_sp: torch.Tensor, retain_sp: torch.Tensor, n: int, re
     score = torch.where(retain_sp < retain_threshold, forget_sp, torch.full_like(forget_sp, -1.0))
     top = torch.argsort(score, descending=True, stable=True)[:n]
     return top[score[top] > 0]
+
+
+def select_gated(cover_F: torch.Tensor, touch_F: torch.Tensor, n: int, threshold: float) -> torch.Tensor:
+    """The gated rule: drop latents active on >= threshold of the retain tokens where the gate fires
+    (touch), rank the rest by the fraction of the forget tokens where the gate fires that they are
+    active on (cover), keep the top n with cover > 0."""
+    return select_features(cover_F, touch_F, n, threshold)
 
 
 def unlearning_score(points: list[dict], gate: float) -> tuple[float, dict | None]:
@@ -2583,10 +2636,14 @@ def eval_sae_quality(model, layer, sae, d: EvalData) -> tuple[dict, list]:
 class Selection(NamedTuple):
     threshold: float
     n: int
-    latents: torch.Tensor   # (k,) SAEBench's selection
+    latents: torch.Tensor   # (k,) the selected latents
     hi: torch.Tensor        # (k,) hybrid: each latent's retain 99th percentile (of its non-zero values)
     rho_tau: float          # DSG: 95th percentile of rho over retain training rows
     templates: Templates    # the template matcher over these latents
+    rule: str = "saebench"  # saebench (select_features on all tokens) | gated (select_gated)
+
+
+GATED_STRATEGIES = ("gate", "dsg", "dsg_causal", "pattern", "hybrid")  # the strategies that sweep the gated selection
 
 
 def calibration_rows(rows: Rows, every: int = 4) -> torch.Tensor:
@@ -2595,25 +2652,63 @@ def calibration_rows(rows: Rows, every: int = 4) -> torch.Tensor:
     return rows.doc % every == every - 1
 
 
+def selection_levels(cfg, sae, forget: Corpus, retain: Corpus, lat, thr: float, n: int, rule: str) -> Selection:
+    """A selection with its DSG, hybrid and template levels, all from training rows."""
+    f_r = encode_all(sae, retain.acts_train, retain.train.mask, lat)
+    r = f_r[retain.train.mask]
+    hi = torch.stack([torch.quantile(r[:, j][r[:, j] > 0], cfg.hybrid_quantile) if (r[:, j] > 0).any()
+                      else torch.tensor(0.0) for j in range(len(lat))])
+    on_r = (f_r > 0).any(-1) & retain.train.mask
+    rho = on_r.sum(1) / retain.train.mask.sum(1).clamp_min(1)
+    rho_tau = float(torch.quantile(rho.double(), cfg.dsg_quantile))
+    templates = fit_template_detector(cfg, sae, forget, retain, lat, calibration_rows(retain.train))
+    return Selection(thr, n, lat, hi, rho_tau, templates, rule)
+
+
 def make_selections(cfg, sae, forget: Corpus, retain: Corpus, sp_f, sp_r) -> list[Selection]:
-    """Feature selection on training rows, with each selection's DSG, hybrid and template levels."""
-    out, cal_r = [], calibration_rows(retain.train)
+    """SAEBench's feature selection on training rows, with each selection's levels."""
+    out = []
     for thr in cfg.retain_thresholds:
         for n in cfg.n_features:
             lat = select_features(sp_f, sp_r, n, thr)
-            if len(lat) == 0:
-                continue
-            f_r = encode_all(sae, retain.acts_train, retain.train.mask, lat)
-            r = f_r[retain.train.mask]
-            hi = torch.stack([torch.quantile(r[:, j][r[:, j] > 0], cfg.hybrid_quantile) if (r[:, j] > 0).any()
-                              else torch.tensor(0.0) for j in range(len(lat))])
-            on_r = (f_r > 0).any(-1) & retain.train.mask
-            rho = on_r.sum(1) / retain.train.mask.sum(1).clamp_min(1)
-            rho_tau = float(torch.quantile(rho.double(), cfg.dsg_quantile))
-            templates = fit_template_detector(cfg, sae, forget, retain, lat, cal_r)
-            out.append(Selection(thr, n, lat, hi, rho_tau, templates))
+            if len(lat):
+                out.append(selection_levels(cfg, sae, forget, retain, lat, thr, n, "saebench"))
     if not out:
         raise UsageError("no latent passes the feature selection: lower --retain_thresholds or train longer")
+    return out
+
+
+@torch.no_grad()
+def gated_counts(sae, det, c: Corpus, rows: int = 64) -> tuple[torch.Tensor, int, int]:
+    """On a corpus's training rows: per latent, the tokens where the detector fires and the latent is
+    active; the tokens where the detector fires; all tokens. Only rows where it fires are encoded."""
+    counts, n_fire = torch.zeros(sae.d_sae), 0
+    dev = sae.W_enc.device
+    for s in batches(len(c.acts_train), rows):
+        x, tm = c.acts_train[s].to(dev), make_time(c.train.mask[s].to(dev))
+        fires = detector_fires(det, sae, x, tm)
+        keep = fires.any(1)
+        if not keep.any():
+            continue
+        f = sae.encode(x[keep], tm.valid[keep])
+        counts += ((f > 0) & fires[keep].unsqueeze(-1)).sum((0, 1)).float().cpu()
+        n_fire += int(fires.sum())
+    return counts, n_fire, int(c.train.mask.sum())
+
+
+def gated_selections(cfg, sae, dets: "Detectors", forget: Corpus, retain: Corpus) -> list[Selection]:
+    """The selection for clamps that act only where the detector fires (select_gated), on training rows:
+    SAEBench's rule asks a latent to be almost never active on retain text because its clamp acts
+    everywhere; under a gate only the retain tokens where the gate fires can be touched, and what
+    matters is covering the forget text where it fires."""
+    cnt_f, fire_f, _ = gated_counts(sae, dets.learned, forget)
+    cnt_r, fire_r, _ = gated_counts(sae, dets.learned, retain)
+    cover, touch = cnt_f / max(fire_f, 1), cnt_r / max(fire_r, 1)
+    out = []
+    for n in cfg.gated_features:
+        lat = select_gated(cover, touch, n, cfg.gated_threshold)
+        if len(lat):
+            out.append(selection_levels(cfg, sae, forget, retain, lat, cfg.gated_threshold, n, "gated"))
     return out
 
 
@@ -2623,8 +2718,8 @@ def fit_template_detector(cfg, sae, forget: Corpus, retain: Corpus, lat, cal_r) 
     f = encode_all(sae, forget.acts_train, forget.train.mask, lat)
     tm = make_time(forget.train.mask)
     win = windows_of(f, tm, cfg.detector_window)
-    pool = win[(f > 0).any(-1) & forget.train.mask]
-    temps = (fit_templates(pool, min(cfg.n_templates, len(pool)), cfg.seed) if len(pool)
+    cands = win[(f > 0).any(-1) & forget.train.mask]
+    temps = (fit_templates(cands, min(cfg.n_templates, len(cands)), cfg.seed) if len(cands)
              else torch.zeros(1, win.shape[-1]))
     return Templates(temps, cfg.detector_window, 1.0, cfg.tau)
 
@@ -2671,7 +2766,7 @@ def fit_lag_detector(cfg, sae, idx, forget: Corpus, retain: Corpus, max_tokens: 
     del X
     w = lr.w / lr.sd
     det = LagDetector(idx, w.view(cfg.detector_window, -1).T.contiguous(), float(lr.b - (lr.mu * w).sum()),
-                      cfg.horizon, math.nan)
+                      cfg.horizon, math.nan, cfg.evidence, cfg.switch_prob, cfg.evidence_scale)
     return det._replace(threshold=calibrate(det, sae, retain, cfg.detector_fpr))
 
 
@@ -2697,7 +2792,7 @@ def calibrate(det, sae, retain: Corpus, fpr: float, lat=None) -> float:
     """The detector's threshold: at most `fpr` of the calibration retain tokens fire."""
     cal = calibration_rows(retain.train)
     s, tm = plain_scores(det, sae, retain.acts_train[cal], retain.train.mask[cal], lat)
-    return threshold_for_fpr(ema(s, tm, det.horizon)[tm.valid], fpr)
+    return threshold_for_fpr(pool(det, s, tm)[tm.valid], fpr)
 
 
 class Detectors(NamedTuple):
@@ -2756,24 +2851,30 @@ def point_measures(model, layer, fn: Intervention, d: EvalData) -> tuple[dict, t
     return measure_edits(model, layer, d, {n: edits_of(fn, bs) for n, bs in eval_batches(d).items()})[0]
 
 
+def sweeps(cfg, sel: Selection) -> tuple[str, ...]:
+    """The strategies that sweep a selection: all on SAEBench's, the gated ones on the gated one
+    (standard keeps SAEBench's rule, so its comparison with SAEBench stays as published)."""
+    return tuple(s for s in cfg.strategies if sel.rule == "saebench" or s in GATED_STRATEGIES)
+
+
 def run_sweep(cfg, model, sae, sels, dets, d: EvalData, progress: bool) -> tuple[list[dict], dict]:
     """Every strategy at every selection and multiplier. Per selection, each strategy's clamp plan is
     made once per batch (it does not depend on the multiplier); per multiplier, all strategies are
     measured together, so rows two strategies edit identically run once. Returns the points and, per
     point index, the per-token spliced KL of the first spliced documents (for the precision figure)."""
     points, kl_docs = [], {}
-    groups = [(sel, m) for sel in sels for m in cfg.multipliers]
+    groups = [(sel, m) for sel in sels for m in cfg.multipliers if sweeps(cfg, sel)]
     plans, planned = {}, None
     for sel, mult in bar(groups, "sweep (selection x multiplier)", progress):
         if planned is not sel:
-            clamps = {s: make_clamp(cfg, sel, dets, s, 0.0) for s in cfg.strategies}
+            clamps = {s: make_clamp(cfg, sel, dets, s, 0.0) for s in sweeps(cfg, sel)}
             plans = {n: [{s: clamp_plan(c, sae, b.resid, b.time) for s, c in clamps.items()} for b in bs]
                      for n, bs in eval_batches(d).items()}
             planned = sel
         edits = {n: [{s: apply_plan(sae, sel.latents, p, mult, b.resid) for s, p in bp.items()}
                      for b, bp in zip(eval_batches(d)[n], plans[n])] for n in plans}
         for s, (meas, kl_s) in measure_edits(model, cfg.layer, d, edits).items():
-            p = dict(strategy=s, multiplier=mult, n_features=sel.n, n_selected=len(sel.latents),
+            p = dict(strategy=s, multiplier=mult, selection=sel.rule, n_features=sel.n, n_selected=len(sel.latents),
                      retain_threshold=sel.threshold)
             for k, (v, e) in meas.items():
                 p[k], p[f"{k}_stderr"] = v, e
@@ -2806,12 +2907,32 @@ def frontier_entry(mine: list[dict], standard: list[dict]) -> dict:
             out[f"{y}_ratio_at_ce_{x}"] = (r, r * rel if ok else None)
         for budget in FRONTIER_BUDGETS:
             out[f"forget_ce_within_{y}_{budget}"] = (frontier_within(fronts[0], budget), 0.0)
+    # which selection the retain-KL front is made of at each matched level (1 = the gated one only)
+    gated = {(p["forget_ce_increase"], p["retain_kl"], p["retain_kl_stderr"]): float(p.get("selection") == "gated")
+             for p in mine}
+    front = sweep_front(mine, "retain_kl")
+    for x in FRONTIER_CE:
+        share = front_share(front, gated, x)
+        out[f"retain_kl_gated_share_at_ce_{x}"] = (share, 0.0) if share is not None else (None, None)
     reach = [p for p in mine if p["forget_ce_increase"] >= 0.5]
     # ties in retain KL (a gate that never fires on the retain rows gives 0 at every point) go to the
     # point nearest the matched level, not to whichever comes first in the sweep
     best = min(reach, key=lambda p: (p["retain_kl"], p["forget_ce_increase"])) if reach else None
     out["precision_auroc_at_ce_0.5"] = (best["precision_auroc"], 0.0) if best else (None, None)
+    out["precision_point_gated"] = (float(best.get("selection") == "gated"), 0.0) if best else (None, None)
     return entry(out)
+
+
+def front_share(front: list[tuple[float, float, float]], flag: dict, x: float) -> float | None:
+    """The weight that front points with flag 1 get in frontier_at's interpolation at x (the clean
+    model's point and unflagged points count 0); None where the front does not reach x."""
+    if x > front[-1][0]:
+        return None
+    for p0, p1 in zip(front, front[1:]):
+        if p0[0] < x <= p1[0]:
+            a = (x - p0[0]) / (p1[0] - p0[0])
+            return (1 - a) * flag.get(p0, 0.0) + a * flag.get(p1, 0.0)
+    return flag.get(front[0], 0.0)
 
 
 def saebench_point(mine: list[dict], gate: float) -> tuple[float, dict, bool]:
@@ -2823,8 +2944,9 @@ def saebench_point(mine: list[dict], gate: float) -> tuple[float, dict, bool]:
 
 
 def unlearning_entry(p: dict, score: float, passed: bool) -> dict:
-    skip = {"strategy"}
+    skip = {"strategy", "selection"}
     pairs = {k: (v, p.get(f"{k}_stderr", 0.0)) for k, v in p.items() if k not in skip and not k.endswith("_stderr")}
+    pairs["selection_gated"] = (float(p.get("selection") == "gated"), 0.0)
     pairs["unlearning_score"] = (score, p["forget_acc_stderr"] if passed else 0.0)
     pairs["passed_retain_gate"] = (float(passed), 0.0)
     return entry(pairs)
@@ -2846,14 +2968,14 @@ def rule_fire_score(c: Clamp, sae, resid_BTD, tm: Time) -> tuple[torch.Tensor, t
     elif c.strategy == "dsg_causal":
         score = ema(on, tm, math.inf)
     else:
-        score = ema(token_score(c.detector, sae, resid_BTD, tm, f), tm, c.detector.horizon)
+        score = pool(c.detector, token_score(c.detector, sae, resid_BTD, tm, f), tm)
     return fire & tm.valid, score * tm.valid
 
 
 def detector_fire_score(det, sae, resid_BTD, tm: Time, lat=None) -> tuple[torch.Tensor, torch.Tensor]:
     """A detector on its own (the gate it gives pattern): fires where its pooled evidence >= threshold."""
     f = None if lat is None else sae.encode(resid_BTD, tm.valid, lat.to(resid_BTD.device), tm.prev)
-    ev = ema(token_score(det, sae, resid_BTD, tm, f), tm, det.horizon)
+    ev = pool(det, token_score(det, sae, resid_BTD, tm, f), tm)
     return (ev >= det.threshold) & tm.valid, ev * tm.valid
 
 
@@ -2886,6 +3008,10 @@ def detection_entry(rule, sae, d: EvalData) -> dict:
         rates.append(fire[c.train.mask[cal]].float().mean())
     cut = 0.5 * float(rates[0] + rates[1])
     out["doc_accuracy"] = mean_err(torch.cat([doc_rate(ff, d.forget.held) > cut, doc_rate(fr, d.retain.held) <= cut]).float())
+    # false alarms counted per row too: many small alarms spread over rows cost more than few long ones
+    out["fire_rows_retain"] = mean_err((fr & mr).any(1).float())
+    out["cal_fire_rate_retain"] = (float(rates[1]), 0.0)
+    out["cal_fire_rows_retain"] = (float((fire & c.train.mask[cal]).any(1).float().mean()), 0.0)
     fs, ss = over_rows(rule, sae, d.spl_acts, d.spl_rows.mask)
     m, lab_s = d.spl_rows.mask, d.spl_rows.label
     ps, rs, f1s = precision_recall_f1(fs[m], lab_s[m])
@@ -2896,7 +3022,24 @@ def detection_entry(rule, sae, d: EvalData) -> dict:
     out["passages_detected"] = mean_err([x is not None for x in delays])
     out["delay_tokens"] = mean_err(hit) if hit else (float(m.shape[1]), 0.0)
     out["delay_tokens_median"] = (float(np.median(hit)) if hit else float(m.shape[1]), 0.0)
+    stops = [x for x in (stop_delay(fs[i], lab_s[i], m[i]) for i in range(len(fs))) if x is not None]
+    out["stop_tokens_median"] = (float(np.median(stops)) if stops else 0.0, 0.0)
+    out["fire_rate_after"] = mean_err(fs[spliced_regions(lab_s, m)["after"]].float())
     return entry(out)
+
+
+def stop_delay(fires_T, label_T, valid_T) -> float | None:
+    """Tokens after a passage's last token during which the rule still fires without a break (0: it
+    is off at the first token after); None when nothing follows the passage or it never fired inside."""
+    fires, label, valid = (np.asarray(x, dtype=bool) for x in (fires_T, label_T, valid_T))
+    idx = np.flatnonzero(label)
+    if len(idx) == 0 or not fires[idx].any():
+        return None
+    after = np.flatnonzero(valid[idx[-1] + 1:])
+    if len(after) == 0:
+        return None
+    off = np.flatnonzero(~fires[idx[-1] + 1:][after])
+    return float(off[0]) if len(off) else float(len(after))
 
 
 def doc_rate(fire_NT, rows: Rows) -> torch.Tensor:
@@ -3349,6 +3492,7 @@ def experiment(cfg, model, tok, d: EvalData, out: Path, st: Stages, progress: bo
     sp_f = active_fraction(sae, d.forget.acts_train, d.forget.train.mask)
     sp_r = active_fraction(sae, d.retain.acts_train, d.retain.train.mask)
     sels, dets = make_selections(cfg, sae, d.forget, d.retain, sp_f, sp_r), fit_detectors(cfg, sae, d.forget, d.retain, sp_f, sp_r)
+    sels += gated_selections(cfg, sae, dets, d.forget, d.retain)
     st.done("select")
     points, kl_docs = run_sweep(cfg, model, sae, sels, dets, d, progress)
     atomic_write_json(out / "sweep.json", {"retain_gate": cfg.retain_gate, "points": points})
@@ -3377,7 +3521,8 @@ def strategy_entries(cfg, sae, sels, dets, points, kl_docs, d: EvalData, out: Pa
         score, chosen, passed = saebench_point(mine, cfg.retain_gate)
         res[f"unlearning_{s}"] = unlearning_entry(chosen, score, passed)
         res[f"frontier_{s}"] = frontier_entry(mine, standard or mine)
-        sel = next(x for x in sels if x.threshold == chosen["retain_threshold"] and x.n == chosen["n_features"])
+        sel = next(x for x in sels if (x.rule, x.threshold, x.n) ==
+                   (chosen.get("selection", "saebench"), chosen["retain_threshold"], chosen["n_features"]))
         c = make_clamp(cfg, sel, dets, s, chosen["multiplier"])
         res[f"detection_{s}"] = detection_entry(lambda x, tm: rule_fire_score(c, sae, x, tm), sae, d)
         kl_fig[s] = kl_docs[points.index(chosen)]

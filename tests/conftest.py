@@ -57,4 +57,5 @@ def tiny_flags(out_dir, model_dir, *extra):
     return [f"--out_dir={out_dir}", f"--model={model_dir}", "--layer=1", "--d_sae=64", "--d_head=8",
             "--train_tokens=6000", "--batch_tokens=512", "--eval_rows=4", "--spliced_docs=4", "--max_qa=12",
             "--multipliers=5,50", "--n_features=3", "--retain_thresholds=0.5", "--checkpoint_every=3",
-            "--max_corpus_tokens=6000", "--context_length=32", "--n_templates=3", "--device=cpu", *extra]
+            "--max_corpus_tokens=6000", "--context_length=32", "--n_templates=3", "--gated_features=3",
+            "--gated_threshold=0.5", "--device=cpu", *extra]

@@ -290,3 +290,66 @@ def test_lag_design_gathers_the_shifted_features():
     out = torch.full((int(pick.sum()), 15), 7.0)
     ex.lag_design(feats, mask, 3, pick, out)
     assert torch.equal(out, ref)
+
+
+def test_hmm_filter_by_hand():
+    """L_t = llr_t + g(L_prev), g(L) = log(((1-q) e^L + q) / (q e^L + 1-q)); BOS and pads pass the
+    state on; the state is bounded near log((1-q)/q) plus one token's evidence."""
+    q = 0.1
+    g = lambda L: math.log(((1 - q) * math.exp(L) + q) / (q * math.exp(L) + 1 - q))
+    llr = torch.tensor([[9.0, 1.0, 2.0, -3.0, 7.0]])
+    valid = torch.tensor([[False, True, True, True, False]])
+    L = ex.hmm_filter(llr, plain(valid), q)[0].tolist()
+    assert L[0] == 0.0 and L[1] == pytest.approx(1.0)
+    assert L[2] == pytest.approx(2.0 + g(1.0)) and L[3] == pytest.approx(-3.0 + g(L[2]))
+    assert L[4] == pytest.approx(L[3])  # a pad keeps the state
+    long = ex.hmm_filter(torch.full((1, 60), 2.0), plain(torch.ones(1, 60, dtype=torch.bool)), 0.01)[0]
+    assert long[-1] < 2.0 + math.log(0.99 / 0.01) + 1e-4 and long[-1] > long[3]
+    # q = 1/2: the domain is memoryless, so the state is the token's own evidence
+    memoryless = ex.hmm_filter(llr, plain(valid), 0.5 - 1e-9)
+    assert torch.allclose(memoryless[valid], llr[valid], atol=1e-6)
+
+
+def test_hmm_filter_follows_predecessors_in_a_tree():
+    """Two branches after a shared prompt each start from the prompt's state, never each other's."""
+    llr = torch.tensor([[0.0, 1.0, 1.0, 5.0, -5.0]])
+    valid = torch.tensor([[False, True, True, True, True]])
+    prev = torch.tensor([[-1, 0, 1, 2, 2]])  # positions 3 and 4 both follow 2
+    L = ex.hmm_filter(llr, ex.make_time(valid, prev), 0.05)[0]
+    chain = ex.hmm_filter(llr[:, :4], plain(valid[:, :4]), 0.05)[0]
+    assert torch.allclose(L[:4], chain)
+    assert L[4] == pytest.approx(-5.0 + (L[3] - 5.0).item(), abs=1e-5)
+
+
+def test_pool_dispatches_on_the_detectors_evidence():
+    s = torch.tensor([[0.0, 4.0, -1.0, 2.0]])
+    tm = plain(torch.tensor([[False, True, True, True]]))
+    ema_det = ex.LagDetector(None, torch.zeros(1, 1), 0.0, 2.0, 0.0)
+    hmm_det = ema_det._replace(evidence="hmm", switch=0.02, scale=0.5)
+    assert torch.equal(ex.pool(ema_det, s, tm), ex.ema(s, tm, 2.0))
+    assert torch.equal(ex.pool(hmm_det, s, tm), ex.hmm_filter(s * 0.5, tm, 0.02))
+
+
+def test_stop_delay_by_hand():
+    label = [0, 1, 1, 0, 0, 0, 0]
+    valid = [1, 1, 1, 1, 1, 1, 0]
+    assert ex.stop_delay([0, 1, 1, 1, 1, 0, 0], label, valid) == 2.0
+    assert ex.stop_delay([0, 1, 0, 0, 1, 1, 0], label, valid) == 0.0
+    assert ex.stop_delay([0, 1, 1, 1, 1, 1, 1], label, valid) == 3.0  # on to the last valid token
+    assert ex.stop_delay([1, 0, 0, 1, 1, 1, 1], label, valid) is None  # never fired inside
+
+
+def test_gated_selection_ranks_cover_among_latents_that_spare_gated_retain():
+    cover = torch.tensor([0.9, 0.5, 0.7, 0.0, 0.2])
+    touch = torch.tensor([0.02, 0.0, 0.0005, 0.0, 0.0009])
+    assert ex.select_gated(cover, touch, 2, 0.001).tolist() == [2, 1]
+    assert ex.select_gated(cover, touch, 9, 0.001).tolist() == [2, 1, 4]  # cover 0 is never selected
+
+
+def test_front_share_follows_the_interpolation():
+    front = ex.pareto_front([(0.4, 0.02, 0.0), (1.0, 0.10, 0.0)])
+    flag = {(0.4, 0.02, 0.0): 0.0, (1.0, 0.10, 0.0): 1.0}
+    assert ex.front_share(front, flag, 0.4) == 0.0
+    assert ex.front_share(front, flag, 0.7) == pytest.approx(0.5)
+    assert ex.front_share(front, flag, 1.0) == 1.0 and ex.front_share(front, flag, 1.5) is None
+    assert ex.front_share(front, flag, 0.2) == pytest.approx(0.0)  # between the clean model and a 0-flag point

@@ -200,7 +200,15 @@ def test_tiny_model_end_to_end_meets_the_results_contract(tmp_path, model, tok):
     for name in ("learned", "residual", "templates"):
         assert 0 <= results[f"detection_{name}"]["means"]["token_auroc"] <= 1
     sweep = json.loads((out / "sweep.json").read_text())
-    assert len(sweep["points"]) == 2 * 1 * 1 * len(ex.STRATEGIES)
+    # two multipliers: SAEBench's selection for every strategy, the gated one for the gated strategies
+    assert len(sweep["points"]) == 2 * (len(ex.STRATEGIES) + len(ex.GATED_STRATEGIES))
+    gated = [p for p in sweep["points"] if p["selection"] == "gated"]
+    assert {p["strategy"] for p in gated} == set(ex.GATED_STRATEGIES)
+    for s in ex.STRATEGIES:
+        f = results[f"frontier_{s}"]["means"]
+        assert f["precision_point_gated"] in (0.0, 1.0, None)
+        assert s in ex.GATED_STRATEGIES or f["retain_kl_gated_share_at_ce_0.25"] in (0.0, None)
+    assert results["detection_pattern"]["means"]["fire_rows_retain"] >= results["detection_pattern"]["means"]["fire_rate_retain"]
     for key in ("forget_ce_increase", "retain_kl", "spliced_kl_inside", "spliced_kl_after", "forget_prob_drop",
                 "retain_prob_drop", "forget_acc", "retain_acc"):
         assert all(math.isfinite(p[key]) for p in sweep["points"]), key

@@ -9,7 +9,8 @@ against KL before and after it. Clamping inside the passage also changes the tok
 attend to the edited positions. To see how much of the after-passage KL is this leak and how much is
 a gate that stays on too long, this script adds an `oracle` clamp that sets the selected latents
 wherever they fire inside the passage (the true labels) and nowhere else, beside `standard`,
-`pattern` and `hybrid` with the run's own selection and detector. For every selection and
+`pattern` and `hybrid` with the run's own selections (SAEBench's and, for the gated strategies, the
+gated one of --gated_features) and detector. For every selection and
 multiplier it prints, per clamp, the mean KL inside / after the passage, the fraction of
 after-passage tokens it clamps, and the precision AUROC. The oracle's AUROC is the ceiling a causal
 per-token gate can reach with this clamp.
@@ -80,6 +81,7 @@ def main():
     sp_r = ex.active_fraction(sae, retain.acts_train, retain.train.mask)
     sels = ex.make_selections(cfg, sae, forget, retain, sp_f, sp_r)
     dets = ex.fit_detectors(cfg, sae, forget, retain, sp_f, sp_r)
+    sels += ex.gated_selections(cfg, sae, dets, forget, retain)  # --gated_features of the run's config
     variants = {}
     for H in [float(h) for h in args.horizons.split(",") if h]:
         det = dets.learned._replace(horizon=H)
@@ -87,7 +89,7 @@ def main():
     print(f"# {args.sae_dir}: {len(spl)} spliced documents ({'calibration' if args.calibration else 'held-out'}); "
           f"cpu {ex.cpu_info()[0]}", flush=True)
     for sel in sels:
-        clamps = {s: ex.make_clamp(cfg, sel, dets, s, 0.0) for s in STRATEGIES}
+        clamps = {s: ex.make_clamp(cfg, sel, dets, s, 0.0) for s in STRATEGIES if s in ex.sweeps(cfg, sel)}
         clamps |= {k: clamps["pattern"]._replace(detector=det) for k, det in variants.items()}
         plans = [{s: ex.clamp_plan(c, sae, b.resid, b.time) for s, c in clamps.items()}
                  | {"oracle": oracle_plan(sae, sel.latents, b, lab)} for b, lab in zip(ts.batches, labels)]
@@ -98,7 +100,7 @@ def main():
             out = ex.text_stats(model, cfg.layer, ts, edits)
             for s, (_, kl) in out.items():
                 r = point(kl, clamped[s], rows)
-                print(f"threshold {sel.threshold:<6g} n {len(sel.latents):<3d} x{mult:<6g} {s:12s} "
+                print(f"{sel.rule:8s} threshold {sel.threshold:<6g} n {len(sel.latents):<3d} x{mult:<6g} {s:12s} "
                       + "  ".join(f"{k} {v:.3f}" for k, v in r.items()), flush=True)
 
 

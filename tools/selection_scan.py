@@ -1,0 +1,149 @@
+"""The gated selection's sizes and the detector's evidence accumulator, chosen on training data only:
+the sweep and the frontier measures of `experiment.py`, run on calibration documents (every 4th
+training document, never used to fit a detector) instead of held-out ones.
+
+    python tools/selection_scan.py --sae_dir run_1/seed_0 [--forget_corpus F --retain_corpus R]
+        [--gated 25@0.001,50@0.001,100@0.001] [--evidence ema:2,hmm:0.01:0.25]
+
+The evaluation rows are calibration rows of both domains, the spliced documents are built from
+calibration documents, and the question sets are cut to a few questions (their numbers are not
+read here). For each evidence accumulator (`ema:H`, or `hmm:SWITCH:SCALE`, its threshold re-set at
+--detector_fpr on the calibration retain rows) it prints the detector's measures (token and passage
+AUROC, median delay at a passage's start and tokens to stop after it, retain fire rate per token
+and per row) and, for `pattern` and `dsg`, the frontier measures with SAEBench's selections alone
+and with each gated selection (`N@THRESHOLD`) added: precision AUROC at +0.5, retain-KL and
+after-passage-KL ratios to `standard` at +0.5, and the forget-CE increase within retain KL 0.001 /
+0.005 / 0.01 / 0.05. Held-out and spliced evaluation documents are never read.
+"""
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import experiment as ex  # noqa: E402
+
+BUDGETS = (0.001, 0.005, 0.01, 0.05)
+
+
+def calibration_corpus(c: ex.Corpus) -> ex.Corpus:
+    """The corpus with its calibration training rows in the place of the held-out rows."""
+    cal = ex.calibration_rows(c.train)
+    held = ex.Rows(*(t[cal] for t in c.train))
+    return c._replace(held_docs=c.train_docs, held=held, acts_held=c.acts_train[cal])
+
+
+def calibration_data(cfg, model, tok, rows: int, spliced: int) -> ex.EvalData:
+    """prepare_data with calibration rows and calibration spliced documents; a handful of questions."""
+    corpora, questions = ex.load_inputs(dataclasses.replace(cfg, max_qa=16))
+    forget, retain = (calibration_corpus(ex.build_corpus(model, tok, cfg, corpora[d], d, False))
+                      for d in ("forget", "retain"))
+    ts_f = ex.prepare_text(model, cfg.layer, ex.head_rows(forget.held, rows), cfg.batch_rows)
+    ts_r = ex.prepare_text(model, cfg.layer, ex.head_rows(retain.held, rows), cfg.batch_rows, keep_clean=True)
+    cal_docs = lambda c: [c.train_docs[i] for i in sorted(set(c.held.doc.tolist()))]
+    spl_all = ex.build_spliced(cal_docs(forget), cal_docs(retain), max(spliced, ex.DETECTION_SPLICED_DOCS), seed=0)
+    spl_rows = ex.spliced_rows(tok, spl_all, 2 * cfg.context_length)
+    ts_s = ex.prepare_text(model, cfg.layer, ex.head_rows(spl_rows, spliced), cfg.batch_rows, keep_clean=True)
+    qa = {d: ex.prepare_qa(model, tok, cfg.layer, questions[d][:4], cfg.qa_scoring, cfg.batch_rows) for d in questions}
+    spl_acts = ex.harvest(model, cfg.layer, spl_rows, cfg.batch_rows)
+    return ex.EvalData(forget, retain, ts_f, ts_r, ts_s, spl_all[:spliced], qa["forget"], qa["retain"], {},
+                       spl_rows, spl_acts)
+
+
+def parse_evidence(spec: str, det: ex.LagDetector) -> ex.LagDetector:
+    kind, *args = spec.split(":")
+    if kind == "ema":
+        return det._replace(evidence="ema", horizon=float(args[0]))
+    return det._replace(evidence="hmm", switch=float(args[0]), scale=float(args[1]))
+
+
+def frontier_line(name: str, mine: list, standard: list) -> str:
+    m = ex.frontier_entry(mine, standard)["means"]
+    within = [ex.frontier_within(ex.sweep_front(mine, "retain_kl"), b) for b in BUDGETS]
+    f = lambda v: "  n.r." if v is None else f"{v:6.3f}"
+    return (f"{name:34s} precision {f(m['precision_auroc_at_ce_0.5'])}  kl_ratio {f(m['retain_kl_ratio_at_ce_0.5'])}  "
+            f"after_ratio {f(m['spliced_kl_after_ratio_at_ce_0.5'])}  within " + " ".join(f"{v:5.2f}" for v in within))
+
+
+def detector_line(name: str, det, sae, d: ex.EvalData) -> str:
+    m = ex.detection_entry(lambda x, tm: ex.detector_fire_score(det, sae, x, tm), sae, d)["means"]
+    return (f"{name:34s} token_auroc {m['token_auroc']:.3f}  spliced_auroc {m['spliced_auroc']:.3f}  "
+            f"delay {m['delay_tokens_median']:.0f}  stop {m['stop_tokens_median']:.0f}  "
+            f"retain_fire {m['fire_rate_retain']:.4f}  retain_rows {m['fire_rows_retain']:.3f}  "
+            f"forget_fire {m['fire_rate_forget']:.3f}  after_fire {m['fire_rate_after']:.3f}")
+
+
+@torch.no_grad()
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sae_dir", required=True, help="a run folder holding sae.safetensors, cfg.json and config.json")
+    ap.add_argument("--forget_corpus", default="embedded")
+    ap.add_argument("--retain_corpus", default="embedded")
+    ap.add_argument("--rows", type=int, default=12, help="calibration rows per domain for CE and KL")
+    ap.add_argument("--spliced", type=int, default=6, help="calibration spliced documents for the precision measure")
+    ap.add_argument("--gated", default="25@0.001,50@0.001,100@0.001", help="gated selections N@THRESHOLD")
+    ap.add_argument("--evidence", default="ema:2,hmm:0.01:0.25", help="accumulators ema:H | hmm:SWITCH:SCALE")
+    ap.add_argument("--points", action="store_true", help="also print pattern's sweep points")
+    ap.add_argument("--detector_only", action="store_true", help="the detector's measures only, no sweep")
+    args = ap.parse_args()
+    run_cfg = ex.read_json(Path(args.sae_dir) / "config.json", "run config")
+    cfg = dataclasses.replace(ex.Config(), layer=run_cfg["layer"], context_length=run_cfg["context_length"],
+                              forget_corpus=args.forget_corpus, retain_corpus=args.retain_corpus, gated_features=())
+    model, tok = ex.load_model(cfg, torch.device("cpu"))
+    sae = ex.load_sae(Path(args.sae_dir))
+    d = calibration_data(cfg, model, tok, args.rows, args.spliced)
+    sp_f = ex.active_fraction(sae, d.forget.acts_train, d.forget.train.mask)
+    sp_r = ex.active_fraction(sae, d.retain.acts_train, d.retain.train.mask)
+    sels = ex.make_selections(cfg, sae, d.forget, d.retain, sp_f, sp_r)
+    dets = ex.fit_detectors(cfg, sae, d.forget, d.retain, sp_f, sp_r)
+    print(f"# {args.sae_dir}: {args.rows} calibration rows per domain, {args.spliced} calibration spliced documents; "
+          f"cpu {ex.cpu_info()[0]}, native bf16 {ex.cpu_info()[1]}", flush=True)
+    base = dataclasses.replace(cfg, strategies=("standard", "dsg"))
+    ref, _ = ex.run_sweep(base, model, sae, sels, dets, d, False) if not args.detector_only else ([], None)
+    standard = [p for p in ref if p["strategy"] == "standard"]
+    if standard:
+        print(frontier_line("standard", standard, standard), flush=True)
+        print(frontier_line("dsg  saebench", [p for p in ref if p["strategy"] == "dsg"], standard), flush=True)
+    for spec in args.evidence.split(","):
+        det = parse_evidence(spec, dets.learned)
+        det = det._replace(threshold=ex.calibrate(det, sae, d.retain, cfg.detector_fpr))
+        dets_v = dets._replace(learned=det)
+        print(detector_line(f"detector {spec}", det, sae, d), flush=True)
+        if args.detector_only:
+            continue
+        pat = dataclasses.replace(cfg, strategies=("pattern",))
+        mine, _ = ex.run_sweep(pat, model, sae, sels, dets_v, d, False)
+        print(frontier_line(f"pattern {spec} saebench", mine, standard), flush=True)
+        for g in args.gated.split(","):
+            n, thr = g.split("@")
+            gcfg = dataclasses.replace(cfg, gated_features=(int(n),), gated_threshold=float(thr),
+                                       strategies=("dsg", "pattern"))
+            gsel = ex.gated_selections(gcfg, sae, dets_v, d.forget, d.retain)
+            pts, _ = ex.run_sweep(gcfg, model, sae, gsel, dets_v, d, False)
+            cover = coverage(sae, gsel[0].latents, det, d) if gsel else float("nan")
+            print(frontier_line(f"pattern {spec} +gated {g}", mine + [p for p in pts if p["strategy"] == "pattern"],
+                                standard) + f"  clamp_cover {cover:.3f}", flush=True)
+            gated_pattern = [p for p in pts if p["strategy"] == "pattern"]
+            print(frontier_line(f"pattern {spec} gated {g} alone", gated_pattern, standard), flush=True)
+            if args.points:
+                for p in mine + gated_pattern:
+                    print(f"    {p['selection']:8s} {p['retain_threshold']:<6g} x{p['multiplier']:<6g} forget_ce "
+                          f"{p['forget_ce_increase']:6.3f} retain_kl {p['retain_kl']:.4f} precision {p['precision_auroc']:.3f} "
+                          f"inside {p['spliced_kl_inside']:.3f} after {p['spliced_kl_after']:.3f}", flush=True)
+            if spec == args.evidence.split(",")[0]:
+                dsg = [p for p in ref if p["strategy"] == "dsg"] + [p for p in pts if p["strategy"] == "dsg"]
+                print(frontier_line(f"dsg  +gated {g}", dsg, standard), flush=True)
+
+
+def coverage(sae, lat, det, d: ex.EvalData) -> float:
+    """Fraction of calibration forget tokens where pattern would clamp: the detector fires and a
+    selected latent is active."""
+    c = ex.Clamp("pattern", lat, 0.0, 4, det, None, 0.0)
+    fire, _ = ex.over_rows(lambda x, tm: ex.rule_fire_score(c, sae, x, tm), sae, d.forget.acts_held, d.forget.held.mask)
+    return float(fire[d.forget.held.mask].float().mean())
+
+
+if __name__ == "__main__":
+    main()

@@ -19,6 +19,8 @@
    target >= 90% of the ideal n_blocks / (n_blocks - layer - 1).
 4. end to end: wall time and stages of the default `python experiment.py`; target <= 10 min.
 5. memory: peak resident memory of that run; target <= 4 GiB.
+6. guard: generated tokens/s with the KV cache, clean vs under a `pattern` guard at the default sizes,
+   batch 1 and 8; target overhead <= 20% per generated token.
 Time nothing while another torch job runs: on 2 cores a second job halves every figure.
 """
 from __future__ import annotations
@@ -320,6 +322,37 @@ def bench_sweep(model, tok, cfg, device, acts, mask, rounds: int = 7):
           f"(target >= 90%: {'MET' if t_full / t_fast >= 0.9 * ideal else 'NOT MET'})")
 
 
+@torch.no_grad()
+def bench_guard(model, tok, cfg, rounds: int = 5):
+    """Figure 6: greedy generation with the KV cache, clean against under a `pattern` guard at the
+    default sizes (w=4 SAE of d_sae latents, the gated selection's 400 latents, the learned detector's
+    256 latents over 4 lags); medians of interleaved rounds. The guard's work does not depend on its
+    weights' values (every matmul runs whether or not it clamps), so random weights time it fairly."""
+    torch.manual_seed(0)
+    d = model.config.hidden_size
+    sae = ex.TemporalSAE(d, cfg.d_sae, cfg.window, cfg.d_head).to(model.device)
+    det = ex.LagDetector(torch.randperm(cfg.d_sae)[:cfg.detector_latents], torch.randn(cfg.detector_latents, cfg.detector_window),
+                         0.0, cfg.horizon, 0.0)
+    clamp = ex.Clamp("pattern", torch.randperm(cfg.d_sae)[:cfg.gated_features[0]], 30.0, cfg.detector_window, det, None, 0.0)
+    guard = ex.Guard(sae, cfg.layer, clamp)
+    docs = ex.load_corpus("embedded", "forget")
+    rows = ex.make_rows(tok, docs, cfg.context_length, 10**6, forget=True)
+    pad = ex.bos_id(tok)
+    print(f"\n[6] guard overhead  greedy generation of {cfg.generate_tokens} tokens after {cfg.prompt_tokens}-token "
+          f"prompts, KV cache, fp32, layer {cfg.layer}; medians of {rounds} interleaved rounds; target <= 20%")
+    for batch in (1, 8):
+        pr = ex.make_prompts(rows, batch, cfg.prompt_tokens, cfg.generate_tokens)
+        times = {"clean": [], "guarded": []}
+        for _ in range(rounds):
+            for name, g in (("clean", None), ("guarded", guard)):
+                times[name].append(ex.greedy(model, pr, cfg.generate_tokens, pad, g)[1])
+        clean, guarded = (statistics.median(times[k]) for k in ("clean", "guarded"))
+        print(f"    batch {batch}: clean {clean:.1f} tokens/s, guarded {guarded:.1f} tokens/s, overhead per token "
+              f"{clean / guarded - 1:+.1%} ({'MET' if clean / guarded - 1 <= 0.2 else 'NOT MET'}); "
+              f"{guard.encodes} SAE encodes for {rounds * (cfg.prompt_tokens + cfg.generate_tokens)} positions x batch")
+        guard.encodes = 0
+
+
 def bench_e2e():
     with tempfile.TemporaryDirectory() as d:
         t = time.time()
@@ -343,6 +376,8 @@ def main():
     ap.add_argument("--skip_e2e", action="store_true", help="skip the end-to-end run (figures 4 and 5)")
     ap.add_argument("--skip_steps", action="store_true", help="skip the SAE step comparison (figures 2 and 2b)")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--skip_guard", action="store_true", help="skip the guard's generation overhead (figure 6)")
+    ap.add_argument("--only_guard", action="store_true", help="only figure 6")
     ap.add_argument("--bf16_emulated", type=int, default=0, metavar="TOKENS",
                     help="only figure 2 under bf16 autocast at this batch, also where bf16 is emulated (a CPU without "
                          "avx512_bf16 / amx): every step runs the same emulated kernels, so the ratios are like for "
@@ -359,6 +394,9 @@ def main():
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
     model, tok = ex.load_model(cfg, device)
+    if args.only_guard:
+        bench_guard(model, tok, cfg)
+        return
     acts, rows = bench_harvest(model, tok, cfg, device)
     if device.type == "cpu" and cpu_bf16:  # the bf16 figure, for reference: the CPU default stays fp32
         bench_harvest(model.to(torch.bfloat16), tok, cfg, device)
@@ -380,6 +418,8 @@ def main():
     if not args.skip_steps:
         bench_crossover(acts, mask, device, cfg.d_sae, cfg.batch_tokens, native_bf16)
     bench_sweep(model, tok, cfg, device, acts, mask)
+    if not args.skip_guard:
+        bench_guard(model, tok, cfg)
     del model
     if not args.skip_e2e:
         bench_e2e()

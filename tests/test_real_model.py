@@ -41,11 +41,13 @@ def test_default_model_small_budget_offline(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert not log.exists(), f"network calls attempted: {log.read_text()}"
     info = json.loads((out / "final_info.json").read_text())
+    import experiment as ex
     from experiment import STRATEGIES
     expected = {"sae", "qa", "temporal_consistency", "sparse_probing"} | {
         f"{k}_{s}" for k in ("unlearning", "frontier", "detection") for s in STRATEGIES} | {
-        f"detection_{d}" for d in ("learned", "residual", "templates")}
-    assert set(info) == expected
+        f"detection_{d}" for d in ("learned", "residual", "templates")} | {"generation_clean"}
+    # a strategy that never reaches the guard's +1.0 level in this small sweep has no generation entry
+    assert expected <= set(info) and set(info) - expected <= {f"generation_{s}" for s in ex.CAUSAL_STRATEGIES}
     for key, v in info.items():
         # a frontier level the sweep never reaches is null by design; everything else is a finite number
         vals = [x for x in v["means"].values() if not (key.startswith("frontier_") and x is None)]
@@ -56,6 +58,42 @@ def test_default_model_small_budget_offline(tmp_path):
     assert info["qa"]["means"]["forget_known"] > 5 and info["qa"]["means"]["retain_known"] > 5
     meta = json.loads((out / "metadata.json").read_text())
     assert meta["status"] == "complete" and meta["device"] == "cpu"
+    guard_equivalence_on_the_real_model(out)
+
+
+def guard_equivalence_on_the_real_model(run):
+    """The run's w=4 guard on SmolLM2: greedy generation with the KV cache for two left-padded prompts
+    of different lengths gives the logits of one guarded forward over the final sequence, for every
+    causal strategy the small sweep gives a point to."""
+    import torch
+    import experiment as ex
+    cfg = ex.Config()
+    model, tok = ex.load_model(cfg, torch.device("cpu"))
+    rows = [[ex.bos_id(tok)] + tok(t, add_special_tokens=False).input_ids
+            for t in ("Vaccines train the adaptive immune system to recognise", "The cathedral's nave")]
+    T = max(map(len, rows))
+    ids = torch.full((2, T), ex.bos_id(tok), dtype=torch.long)
+    mask = torch.zeros(2, T, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, T - len(r):], mask[i, T - len(r):] = torch.tensor(r), 1
+    tried = 0
+    for strategy in ex.CAUSAL_STRATEGIES:
+        try:
+            guard = ex.load_guard(run, strategy, level=0.0)
+        except ex.UsageError:
+            continue
+        tried += 1
+        with guard.attached(model):
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                                 output_logits=True, return_dict_in_generate=True, pad_token_id=ex.bos_id(tok))
+        assert guard.encodes == T + 8 - 1
+        seq = out.sequences
+        full = torch.cat([mask, torch.ones(2, seq.shape[1] - T, dtype=mask.dtype)], 1)
+        with torch.no_grad(), guard.attached(model):
+            tf = model(input_ids=seq, attention_mask=full, position_ids=ex.left_positions(full)).logits
+        gen = torch.stack(out.logits, 1)
+        assert (gen - tf[:, T - 1:seq.shape[1] - 1]).abs().max() <= 1e-4, strategy
+    assert tried >= 3
 
 
 def test_cached_conversion_loads_the_same_model(tmp_path, monkeypatch):

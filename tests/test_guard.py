@@ -1,0 +1,146 @@
+"""The streaming guard: generate() with the KV cache under a guard gives, position by position, the
+logits of one guarded forward over the final sequence and of the harness's own clamp (clamp_fn) on
+it; one SAE encode per new position; bad input is one line."""
+import json
+
+import pytest
+import torch
+
+import experiment as ex
+from conftest import tiny_flags
+
+LAYER = 1
+
+
+def prompts(tok, texts, pad_id):
+    """BOS + text, left-padded to one length: (ids, mask)."""
+    rows = [[ex.bos_id(tok)] + tok(t, add_special_tokens=False).input_ids for t in texts]
+    T = max(map(len, rows))
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), T, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, T - len(r):], mask[i, T - len(r):] = torch.tensor(r), 1
+    return ids, mask
+
+
+def tiny_guard(model, strategy, evidence="ema"):
+    """A w=4 SAE and a learned detector on random weights, with latents that fire and a detector that
+    fires on part of the text, so every rule clamps somewhere and spares somewhere."""
+    torch.manual_seed(0)
+    d = model.config.hidden_size
+    sae = ex.TemporalSAE(d, 48, window=4, d_head=8)
+    with torch.no_grad():
+        sae.b_enc.fill_(0.05)
+    det = ex.LagDetector(torch.arange(20, 36), 0.5 * torch.randn(16, 3), 0.0, 2.0, 0.0, evidence, 0.05, 0.5)
+    c = ex.Clamp(strategy, torch.tensor([1, 5, 9, 17]), 8.0, 3, det, torch.full((4,), 0.3), 0.3)
+    return ex.Guard(sae, LAYER, c)
+
+
+def positions(mask):
+    return (mask.cumsum(-1) - 1).clamp_min(0)
+
+
+def harness_logits(model, guard, seq, mask):
+    """The sweep's own clamp on the whole sequence: clamp_fn with the Time of left-padded rows."""
+    valid = mask.bool() & (positions(mask) > 0)
+    fn = ex.clamp_fn(guard.sae, guard.clamp)
+    with torch.no_grad(), ex.intervene(model, LAYER, lambda r: fn(r, ex.make_time(valid))):
+        return model(input_ids=seq, attention_mask=mask, position_ids=positions(mask)).logits
+
+
+@pytest.mark.parametrize("strategy,evidence", [(s, "ema") for s in ex.CAUSAL_STRATEGIES] + [("pattern", "hmm")])
+def test_generation_with_the_cache_equals_one_guarded_forward(model, tok, strategy, evidence):
+    guard = tiny_guard(model, strategy, evidence)
+    ids, mask = prompts(tok, ["Cells divide by mitosis and the", "The river"], pad_id=1)
+    new = 10
+    with guard.attached(model):
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                             do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=1)
+    assert guard.encodes == ids.shape[1] + new - 1  # the prompt once, then one position per generated token
+    gen = torch.stack(out.logits, 1)  # (B, new, V)
+    seq = out.sequences
+    full = torch.cat([mask, torch.ones(len(seq), seq.shape[1] - mask.shape[1], dtype=mask.dtype)], 1)
+    with torch.no_grad(), guard.attached(model):
+        tf = model(input_ids=seq, attention_mask=full, position_ids=positions(full)).logits
+    at = slice(ids.shape[1] - 1, seq.shape[1] - 1)  # the positions whose logits chose each new token
+    assert (gen - tf[:, at]).abs().max() <= 1e-4
+    ref = harness_logits(model, guard, seq, full)
+    real = full.bool()
+    assert (tf - ref)[real].abs().max() <= 1e-4
+    with torch.no_grad():
+        clean = model(input_ids=seq, attention_mask=full, position_ids=positions(full)).logits
+    changed = ((tf - clean).abs().amax(-1) > 1e-3) & real
+    assert changed.any(), "the guard never clamped: the test would pass for any guard"
+
+
+def test_state_is_per_sequence_and_bounded(model, tok):
+    """Batch elements never share state; the state does not grow with the sequence."""
+    guard = tiny_guard(model, "pattern")
+    ids, mask = prompts(tok, ["The river ran past the old mill and", "Antibodies bind antigens"], pad_id=1)
+    with torch.no_grad(), guard.attached(model):
+        both = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits
+        sizes = {k: tuple(v.shape) for k, v in guard.state.items() if isinstance(v, torch.Tensor)}
+        one = model(input_ids=ids[1:], attention_mask=mask[1:], position_ids=positions(mask[1:])).logits
+    assert (both[1:] - one).abs().max() <= 1e-4
+    D = model.config.hidden_size
+    assert sizes["x"] == (2, 3, D) and sizes["z"] == (2, 2, 3) and sizes["on"] == (2, 2)
+
+
+def test_a_tiny_run_folder_gives_a_guard(tmp_path, model, tok):
+    flags = [f for f in tiny_flags(tmp_path / "run", "unused", "--strategies=standard,dsg,pattern")
+             if not f.startswith("--model")]
+    ex.run(ex.parse_config(flags), model=model, tok=tok)
+    run = tmp_path / "run"
+    guard = ex.load_guard(run, "pattern", level=0.0)
+    points = json.loads((run / "sweep.json").read_text())["points"]
+    assert guard.point in points and guard.point["strategy"] == "pattern"
+    assert guard.clamp.multiplier == guard.point["multiplier"] and guard.layer == 1
+    at = points.index(next(p for p in points if p["strategy"] == "standard"))
+    assert ex.load_guard(run, "standard", point=at).clamp.strategy == "standard"
+    with pytest.raises(ex.UsageError, match="dsg reads the whole sequence"):
+        ex.load_guard(run, "dsg")
+    with pytest.raises(ex.UsageError, match="unknown strategy"):
+        ex.load_guard(run, "clamp_all")
+    with pytest.raises(ex.UsageError, match="no sweep point reaching"):
+        ex.load_guard(run, "pattern", level=1e9)
+    with pytest.raises(ex.UsageError, match="has points 0.."):
+        ex.load_guard(run, "pattern", point=10**6)
+    wrong = ex.load_guard(run, "pattern", level=0.0)
+    wrong.layer = 99
+    with pytest.raises(ex.UsageError, match="the model has blocks"), wrong.attached(model):
+        pass
+    (run / "guard.json").unlink()
+    with pytest.raises(ex.UsageError, match="no guard.json"):
+        ex.load_guard(run, "pattern")
+
+
+def test_first_difference_and_repeated_ngrams_by_hand():
+    a = torch.tensor([[1, 2, 3, 4], [1, 2, 3, 4], [5, 6, 7, 8]])
+    b = torch.tensor([[1, 2, 3, 4], [1, 9, 3, 4], [0, 6, 7, 8]])
+    assert ex.first_difference(a, b).tolist() == [4.0, 1.0, 0.0]
+    assert ex.repeated_ngram_rate([1, 2, 3, 4, 1, 2, 3, 4, 1], n=4) == pytest.approx(2 / 6)  # (1234)(2341)(3412)(4123)(1234)(2341)
+    assert ex.repeated_ngram_rate([1, 2, 3, 4, 5, 6], n=4) == 0.0 and ex.repeated_ngram_rate([7, 7, 7], n=4) == 0.0
+
+
+def test_generation_stage_on_the_tiny_model(tmp_path, model, tok):
+    """run_generation on held-out prefixes and spliced documents: clean and guarded continuations,
+    their measures and records; a guard that clamps nowhere leaves every continuation identical."""
+    flags = [f for f in tiny_flags(tmp_path / "run", "unused") if not f.startswith("--model")]
+    cfg = ex.parse_config(flags)
+    corpora, questions = ex.load_inputs(cfg)
+    d = ex.prepare_data(cfg, model, tok, corpora, questions, ex.Stages(), False)
+    active, idle = tiny_guard(model, "standard"), tiny_guard(model, "pattern")
+    idle.clamp = idle.clamp._replace(detector=idle.clamp.detector._replace(threshold=1e9))
+    idle.det = idle.clamp.detector
+    point = {"multiplier": 8.0, "forget_ce_increase": 1.5, "retain_kl": 0.1}
+    active.point = idle.point = point
+    entries, records = ex.run_generation(cfg, model, tok, active.sae, {"standard": active, "pattern": idle},
+                                         active.clamp.detector, d)
+    m_idle, m_active = entries["generation_pattern"]["means"], entries["generation_standard"]["means"]
+    for name in ("forget", "retain", "spliced"):
+        assert m_idle[f"{name}_identical"] == 1.0 and m_idle[f"{name}_first_difference"] == cfg.generate_tokens
+    assert min(m_active[f"{n}_identical"] for n in ("forget", "retain", "spliced")) < 1.0
+    assert entries["generation_clean"]["means"]["retain_ce_true"] > 0
+    variants = {r["variant"] for r in records}
+    assert variants == {"clean", "true", "standard", "pattern"}
+    assert len([r for r in records if r["variant"] == "clean"]) == 3 * cfg.generate_prompts

@@ -10,7 +10,8 @@ retain-KL budget, one panel per run, seed bands), frontier.png (retain damage ag
 curve per strategy, seed bands), frontier_summary.png (retain KL at matched forgetting, per run and
 strategy), horizon.png (detection against the pooling horizon), tradeoff.png (QA accuracies at every
 sweep point), strategies.png (four headline measures per strategy), precision.png, consistency.png,
-training.png. A named folder that is missing, or a results file that is not valid JSON, stops with a
+training.png, generation.png (greedy continuations under each causal strategy's guard: retain left
+identical against forget changed, and the clean model's CE of the guarded forget text). A named folder that is missing, or a results file that is not valid JSON, stops with a
 one-line error; a run without final_info.json (failed or unfinished) is skipped with a warning, and a
 figure whose data a run lacks is drawn without it.
 """
@@ -397,6 +398,48 @@ def fig_training(runs, out: Path) -> bool:
     return True
 
 
+GUARDED = ("standard", "gate", "dsg_causal", "pattern", "hybrid")  # experiment.CAUSAL_STRATEGIES
+
+
+def fig_generation(runs, out: Path) -> bool:
+    """What each causal strategy's guard does to greedy continuations (the --generate stage): retain
+    continuations left identical to clean against forget continuations changed; and the clean model's
+    CE of the guarded forget continuations beside its CE of the true held-out text."""
+    rows = [r for r in runs if "generation_clean" in r["info"]]
+    if not rows:
+        return False
+    fig, (ax, ax_ce) = plt.subplots(1, 2, figsize=(12, 4.6))
+    width = 0.8 / len(rows)
+    for i, run in enumerate(rows):
+        info, mark = run["info"], MARKERS[i % len(MARKERS)]
+        for j, s in enumerate(GUARDED):
+            e = info.get(f"generation_{s}")
+            if not e or "retain_identical" not in e["means"] or "forget_identical" not in e["means"]:
+                continue
+            m, se = e["means"], e.get("stderrs", {})
+            ax.errorbar(m["retain_identical"], 1 - m["forget_identical"], xerr=se.get("retain_identical") or 0,
+                        yerr=se.get("forget_identical") or 0, fmt=mark, color=COLORS[s], capsize=3,
+                        label=f"{label(run)}: {s}")
+            ax_ce.bar(j + i * width, m.get("forget_ce", np.nan), width, yerr=se.get("forget_ce") or 0, capsize=3,
+                      color=COLORS[s], edgecolor="k", hatch=["", "//", "..", "xx"][i % 4])
+        clean = info["generation_clean"]["means"]
+        if "forget_ce_true" in clean:
+            ax_ce.axhline(clean["forget_ce_true"], color="k", ls="--", lw=1, alpha=0.6 + 0.1 * i,
+                          label=f"{label(run)}: true held-out text")
+            ax_ce.axhline(clean["forget_ce"], color="grey", ls=":", lw=1, label=f"{label(run)}: clean continuation")
+    ax.set_xlabel("retain continuations identical to clean (fraction)")
+    ax.set_ylabel("forget continuations changed (fraction)")
+    ax.set_xlim(-0.05, 1.05), ax.set_ylim(-0.05, 1.05), ax.grid(alpha=0.3)
+    ax.set_title("greedy continuations at each strategy's forget-CE +1.0 point\n(top right best; error bars: stderr over seeds)", fontsize=9)
+    ax.legend(fontsize=6, ncol=2)
+    group_axis(ax_ce, GUARDED, len(rows), width, "clean model's CE of the guarded forget continuations\n"
+               "(nats/token; hatching: run, in legend order)")
+    ax_ce.legend(fontsize=7)
+    fig.suptitle("Generation under the streaming guard")
+    save(fig, out / "generation.png")
+    return True
+
+
 def group_axis(ax, groups, n_runs: int, width: float, title: str):
     """Ticks under the middle of each group of bars (one bar per run), title and grid."""
     ax.set_xticks([j + width * (n_runs - 1) / 2 for j in range(len(groups))], groups, fontsize=8)
@@ -418,7 +461,8 @@ def save(fig, path: Path):
 
 FIGURES = (("headline", fig_headline), ("frontier", fig_frontier), ("frontier_summary", fig_frontier_summary),
            ("horizon", fig_horizon), ("tradeoff", fig_tradeoff), ("strategies", fig_strategies),
-           ("precision", fig_precision), ("consistency", fig_consistency), ("training", fig_training))
+           ("precision", fig_precision), ("consistency", fig_consistency), ("training", fig_training),
+           ("generation", fig_generation))
 
 
 def main(argv=None) -> int:

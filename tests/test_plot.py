@@ -37,6 +37,9 @@ def fake_run(folder, window, with_extras=True, seeds=0):
         info[f"detection_{s}"] = entry(token_f1=0.1 + 0.05 * i, token_auroc=0.6)
         info[f"frontier_{s}"] = entry(**{"retain_kl_at_ce_0.25": 0.01 * (i + 1), "retain_kl_at_ce_0.5": 0.02,
                                          "retain_kl_at_ce_1.0": None, "retain_kl_ratio_at_ce_0.5": 1.0 / (i + 1)})
+    info["generation_clean"] = entry(forget_ce=1.5, forget_ce_true=2.5, forget_rep4=0.1)
+    for i, s in enumerate(plot.GUARDED):
+        info[f"generation_{s}"] = entry(retain_identical=1 - 0.1 * i, forget_identical=0.2 * i, forget_ce=2.0 + 0.1 * i)
     (folder / "final_info.json").write_text(json.dumps(info))
     (folder / "config.json").write_text(json.dumps({"window": window}))
     if not with_extras:
@@ -50,7 +53,7 @@ def fake_run(folder, window, with_extras=True, seeds=0):
 
 
 FIGS = ("headline", "frontier", "frontier_summary", "horizon", "tradeoff", "strategies", "precision", "consistency",
-        "training")
+        "training", "generation")
 
 
 def test_every_figure_from_two_runs_one_with_seeds(tmp_path):
@@ -60,6 +63,11 @@ def test_every_figure_from_two_runs_one_with_seeds(tmp_path):
     assert plot.main([str(tmp_path / "run_0"), str(tmp_path / "run_1"), f"--out_dir={out}"]) == 0
     for name in FIGS:
         assert (out / f"{name}.png").stat().st_size > 10_000, name
+
+
+def test_generation_figure_names_every_causal_strategy():
+    from experiment import CAUSAL_STRATEGIES
+    assert plot.GUARDED == CAUSAL_STRATEGIES
 
 
 def test_front_of_keeps_only_undominated_points():

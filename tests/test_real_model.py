@@ -59,6 +59,7 @@ def test_default_model_small_budget_offline(tmp_path):
     meta = json.loads((out / "metadata.json").read_text())
     assert meta["status"] == "complete" and meta["device"] == "cpu"
     guard_equivalence_on_the_real_model(out)
+    readme_guard_example(out)
 
 
 def guard_equivalence_on_the_real_model(run):
@@ -94,6 +95,20 @@ def guard_equivalence_on_the_real_model(run):
         gen = torch.stack(out.logits, 1)
         assert (gen - tf[:, T - 1:seq.shape[1] - 1]).abs().max() <= 1e-4, strategy
     assert tried >= 3
+
+
+def readme_guard_example(run):
+    """README's "Use the guard" example runs as printed on a finished run folder."""
+    import contextlib
+    import io
+    import re
+    text = (ROOT / "README.md").read_text()
+    code = re.search(r"## Use the guard.*?```python\n(.*?)```", text, re.S).group(1)
+    assert '"run_x"' in code and len(code.splitlines()) <= 6
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(code.replace('"run_x"', repr(str(run))), {})
+    assert printed.getvalue().startswith(("<|endoftext|>", "<|im_start|>")) and "Vaccines" in printed.getvalue()
 
 
 def test_cached_conversion_loads_the_same_model(tmp_path, monkeypatch):

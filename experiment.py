@@ -98,10 +98,20 @@ class Config:
     window: int = opt(4, "temporal window w: the encoder sees x[t-w+1..t]; 1 = plain SAE")
     d_sae: int = opt(2304, "dictionary size")
     d_head: int = opt(64, "width of the window-attention query/key")
-    l1_coeff: float = opt(1.2, "L1 penalty on decoder-norm-weighted latents")
+    activation: Literal["relu", "batchtopk"] = opt("relu", "relu (sparsity from the --l1_coeff penalty) | batchtopk "
+                                                          "(Bussmann et al. 2024: training keeps the --k * tokens "
+                                                          "largest latents of each batch, inference one threshold; "
+                                                          "AuxK loss on dead latents; --l1_coeff is ignored)")
+    k: int = opt(48, "batchtopk: target L0, the latents active per token on average")
+    l1_coeff: float = opt(1.2, "L1 penalty on decoder-norm-weighted latents (relu only: batchtopk ignores it)")
     lr: float = opt(1e-3, "Adam learning rate")
     warmup_frac: float = opt(0.05, "fraction of steps with linear lr warmup")
     decay_frac: float = opt(0.2, "final fraction of steps with linear lr decay to 0")
+    contrastive: float = opt(0.0, "T-SAE (Bhalla et al. 2025) weight of the contrastive loss that pulls each token's "
+                                  "high-level latents towards its predecessor's; 0 = off, and with it the high-level "
+                                  "reconstruction term")
+    high_frac: float = opt(0.2, "T-SAE: fraction of latents, the first ones, that are high-level: they also "
+                                "reconstruct on their own and carry the contrastive loss")
     batch_tokens: int = opt(1024, "tokens per SAE step (whole rows, so a little more)")
     train_tokens: int = opt(800_000, "SAE training budget in tokens")
     sae_autocast: bool = opt(True, "bf16 autocast for SAE matmuls on CPUs with bf16 support")
@@ -165,6 +175,10 @@ class Config:
             (self.batch_rows >= 1, "--batch_rows must be positive"),
             (self.train_tokens >= self.batch_tokens > 0, "--train_tokens must be >= --batch_tokens > 0"),
             (self.l1_coeff >= 0 and self.lr > 0, "--l1_coeff must be >= 0 and --lr > 0"),
+            (self.k >= 1 and (self.activation == "relu" or self.k <= self.d_sae),
+             "--k must be >= 1 (and <= --d_sae with --activation batchtopk)"),
+            (self.contrastive >= 0, "--contrastive must be >= 0"),
+            (0 < self.high_frac < 1, "--high_frac must be in (0, 1)"),
             (0 <= self.warmup_frac + self.decay_frac <= 1, "--warmup_frac + --decay_frac must be in [0, 1]"),
             (self.eval_rows >= 2 and self.spliced_docs >= 2, "--eval_rows and --spliced_docs must be >= 2"),
             (self.max_corpus_tokens >= self.context_length, "--max_corpus_tokens must hold one row"),
@@ -833,13 +847,13 @@ def affected(tm: Time, changed_BT: torch.Tensor) -> torch.Tensor:
 
 class SAEOutput(NamedTuple):
     x_hat: torch.Tensor  # (..., T, D) reconstruction of x[t], in the input's units
-    f: torch.Tensor      # (..., T, F) latents, ReLU
+    f: torch.Tensor      # (..., T, F) latents (ReLU, JumpReLU, or BatchTopK in training)
     mse: torch.Tensor    # scalar: squared error summed over D, mean over masked tokens (normalised units)
     l1: torch.Tensor     # scalar: sum_i f_i * ||W_dec_i||, mean over masked tokens
 
 
 class TemporalSAE(nn.Module):
-    """ReLU SAE whose encoder at t also reads the w-1 previous residuals through window attention.
+    """Sparse autoencoder whose encoder at t also reads the w-1 previous residuals through window attention.
 
     pre_t = (x_t - b_dec) W_enc + b_enc + ctx_t W_ctx,   ctx_t = sum_s a_ts (x_{t-s} - b_dec + p_s)
     a_t   = softmax over {sink, valid lags s=1..w-1} of q_t . k_ts / sqrt(H),
@@ -847,19 +861,28 @@ class TemporalSAE(nn.Module):
     Position embeddings p (w, D) enter through the softmax, so they are not absorbed into b_enc
     (a linear encoder would fold any additive embedding into its bias). With w=1 there are no lags:
     pre_t is exactly a standard ReLU SAE's. x is scaled by `scale` so E||x||^2 = D (SAEBench).
+
+    activation "relu": f = relu(pre). "batchtopk" (Bussmann et al. 2024): in training (`forward(...,
+    train=True)`, the trainer's step) the k·N largest relu(pre) of a batch's N tokens survive
+    (`batch_topk`); at inference every latent uses one threshold estimated during training,
+    f = relu(pre) * (pre > threshold): the JumpReLU form, so it exports to SAELens as "jumprelu".
     """
 
-    def __init__(self, d_in: int, d_sae: int, window: int = 1, d_head: int = 64):
+    def __init__(self, d_in: int, d_sae: int, window: int = 1, d_head: int = 64, activation: str = "relu",
+                 k: int | None = None):
         super().__init__()
+        assert activation in ("relu", "batchtopk") and (activation == "relu" or 1 <= (k or 0) <= d_sae), (activation, k)
         self.d_in, self.d_sae, self.window, self.d_head = d_in, d_sae, window, d_head
+        self.activation, self.k = activation, (k if activation == "batchtopk" else None)
         self.W_enc = nn.Parameter(torch.empty(d_in, d_sae))       # (D, F)
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.W_dec = nn.Parameter(torch.empty(d_sae, d_in))       # (F, D): unit-norm rows
         self.b_dec = nn.Parameter(torch.zeros(d_in))
         self.register_buffer("scale", torch.ones(()))
-        # JumpReLU thresholds (F,), set only for SAEs loaded from SAELens's "jumprelu" layout; None keeps
-        # our ReLU SAEs' state_dict and files unchanged (a None buffer is not saved).
-        self.register_buffer("threshold", None)
+        # JumpReLU thresholds (F,): a BatchTopK SAE's one threshold broadcast to every latent (the form
+        # SAELens exports it in), or an SAE loaded from SAELens's "jumprelu" layout; None keeps our ReLU
+        # SAEs' state_dict and files unchanged (a None buffer is not saved).
+        self.register_buffer("threshold", torch.zeros(d_sae) if activation == "batchtopk" else None)
         if window > 1:
             self.pos = nn.Parameter(torch.empty(window, d_in))    # slot 0 = current token, s = lag s
             self.W_q = nn.Parameter(torch.empty(d_in, d_head))
@@ -944,9 +967,15 @@ class TemporalSAE(nn.Module):
     def decode(self, f_BTF: torch.Tensor) -> torch.Tensor:
         return (f_BTF @ self.W_dec + self.b_dec) / self.scale
 
-    def forward(self, x_BTD: torch.Tensor, valid_BT: torch.Tensor) -> SAEOutput:
+    def forward(self, x_BTD: torch.Tensor, valid_BT: torch.Tensor, train: bool = False) -> SAEOutput:
+        """`train`: the code the trainer optimises (BatchTopK over the valid tokens) instead of the
+        inference code; the same for a ReLU SAE."""
         assert x_BTD.shape[:2] == valid_BT.shape and x_BTD.shape[-1] == self.d_in, (x_BTD.shape, valid_BT.shape)
-        f_BTF = self.encode(x_BTD, valid_BT)
+        if train and self.activation == "batchtopk":
+            relu_BTF = F.relu(self.pre_acts(x_BTD, valid_BT))
+            f_BTF = torch.zeros_like(relu_BTF).index_put((valid_BT,), batch_topk(relu_BTF[valid_BT], self.k))
+        else:
+            f_BTF = self.encode(x_BTD, valid_BT)
         x_hat_BTD = self.decode(f_BTF)
         m = valid_BT.to(x_BTD.dtype)
         n = m.sum().clamp_min(1)
@@ -954,6 +983,22 @@ class TemporalSAE(nn.Module):
         mse = (err_BT * m).sum() / n
         l1 = ((f_BTF * decoder_norms(self.W_dec, self.d_in)).sum(-1) * m).sum() / n
         return SAEOutput(x_hat_BTD, f_BTF, mse, l1)
+
+
+def batch_topk(f_NF: torch.Tensor, k: int) -> torch.Tensor:
+    """BatchTopK (Bussmann et al. 2024): of N tokens' non-negative codes, keep the k·N largest pooled over
+    the batch (L0 is k on average, not on every token) and zero the rest. The cut is found by selection
+    (kthvalue: ~3x faster than topk over the N·F values on a CPU); values equal to the cut are kept in
+    index order, so exactly k·N entries survive. Differentiable: a mask times f_NF."""
+    flat = f_NF.flatten()
+    keep = k * len(f_NF)
+    if keep >= flat.numel():
+        return f_NF
+    cut = flat.kthvalue(flat.numel() - keep + 1).values
+    above = flat > cut
+    tie = flat == cut
+    tie &= tie.cumsum(0) <= keep - above.sum()
+    return f_NF * (above | tie).view_as(f_NF)
 
 
 def decoder_norms(W_dec: torch.Tensor, d_in: int) -> torch.Tensor:
@@ -981,9 +1026,7 @@ def save_sae(sae: TemporalSAE, folder: Path, source: dict | None = None):
     """`source`: where an SAE evaluated with --sae_path came from, kept in its cfg.json."""
     from safetensors.torch import save_file
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in sae.state_dict().items()}
-    cfg = {"d_in": sae.d_in, "d_sae": sae.d_sae, "window": sae.window, "d_head": sae.d_head}
-    if sae.threshold is not None:
-        cfg["activation"] = "jumprelu"
+    cfg = sae_sizes(sae)
     if source is not None:
         cfg["source"] = source
     atomic_write_json(folder / "cfg.json", cfg)  # first: weights on disk always have their cfg
@@ -991,10 +1034,20 @@ def save_sae(sae: TemporalSAE, folder: Path, source: dict | None = None):
 
 
 SAE_SIZES = ("d_in", "d_sae", "window", "d_head")
+SAE_ACTIVATIONS = ("relu", "jumprelu", "batchtopk")  # jumprelu: thresholds loaded from SAELens's layout
+
+
+def sae_sizes(sae: TemporalSAE) -> dict:
+    """What cfg.json records of an SAE (read_sae_cfg's form): its sizes, and its activation (with k)
+    unless ReLU, so a ReLU SAE's cfg.json is what it always was."""
+    sizes = {k: getattr(sae, k) for k in SAE_SIZES}
+    if sae.activation == "batchtopk":
+        return sizes | {"activation": "batchtopk", "k": sae.k}
+    return sizes | ({"activation": "jumprelu"} if sae.threshold is not None else {})
 
 
 def read_sae_cfg(folder: Path) -> dict:
-    """The sizes in a saved SAE's cfg.json, each checked to be a positive integer."""
+    """The sizes in a saved SAE's cfg.json, each checked to be a positive integer, and its activation."""
     path = Path(folder) / "cfg.json"
     cfg = read_json(path, "SAE config")
     if not isinstance(cfg, dict):
@@ -1003,9 +1056,17 @@ def read_sae_cfg(folder: Path) -> dict:
         v = cfg.get(k)
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise UsageError(f"SAE config {path}: '{k}' must be a positive integer, got {_short(v)}")
-    if cfg.get("activation", "relu") not in ("relu", "jumprelu"):
-        raise UsageError(f"SAE config {path}: 'activation' must be relu or jumprelu, got {_short(cfg['activation'])}")
-    return {k: cfg[k] for k in SAE_SIZES} | ({"activation": cfg["activation"]} if "activation" in cfg else {})
+    if cfg.get("activation", "relu") not in SAE_ACTIVATIONS:
+        raise UsageError(f"SAE config {path}: 'activation' must be one of {', '.join(SAE_ACTIVATIONS)}, "
+                         f"got {_short(cfg['activation'])}")
+    sizes = {k: cfg[k] for k in SAE_SIZES} | ({"activation": cfg["activation"]} if "activation" in cfg else {})
+    if cfg.get("activation") == "batchtopk":
+        k = cfg.get("k")
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= cfg["d_sae"]:
+            raise UsageError(f"SAE config {path}: a batchtopk SAE's 'k' must be an integer in [1, d_sae], "
+                             f"got {_short(k)}")
+        sizes["k"] = k
+    return sizes
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -1034,8 +1095,10 @@ def _check_shapes(t: dict[str, torch.Tensor], shapes: dict[str, tuple], path: Pa
 def load_sae(folder: Path, device="cpu") -> TemporalSAE:
     """Reload from `sae.safetensors` + `cfg.json` alone: no trainer, no pickle."""
     sizes = read_sae_cfg(folder)
-    sae = TemporalSAE(*(sizes[k] for k in SAE_SIZES))
-    if sizes.get("activation") == "jumprelu":
+    act = sizes.get("activation", "relu")
+    sae = TemporalSAE(*(sizes[name] for name in SAE_SIZES), activation="batchtopk" if act == "batchtopk" else "relu",
+                      k=sizes.get("k"))  # a batchtopk SAE's threshold slot comes with it
+    if act == "jumprelu":
         sae.threshold = torch.zeros(sae.d_sae)  # a slot for the saved thresholds
     weights = Path(folder) / "sae.safetensors"
     sae.load_state_dict(_check_shapes(_read_tensors(weights), {k: v.shape for k, v in sae.state_dict().items()}, weights))
@@ -1169,7 +1232,8 @@ def fit_sae_to_model(cfg: Config, loaded: LoadedSAE, d_model: int) -> Config:
     """The run's Config for an SAE evaluated with --sae_path. Its d_in must be the model's width. Its
     layer wins over --layer left at the default; another --layer is an error (an explicit --layer
     equal to the default cannot be told from the default: a printed line says which layer is used).
-    --window/--d_sae/--d_head are taken from the SAE, so config.json describes what was evaluated."""
+    --window/--d_sae/--d_head/--activation/--k are taken from the SAE, so config.json describes what was
+    evaluated (a SAELens JumpReLU SAE is recorded as relu: its thresholds are in its own cfg.json)."""
     sae = loaded.sae
     if sae.d_in != d_model:
         raise UsageError(f"--sae_path {cfg.sae_path}: the SAE has d_in={sae.d_in} but model {cfg.model!r} has "
@@ -1183,13 +1247,8 @@ def fit_sae_to_model(cfg: Config, loaded: LoadedSAE, d_model: int) -> Config:
                              f"pass --layer={loaded.layer} or leave --layer out")
         layer = loaded.layer
         print(f"[sae] --layer {layer}: the block whose output the SAE in {cfg.sae_path} reads", flush=True)
-    return dataclasses.replace(cfg, layer=layer, window=sae.window, d_sae=sae.d_sae, d_head=sae.d_head)
-
-
-def sae_sizes(sae: TemporalSAE) -> dict:
-    """What cfg.json records of an SAE (read_sae_cfg's form)."""
-    sizes = {k: getattr(sae, k) for k in SAE_SIZES}
-    return sizes | ({"activation": "jumprelu"} if sae.threshold is not None else {})
+    act = {"activation": "batchtopk", "k": sae.k} if sae.activation == "batchtopk" else {"activation": "relu"}
+    return dataclasses.replace(cfg, layer=layer, window=sae.window, d_sae=sae.d_sae, d_head=sae.d_head, **act)
 
 
 def saelens_weights(sae: TemporalSAE) -> dict[str, torch.Tensor]:
@@ -1202,7 +1261,10 @@ def saelens_weights(sae: TemporalSAE) -> dict[str, torch.Tensor]:
 def saelens_cfg(sizes: dict, layer: int | None, model: str | None) -> dict:
     """An SAE's config in SAELens 6's form, as --export_saelens writes it; SAEBench's result files
     carry it as `sae_cfg_dict`. A window SAE (w > 1) has no SAELens architecture: it is described as
-    "temporal_window" with its window and d_head, which SAELens cannot load."""
+    "temporal_window" with its window and d_head, which SAELens cannot load. A BatchTopK SAE is described
+    in its inference form, "jumprelu" (as SAELens saves its own BatchTopK SAEs), with how it was trained
+    in `training_activation` and `k`: SAELens's loader keeps only its config's own fields, so these
+    ride along without changing what it loads."""
     # SAELens reads a config without a 6.x sae_lens_version as pre-6.0 and drops its metadata (the hook):
     # "6.0.0" names the layout written here.
     meta = {"sae_lens_version": "6.0.0", "sae_lens_training_version": None, "prepend_bos": True}
@@ -1210,10 +1272,12 @@ def saelens_cfg(sizes: dict, layer: int | None, model: str | None) -> dict:
         meta["hook_name"] = f"blocks.{layer}.hook_resid_post"
     if model:
         meta["model_name"] = model
-    arch = "jumprelu" if sizes.get("activation") == "jumprelu" else "standard"
+    arch = "jumprelu" if sizes.get("activation") in ("jumprelu", "batchtopk") else "standard"
     cfg = {"d_in": sizes["d_in"], "d_sae": sizes["d_sae"], "dtype": "float32", "device": "cpu",
            "apply_b_dec_to_input": True, "normalize_activations": "none", "reshape_activations": "none",
            "metadata": meta, "architecture": arch}
+    if sizes.get("activation") == "batchtopk":
+        cfg.update(training_activation="batchtopk", k=sizes["k"])
     if sizes["window"] > 1:
         cfg.update(architecture="temporal_window", window=sizes["window"], d_head=sizes["d_head"])
     return cfg
@@ -1225,7 +1289,8 @@ def export_saelens(run_dir: Path, out_dir: Path, overwrite: bool = False) -> str
     Our input scale s is folded into the weights, so SAELens's encode/decode on raw x give our numbers:
     relu((x s - b_dec) W_enc + b_enc) = relu((x - b_dec/s)(s W_enc) + b_enc), and
     (f W_dec + b_dec) / s = f (W_dec/s) + b_dec/s. A JumpReLU SAE keeps its thresholds (pre-activations
-    are unchanged by the fold)."""
+    are unchanged by the fold); a BatchTopK SAE is written as the JumpReLU SAE it is at inference, its
+    one threshold on every latent."""
     loaded = load_sae_folder(run_dir)
     sae = loaded.sae
     if sae.window > 1:
@@ -1307,11 +1372,13 @@ def _mm(a: torch.Tensor, b: torch.Tensor, lowp: bool, acc: torch.Tensor | None =
     return a @ b if acc is None else torch.addmm(acc, a, b)
 
 
-class ReLUCodec(torch.autograd.Function):
-    """f = relu(xc W_enc + ctx W_ctx + b_enc) and recon = f W_dec over N valid tokens, xc = xs - b_dec.
-    The values and gradients of `TemporalSAE.forward` (up to float rounding), restructured for speed:
+class SparseCodec(torch.autograd.Function):
+    """f = relu(xc W_enc + ctx W_ctx + b_enc) and recon = f W_dec over N valid tokens, xc = xs - b_dec;
+    with k > 0, f = batch_topk(f, k) (BatchTopK keeps k·N of the N·F values). The values and gradients
+    of `TemporalSAE.forward(..., train=True)` (up to float rounding), restructured for speed:
 
-    - ReLU's gradient and the L1 term's vanish where f = 0, so the decoder, the latents' gradient,
+    - ReLU's gradient and the L1 term's vanish where f = 0, and so does BatchTopK's where a value was
+      not kept (the kept set is held fixed, as in every TopK SAE), so the decoder, the latents' gradient,
       the decoder's gradient and the encoder weights' gradients are sums over the active (token,
       latent) pairs only: segment sums (`embedding_bag`) and a sampled dense-dense product, as
       sparsify decodes its TopK SAEs. Only the encoder's forward stays dense.
@@ -1320,12 +1387,14 @@ class ReLUCodec(torch.autograd.Function):
     - with a window, ctx W_ctx accumulates into the same output as xc W_enc (addmm): as fast as one
       GEMM over [xc, ctx] @ [W_enc; W_ctx] (measured), without copying either concatenation.
     Above `max_density` the same algebra runs as dense GEMMs (early training, when half the latents
-    fire). `lowp` runs the dense GEMMs with bf16 inputs; the sparse sums always run in fp32.
-    Returns f (N, F), recon (N, D) without b_dec, and each latent's active count (F,).
+    fire; a BatchTopK code is sparse from the first step). `lowp` runs the dense GEMMs with bf16 inputs;
+    the sparse sums always run in fp32.
+    Returns f (N, F), recon (N, D) without b_dec, each latent's active count (F,) and, with k > 0, the
+    smallest value kept (BatchTopK's threshold sample; inf when none or k = 0).
     """
 
     @staticmethod
-    def forward(ctx, xs_ND, cx_ND, b_dec, W_enc, W_ctx, b_enc, W_dec, max_density: float, lowp: bool):
+    def forward(ctx, xs_ND, cx_ND, b_dec, W_enc, W_ctx, b_enc, W_dec, max_density: float, lowp: bool, k: int = 0):
         N = len(xs_ND)
         ins, Ws = [xs_ND - b_dec], [W_enc]
         if cx_ND is not None:
@@ -1334,13 +1403,16 @@ class ReLUCodec(torch.autograd.Function):
         if len(ins) > 1:
             f_NF = f_NF.addmm_(ins[1], Ws[1]) if not lowp else f_NF + _mm(ins[1], Ws[1], lowp)
         f_NF = torch.relu_(f_NF)
+        if k:
+            f_NF = batch_topk(f_NF, k)
         rows, cols = f_NF.nonzero().unbind(1)                            # row-major: CSR order
         n_active_F = torch.bincount(cols, minlength=f_NF.shape[1])
+        min_kept = f_NF[rows, cols].min() if k and len(cols) else f_NF.new_full((), math.inf)
         ctx.sparse, ctx.lowp = len(cols) <= max_density * f_NF.numel(), lowp
-        ctx.mark_non_differentiable(n_active_F)
+        ctx.mark_non_differentiable(n_active_F, min_kept)
         if not ctx.sparse:
             ctx.save_for_backward(W_dec, f_NF, *ins, *Ws)
-            return f_NF, _mm(f_NF, W_dec, lowp), n_active_F
+            return f_NF, _mm(f_NF, W_dec, lowp), n_active_F, min_kept
         vals = f_NF[rows, cols]
         row_ptr = F.pad(torch.bincount(rows, minlength=N).cumsum(0), (1, 0))
         col_ptr = F.pad(n_active_F.cumsum(0), (1, 0))
@@ -1348,10 +1420,10 @@ class ReLUCodec(torch.autograd.Function):
         recon_ND = F.embedding_bag(cols, W_dec, row_ptr, mode="sum", per_sample_weights=vals,
                                    include_last_offset=True)
         ctx.save_for_backward(W_dec, rows, cols, vals, row_ptr, col_ptr, by_col, *ins, *Ws)
-        return f_NF, recon_ND, n_active_F
+        return f_NF, recon_ND, n_active_F, min_kept
 
     @staticmethod
-    def backward(ctx, g_f_NF, g_recon_ND, _):
+    def backward(ctx, g_f_NF, g_recon_ND, *_):
         if ctx.sparse:
             W_dec, rows, cols, vals, row_ptr, col_ptr, by_col, *rest = ctx.saved_tensors
             ins, Ws = rest[:len(rest) // 2], rest[len(rest) // 2:]
@@ -1382,12 +1454,21 @@ class ReLUCodec(torch.autograd.Function):
             g_cx = _mm(g_pre_NF, Ws[1].T, ctx.lowp) if len(ins) > 1 else None
         g_b_dec = -(g_b_enc @ Ws[0].T)
         g_W_ctx = g_Ws[1] if len(ins) > 1 else None
-        return None, g_cx, g_b_dec, g_Ws[0], g_W_ctx, g_b_enc, g_W_dec, None, None
+        return None, g_cx, g_b_dec, g_Ws[0], g_W_ctx, g_b_enc, g_W_dec, None, None, None
 
 
-def step_losses(sae: TemporalSAE, x_BTD, valid_BT, autocast: bool, max_density: float | None = None):
-    """mse and l1 of `sae(x_BTD, valid_BT)` (equal up to rounding; tested) and each latent's active
-    count, computed on the valid tokens only through `ReLUCodec`. `forward` stays the reference."""
+class StepLosses(NamedTuple):
+    terms: dict                     # named scalar losses: mse, l1; auxk (batchtopk); mse_high, contrastive (T-SAE)
+    n_active: torch.Tensor          # (F,) valid tokens on which each latent fired
+    min_kept: torch.Tensor | None   # batchtopk: the smallest positive value kept, the threshold's sample (inf: none)
+
+
+def step_losses(sae: TemporalSAE, x_BTD, valid_BT, autocast: bool, max_density: float | None = None,
+                dead_F: torch.Tensor | None = None, n_high: int = 0) -> StepLosses:
+    """The loss terms of `sae(x_BTD, valid_BT, train=True)` (mse and l1 equal up to rounding; tested) and
+    each latent's active count, computed on the valid tokens only through `SparseCodec`; `forward` stays
+    the reference. batchtopk adds AuxK on the latents in `dead_F`; n_high > 0 adds the T-SAE terms on
+    the first n_high latents. l1 is computed either way (it is logged), though batchtopk ignores it."""
     if max_density is None:
         max_density = SPARSE_MAX_DENSITY if x_BTD.device.type == "cpu" else 0.0
     xs_BTD = x_BTD * sae.scale
@@ -1396,19 +1477,104 @@ def step_losses(sae: TemporalSAE, x_BTD, valid_BT, autocast: bool, max_density: 
     if sae.window > 1:
         with torch.autocast(x_BTD.device.type, dtype=torch.bfloat16, enabled=autocast):
             cx_ND = sae.window_context(xs_BTD - sae.b_dec, valid_BT)[valid_BT].float()
-    f_NF, recon_ND, n_active_F = ReLUCodec.apply(xs_ND, cx_ND, sae.b_dec, sae.W_enc, getattr(sae, "W_ctx", None),
-                                                 sae.b_enc, sae.W_dec, max_density, autocast)
+    k = sae.k if sae.activation == "batchtopk" else 0
+    f_NF, recon_ND, n_active_F, min_kept = SparseCodec.apply(xs_ND, cx_ND, sae.b_dec, sae.W_enc,
+                                                             getattr(sae, "W_ctx", None), sae.b_enc, sae.W_dec,
+                                                             max_density, autocast, k)
     n = max(len(xs_ND), 1)
     mse = (recon_ND + sae.b_dec - xs_ND).pow(2).sum() / n
     l1 = (f_NF.sum(0) * decoder_norms(sae.W_dec, sae.d_in)).sum() / n
-    return mse, l1, n_active_F
+    terms = {"mse": mse, "l1": l1}
+    if k:
+        terms["auxk"] = auxk_loss(sae, xs_ND, cx_ND, xs_ND - sae.b_dec - recon_ND, dead_F)
+    if n_high:
+        terms.update(tsae_losses(sae, f_NF, xs_ND, valid_BT, n_high))
+    return StepLosses(terms, n_active_F, min_kept if k else None)
 
 
-def train_step(sae, opt, x_BTD, valid_BT, l1_coeff: float, lr: float, autocast: bool) -> dict:
+AUXK_COEFF = 1 / 32     # Gao et al. 2024's weight of the AuxK loss
+DEAD_AFTER_STEPS = 25   # a latent is dead after this many batches' tokens without firing (log and AuxK)
+
+
+def auxk_loss(sae: TemporalSAE, xs_ND, cx_ND, err_ND, dead_F: torch.Tensor | None) -> torch.Tensor:
+    """AuxK (Gao et al. 2024): each token's k_aux dead latents with the largest pre-activations (ReLU
+    after the selection) reconstruct the main reconstruction's error e = x - x_hat through their decoder
+    rows alone (no b_dec), so dead latents get gradient towards what the live ones miss. e is a
+    constant (detached), as in Gao et al. Returned normalised, sum ||e - e_hat||^2 / sum ||e||^2 over
+    the batch (their NMSE form): 0 when no latent is dead, 1 when the dead ones reconstruct nothing.
+    k_aux = d_in / 2 (dictionary_learning's choice; Gao et al. use 512 at larger widths), at most the
+    dead count."""
+    if dead_F is None or not dead_F.any():
+        return err_ND.new_zeros(())
+    dead = dead_F.nonzero().squeeze(1)
+    pre_NK = torch.addmm(sae.b_enc[dead], xs_ND - sae.b_dec, sae.W_enc[:, dead])
+    if cx_ND is not None:
+        pre_NK = pre_NK + cx_ND @ sae.W_ctx[:, dead]
+    top = pre_NK.topk(min(max(sae.d_in // 2, 1), len(dead)), dim=-1)
+    z_NK = torch.zeros_like(pre_NK).scatter(1, top.indices, F.relu(top.values))
+    e_ND = err_ND.detach()
+    return (z_NK @ sae.W_dec[dead] - e_ND).pow(2).sum() / e_ND.pow(2).sum().clamp_min(1e-12)
+
+
+CONTRASTIVE_TEMPERATURE = 0.1  # InfoNCE temperature, fixed (SimCLR's common value; our choice)
+
+
+def adjacent_pairs(valid_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(P,) each: for every valid token whose predecessor t-1 in its row is valid too, its index among
+    the valid tokens in row-major order (the order of x_BTD[valid_BT], the trainer's N tokens), its
+    predecessor's index, and its row. Training rows are whole rows of one document (make_rows), so
+    t-1 is the adjacent token of the same text."""
+    index_BT = valid_BT.flatten().cumsum(0).view_as(valid_BT) - 1
+    both_BT = F.pad(valid_BT[:, 1:] & valid_BT[:, :-1], (1, 0))
+    b, t = both_BT.nonzero().unbind(1)
+    return index_BT[b, t], index_BT[b, t - 1], b
+
+
+def info_nce(h_PH: torch.Tensor, g_PH: torch.Tensor, group_P: torch.Tensor,
+             temperature: float = CONTRASTIVE_TEMPERATURE) -> torch.Tensor:
+    """InfoNCE (van den Oord et al. 2018) with in-batch negatives: anchor h_i's positive is g_i; its
+    negatives are the g_j of other groups (sequences). g_j of its own group are left out (the same
+    text: near-positives, not negatives). Similarity = cosine / temperature; mean over anchors."""
+    if len(h_PH) == 0:
+        return h_PH.new_zeros(())
+    logits_PP = F.normalize(h_PH, dim=-1) @ F.normalize(g_PH, dim=-1).T / temperature
+    eye = torch.eye(len(h_PH), dtype=torch.bool, device=h_PH.device)
+    logits_PP = logits_PP.masked_fill((group_P[:, None] == group_P[None, :]) & ~eye, -math.inf)
+    return F.cross_entropy(logits_PP, torch.arange(len(h_PH), device=h_PH.device))
+
+
+def tsae_losses(sae: TemporalSAE, f_NF: torch.Tensor, xs_ND: torch.Tensor, valid_BT: torch.Tensor, n_high: int) -> dict:
+    """The T-SAE terms (Bhalla et al. 2025) on the first n_high latents (high-level), a two-level
+    Matryoshka split (Bussmann et al. 2025): mse_high, the squared error of decoding the high-level
+    latents alone (b_dec included), in mse's units; and contrastive, InfoNCE between each token's
+    high-level code and its predecessor's (adjacent_pairs), the other rows' predecessors as negatives.
+    Pairs where either high-level code is all zero are left out: their cosine is undefined."""
+    hi_NH = f_NF[:, :n_high]
+    mse_high = (hi_NH @ sae.W_dec[:n_high] + sae.b_dec - xs_ND).pow(2).sum() / max(len(xs_ND), 1)
+    cur, prev, row = adjacent_pairs(valid_BT)
+    on = (hi_NH[cur] > 0).any(-1) & (hi_NH[prev] > 0).any(-1)
+    return {"mse_high": mse_high, "contrastive": info_nce(hi_NH[cur[on]], hi_NH[prev[on]], row[on])}
+
+
+def high_latents(cfg: Config) -> int:
+    """The number of high-level latents of a T-SAE run; 0 when --contrastive is off."""
+    return max(1, round(cfg.high_frac * cfg.d_sae)) if cfg.contrastive > 0 else 0
+
+
+def train_step(sae, opt, x_BTD, valid_BT, l1_coeff: float, lr: float, autocast: bool, contrastive: float = 0.0,
+               n_high: int = 0, dead_F: torch.Tensor | None = None) -> dict:
+    """One Adam step on mse + l1_coeff * l1 (relu) or mse + d_in * auxk / 32 (batchtopk), plus
+    mse_high + contrastive * InfoNCE when contrastive > 0 (T-SAE). Returns what it logs."""
     for g in opt.param_groups:
         g["lr"] = lr
-    mse, l1, n_active_F = step_losses(sae, x_BTD, valid_BT, autocast)
-    loss = mse + l1_coeff * l1
+    st = step_losses(sae, x_BTD, valid_BT, autocast, dead_F=dead_F, n_high=n_high if contrastive > 0 else 0)
+    t = st.terms
+    if sae.activation == "relu":
+        loss = t["mse"] + l1_coeff * t["l1"]
+    else:  # our mse is d_in x the NMSE Gao et al. minimise (E||x||^2 = d_in after scaling): their L + L_aux / 32
+        loss = t["mse"] + AUXK_COEFF * sae.d_in * t["auxk"]
+    if contrastive > 0:  # Matryoshka's levels weigh the same: the high-level error counts once more
+        loss = loss + t["mse_high"] + contrastive * t["contrastive"]
     if not torch.isfinite(loss):
         raise TrainingDiverged(f"non-finite loss {loss.item()}")
     opt.zero_grad(set_to_none=True)
@@ -1416,8 +1582,27 @@ def train_step(sae, opt, x_BTD, valid_BT, l1_coeff: float, lr: float, autocast: 
     project_decoder_grad(sae)
     opt.step()
     normalise_decoder(sae)
-    l0 = n_active_F.sum() / valid_BT.sum().clamp_min(1)
-    return {"loss": loss.item(), "mse": mse.item(), "l1": l1.item(), "l0": l0.item(), "fired": n_active_F > 0}
+    l0 = st.n_active.sum() / valid_BT.sum().clamp_min(1)
+    logs = {"loss": loss.item(), **{k: v.item() for k, v in t.items()}, "l0": l0.item(), "fired": st.n_active > 0}
+    return logs | ({"min_kept": st.min_kept.item()} if st.min_kept is not None else {})
+
+
+def threshold_decay(steps: int) -> float:
+    """Decay of the BatchTopK threshold's running average: a time constant of 100 steps (SAELens's
+    topk_threshold_lr = 0.01) or 5% of the run if shorter, so that the average is over the last few
+    percent of training, in the lr decay (the final 20% by default), when the SAE changes least; at
+    a fixed 0.99 a run of a few hundred steps would keep much of its untrained start."""
+    return 1 - 1 / min(100, max(1, steps // 20))
+
+
+@torch.no_grad()
+def track_threshold(sae: TemporalSAE, min_kept: float, decay: float):
+    """The BatchTopK SAE's inference threshold: a running average of each batch's smallest kept positive
+    latent (SAELens's and dictionary_learning's estimate), decay 0 on the first batch, so it starts at
+    that batch's value (as dictionary_learning) rather than at 0 (as SAELens); a batch that kept no
+    positive value leaves it as it was."""
+    if math.isfinite(min_kept):
+        sae.threshold.fill_(decay * float(sae.threshold[0]) + (1 - decay) * min_kept)
 
 
 def batch_order(n_rows: int, rows_per_step: int, steps: int, seed: int) -> torch.Tensor:
@@ -1430,9 +1615,10 @@ def batch_order(n_rows: int, rows_per_step: int, steps: int, seed: int) -> torch
 
 def train_sae(cfg: Config, acts_NTD: torch.Tensor, mask_NT: torch.Tensor, device, out_dir: Path,
               progress: bool = False) -> TemporalSAE:
-    """Adam on mse + l1_coeff * l1, rows sampled whole (a token's predecessors stay beside it)."""
+    """Adam on train_step's objective, rows sampled whole (a token's predecessors stay beside it, which
+    the window and the T-SAE's adjacent pairs need)."""
     torch.manual_seed(cfg.seed)
-    sae = TemporalSAE(acts_NTD.shape[-1], cfg.d_sae, cfg.window, cfg.d_head).to(device)
+    sae = TemporalSAE(acts_NTD.shape[-1], cfg.d_sae, cfg.window, cfg.d_head, cfg.activation, cfg.k).to(device)
     with torch.no_grad():  # E||x||^2 = d_in after scaling (SAEBench); b_dec starts at the data mean (SAELens)
         x = acts_NTD[mask_NT]
         sae.scale.fill_(math.sqrt(sae.d_in / x.pow(2).sum(-1).mean().item()))
@@ -1448,20 +1634,26 @@ def train_sae(cfg: Config, acts_NTD: torch.Tensor, mask_NT: torch.Tensor, device
     autocast = use_autocast(cfg, device)
     log_path = out_dir / "log.jsonl"
     truncate_log(log_path, start)
+    n_high, dead_after = high_latents(cfg), cfg.batch_tokens * DEAD_AFTER_STEPS
     t0 = time.time()
     steps_bar = bar(range(start, steps), "train (steps)", progress)
     for step in steps_bar:
         idx = order[step]
         x, m = acts_NTD[idx].to(device), mask_NT[idx].to(device)
+        dead_F = (since_fired > dead_after).to(device) if cfg.activation == "batchtopk" else None
         try:
-            logs = train_step(sae, opt, x, m, cfg.l1_coeff, lr_at(step, steps, cfg), autocast)
+            logs = train_step(sae, opt, x, m, cfg.l1_coeff, lr_at(step, steps, cfg), autocast, cfg.contrastive,
+                              n_high, dead_F)
         except TrainingDiverged as e:
             raise TrainingDiverged(f"training step {step}: {e}")
+        if "min_kept" in logs:
+            track_threshold(sae, logs.pop("min_kept"), 0.0 if step == 0 else threshold_decay(steps))
+            logs["threshold"] = float(sae.threshold[0])
         seen += int(m.sum())
         since_fired = torch.where(logs.pop("fired").cpu(), 0, since_fired + int(m.sum()))
         if step % 10 == 0 or step == steps - 1:
             logs.update(step=step, tokens=seen, lr=lr_at(step, steps, cfg),
-                        dead_frac=(since_fired > cfg.batch_tokens * 25).float().mean().item(),
+                        dead_frac=(since_fired > dead_after).float().mean().item(),
                         fve=1 - logs["mse"] / sae.d_in, elapsed_s=round(time.time() - t0, 2))
             with open(log_path, "a") as fh:
                 fh.write(json.dumps(logs) + "\n")

@@ -61,6 +61,12 @@ CASES = [
     (lambda b: ["--d_sae", "-5"], "--d_sae must be positive"),
     (lambda b: ["--multipliers", "1,x"], "comma-separated floats"),
     (lambda b: ["--device", "tpu"], "--device"),
+    (lambda b: ["--k", "0"], "--k must be >= 1"),
+    (lambda b: ["--activation", "batchtopk", "--d_sae", "64", "--k", "65"], "--k must be >= 1 (and <= --d_sae"),
+    (lambda b: ["--activation", "topk"], "invalid choice: 'topk'"),
+    (lambda b: ["--high_frac", "0"], "--high_frac must be in (0, 1)"),
+    (lambda b: ["--high_frac", "1.5"], "--high_frac must be in (0, 1)"),
+    (lambda b: ["--contrastive", "-0.1"], "--contrastive must be >= 0"),
 ]
 
 

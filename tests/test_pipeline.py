@@ -234,6 +234,28 @@ def test_tiny_model_end_to_end_meets_the_results_contract(tmp_path, model, tok):
     assert lines and all("loss" in json.loads(l) for l in lines)
 
 
+def test_batchtopk_tsae_run_end_to_end(tmp_path, model, tok):
+    """--activation batchtopk --contrastive 0.1 through the whole pipeline: training keeps exactly k per
+    token, the inference threshold about k, and the SAE reloads and exports as what it is."""
+    out = tmp_path / "run"
+    flags = [f for f in tiny_flags(out, "unused", "--activation=batchtopk", "--k=8", "--contrastive=0.1",
+                                   "--window=1", "--strategies=standard,pattern") if not f.startswith("--model")]
+    results = ex.run(ex.parse_config(flags), model=model, tok=tok)
+    assert_contract(json.loads((out / "final_info.json").read_text()))
+    log = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
+    assert all(l["l0"] == 8 for l in log) and all(math.isfinite(l["contrastive"]) for l in log)
+    assert 4 < results["sae"]["means"]["l0"] < 16, results["sae"]["means"]["l0"]
+    sae = ex.load_sae(out)
+    assert (sae.activation, sae.k) == ("batchtopk", 8) and sae.threshold[0] == log[-1]["threshold"] > 0
+    core = json.loads((out / "core.json").read_text())
+    assert core["sae_cfg_dict"]["architecture"] == "jumprelu" and core["sae_cfg_dict"]["k"] == 8
+    ex.export_saelens(out, tmp_path / "export")
+    again = ex.load_sae_folder(tmp_path / "export").sae
+    x = torch.randn(2, 6, model.config.hidden_size) * 0.05
+    valid = torch.ones(2, 6, dtype=torch.bool)
+    assert torch.allclose(again.encode(x, valid), sae.encode(x, valid), atol=1e-5)
+
+
 def test_seeds_run_once_each_and_aggregate(tmp_path, model, tok):
     flags = [f for f in tiny_flags(tmp_path / "run", "unused", "--seeds=0,1", "--strategies=standard,pattern")
              if not f.startswith("--model")]

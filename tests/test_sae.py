@@ -133,9 +133,9 @@ def test_fast_step_equals_the_reference(window, density, max_density):
         return out.mse, out.l1
 
     def fast():
-        mse, l1, n_active = ex.step_losses(sae, x, valid, autocast=False, max_density=max_density)
-        fast.n_active = n_active
-        return mse, l1
+        st = ex.step_losses(sae, x, valid, autocast=False, max_density=max_density)
+        fast.n_active = st.n_active
+        return st.terms["mse"], st.terms["l1"]
 
     *ref, ref_grads = losses_and_grads(sae, reference)
     *got, got_grads = losses_and_grads(sae, fast)
@@ -153,7 +153,8 @@ def test_fast_step_under_autocast_is_close_to_the_reference(window):
     sae, x, valid = sparse_sae(window, 0.04)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ref = sae(x, valid)
-    mse, l1, _ = ex.step_losses(sae, x, valid, autocast=True, max_density=1.0)
+    t = ex.step_losses(sae, x, valid, autocast=True, max_density=1.0).terms
+    mse, l1 = t["mse"], t["l1"]
     assert torch.allclose(mse, ref.mse.float(), rtol=2e-2) and torch.allclose(l1, ref.l1.float(), rtol=2e-2)
 
 
@@ -164,11 +165,13 @@ def test_autocast_only_with_native_bf16():
     assert not ex.use_autocast(ex.Config(sae_autocast=False), torch.device("cpu"))
 
 
-def reference_step_losses(sae, x, valid, autocast, max_density=None):
-    """`step_losses` through the readable `forward`, dense autograd throughout."""
+def reference_step_losses(sae, x, valid, autocast, max_density=None, dead_F=None, n_high=0):
+    """`step_losses` through the readable `forward`, dense autograd throughout (ReLU, no T-SAE terms)."""
+    assert sae.activation == "relu" and not n_high
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
-        out = sae(x, valid)
-    return out.mse.float(), out.l1.float(), ((out.f > 0) & valid[..., None]).sum((0, 1))
+        out = sae(x, valid, train=True)
+    return ex.StepLosses({"mse": out.mse.float(), "l1": out.l1.float()},
+                         ((out.f > 0) & valid[..., None]).sum((0, 1)), None)
 
 
 @pytest.mark.parametrize("window", [1, 3])
@@ -246,10 +249,12 @@ def test_save_load_round_trip(tmp_path):
     assert json.loads((tmp_path / "cfg.json").read_text())["window"] == 4
 
 
-def test_resume_gives_the_same_sae(tmp_path):
-    """Train 12 steps straight; separately stop after a checkpoint at step 6 and resume."""
+@pytest.mark.parametrize("objective", [{}, {"activation": "batchtopk", "k": 3, "contrastive": 0.2}])
+def test_resume_gives_the_same_sae(tmp_path, objective):
+    """Train 12 steps straight; separately stop after a checkpoint at step 6 and resume (a BatchTopK
+    SAE's threshold travels in its state_dict, the dead-latent counts in the checkpoint)."""
     base = dict(d_sae=16, window=2, d_head=4, train_tokens=12 * 40, batch_tokens=40, checkpoint_every=6,
-                sae_autocast=False, seed=3)
+                sae_autocast=False, seed=3, **objective)
     acts, mask = torch.randn(20, 9, 8), torch.ones(20, 9, dtype=torch.bool)
     mask[:, 0] = False
     full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
@@ -306,3 +311,197 @@ def test_window_follows_the_predecessor_tree():
     f_plain = sae.encode(unpacked, valid[:, :7])
     assert torch.allclose(f_packed[:, 8:], f_plain[:, 5:], atol=1e-5)
     assert torch.allclose(f_packed[:, :8], sae.encode(packed[:, :8], valid[:, :8]), atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# BatchTopK, AuxK and the T-SAE objective
+# ------------------------------------------------------------------------------------------------
+
+def topk_sae(window=1, k=5, seed=0):
+    torch.manual_seed(seed)
+    sae = ex.TemporalSAE(16, 64, window=window, d_head=8, activation="batchtopk", k=k)
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.5)
+        sae.b_dec.normal_()
+        sae.scale.fill_(0.7)
+    x, valid = rows(B=4, T=12)
+    valid[2, 5:8] = False  # masked tokens inside a row: never kept, never counted
+    return sae, x, valid
+
+
+def reference_batch_topk(sae, x, valid):
+    """BatchTopK written out: over the valid tokens only, the k·N largest relu(pre), all else zero."""
+    f = F.relu(sae.pre_acts(x, valid))[valid]
+    top = f.flatten().topk(sae.k * len(f))
+    kept = torch.zeros(f.numel()).scatter(0, top.indices, top.values).view_as(f)
+    out = torch.zeros(*valid.shape, sae.d_sae)
+    out[valid] = kept
+    return out
+
+
+@pytest.mark.parametrize("window", [1, 3])
+def test_batch_topk_keeps_exactly_k_per_valid_token_and_matches_the_reference(window):
+    sae, x, valid = topk_sae(window)
+    out = sae(x, valid, train=True)
+    assert int((out.f > 0).sum()) == sae.k * int(valid.sum())
+    assert not out.f[~valid].any()
+    assert torch.equal(out.f, reference_batch_topk(sae, x, valid))
+    assert torch.allclose(out.x_hat, sae.decode(out.f))
+    assert not torch.equal(sae(x, valid).f, out.f), "inference uses the threshold, not the batch"
+
+
+def test_batch_topk_keeps_ties_in_index_order():
+    f = torch.tensor([[3.0, 1.0, 1.0], [1.0, 0.0, 2.0]])  # k=2 over 2 tokens: 4 kept, 3 of the 1.0s tie
+    kept = ex.batch_topk(f, 2)
+    assert torch.equal(kept, torch.tensor([[3.0, 1.0, 1.0], [0.0, 0.0, 2.0]]))
+
+
+@pytest.mark.parametrize("window", [1, 3])
+def test_inference_is_jumprelu_with_the_one_threshold(window):
+    sae, x, valid = topk_sae(window)
+    sae.threshold.fill_(0.4)
+    pre = sae.pre_acts(x, valid)
+    expected = F.relu(pre) * (pre > 0.4)
+    assert ((pre > 0) & (pre <= 0.4)).any()
+    assert torch.equal(sae.encode(x, valid), expected) and torch.equal(sae(x, valid).f, expected)
+    idx = torch.tensor([7, 0, 33])
+    assert torch.allclose(sae.encode(x, valid, idx), expected[..., idx], atol=1e-6)
+    assert torch.allclose(sae.encode_last(x[:, -window:], valid[:, -window:]), expected[:, -1], atol=1e-5)
+
+
+def tsae_reference(sae, x, valid, n_high, temperature=ex.CONTRASTIVE_TEMPERATURE):
+    """mse_high and the contrastive loss written out, one anchor at a time, from forward's codes."""
+    f = sae(x, valid, train=True).f
+    xs = x * sae.scale
+    hi = f[..., :n_high]
+    err = ((hi @ sae.W_dec[:n_high] + sae.b_dec - xs).pow(2).sum(-1) * valid).sum() / valid.sum()
+    pairs = [(b, t) for b in range(x.shape[0]) for t in range(1, x.shape[1])
+             if valid[b, t] and valid[b, t - 1] and hi[b, t].any() and hi[b, t - 1].any()]
+    losses = []
+    for b, t in pairs:
+        cands = [(b2, t2) for b2, t2 in pairs if b2 != b or t2 == t]  # own positive + other rows' pairs
+        sims = torch.stack([F.cosine_similarity(hi[b, t], hi[b2, t2 - 1], dim=0) for b2, t2 in cands]) / temperature
+        losses.append(torch.logsumexp(sims, 0) - sims[cands.index((b, t))])
+    return err, torch.stack(losses).mean()
+
+
+@pytest.mark.parametrize("activation", ["relu", "batchtopk"])
+@pytest.mark.parametrize("max_density", [0.0, 1.0])
+def test_tsae_terms_equal_the_direct_computation_and_their_gradients(activation, max_density):
+    if activation == "relu":
+        sae, x, valid = sparse_sae(3, 0.3)
+    else:
+        sae, x, valid = topk_sae(3, k=12)
+    n_high = 13
+    dead = torch.zeros(64, dtype=torch.bool)
+    st = ex.step_losses(sae, x, valid, autocast=False, max_density=max_density, dead_F=dead, n_high=n_high)
+    mse_high, contrastive = tsae_reference(sae, x, valid, n_high)
+    assert torch.allclose(st.terms["mse_high"], mse_high, rtol=1e-5)
+    assert torch.allclose(st.terms["contrastive"], contrastive, rtol=1e-5) and contrastive > 0
+    loss = lambda t: t["mse"] + t["mse_high"] + 0.7 * t["contrastive"]
+    got = torch.autograd.grad(loss(st.terms), list(sae.parameters()))
+    out = sae(x, valid, train=True)
+    ref = torch.autograd.grad(out.mse + mse_high + 0.7 * contrastive, list(sae.parameters()))
+    for (name, _), a, b in zip(sae.named_parameters(), got, ref):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * b.abs().max()), name
+
+
+def test_info_nce_on_a_tiny_case_by_hand():
+    """Two rows, two pairs each: anchor 0's candidates are its positive and the other row's two."""
+    h = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [1.0, -1.0]])
+    g = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    group = torch.tensor([0, 0, 1, 1])
+    got = ex.info_nce(h, g, group, temperature=0.5)
+    r = 2 ** -0.5
+    cos = [[1, None, 0, r], [None, 0, 1, r], [r, r, r, None], [r, r, None, 0]]  # None: same row, left out
+    expected = []
+    for i, row in enumerate(cos):
+        logits = torch.tensor([c / 0.5 for c in row if c is not None])
+        expected.append(torch.logsumexp(logits, 0) - cos[i][i] / 0.5)
+    assert torch.allclose(got, torch.stack(expected).mean())
+
+
+def test_adjacent_pairs_follow_rows_and_skip_masked_tokens():
+    valid = torch.tensor([[False, True, True, False, True], [False, True, True, True, False]])
+    cur, prev, row = ex.adjacent_pairs(valid)
+    # valid tokens in row-major order: (0,1)=0 (0,2)=1 (0,4)=2 (1,1)=3 (1,2)=4 (1,3)=5
+    assert cur.tolist() == [1, 4, 5] and prev.tolist() == [0, 3, 4] and row.tolist() == [0, 1, 1]
+
+
+def test_auxk_is_zero_without_dead_latents_and_positive_with_them():
+    sae, x, valid = topk_sae(3)
+    none = torch.zeros(64, dtype=torch.bool)
+    st = ex.step_losses(sae, x, valid, autocast=False, dead_F=none)
+    assert st.terms["auxk"] == 0
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[::3] = True
+    st = ex.step_losses(sae, x, valid, autocast=False, dead_F=dead)
+    auxk = st.terms["auxk"]
+    assert auxk > 0
+    # written out: each token's d_in/2 = 8 dead latents with the largest pre-activation decode the error
+    out = sae(x, valid, train=True)
+    e = ((x - out.x_hat) * sae.scale)[valid]
+    pre = sae.pre_acts(x, valid)[valid][:, dead]
+    top = pre.topk(8, dim=-1)
+    z = torch.zeros_like(pre).scatter(1, top.indices, F.relu(top.values))
+    assert torch.allclose(auxk, (z @ sae.W_dec[dead] - e).pow(2).sum() / e.pow(2).sum(), rtol=1e-4)
+    g = torch.autograd.grad(auxk, sae.W_enc)[0]
+    assert g[:, dead].abs().sum() > 0 and not g[:, ~dead].any(), "AuxK trains the dead latents' encoders only"
+
+
+def test_contrastive_weight_zero_is_exactly_off():
+    """contrastive 0 with any n_high is the plain objective, bit for bit, and computes no T-SAE term."""
+    states = []
+    for n_high in (0, 13):
+        sae, x, valid = topk_sae(2)
+        opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
+        logs = ex.train_step(sae, opt, x, valid, 0.0, 1e-2, autocast=False, contrastive=0.0, n_high=n_high)
+        assert "contrastive" not in logs and "mse_high" not in logs
+        states.append(sae.state_dict())
+    for name, a in states[0].items():
+        assert torch.equal(a, states[1][name]), name
+
+
+def test_threshold_is_a_running_average_of_the_smallest_kept_value():
+    sae, x, valid = topk_sae()
+    ex.track_threshold(sae, 0.5, 0.0)  # the first step
+    assert torch.equal(sae.threshold, torch.full((64,), 0.5))
+    ex.track_threshold(sae, 1.5, 0.9)
+    assert torch.allclose(sae.threshold, torch.full((64,), 0.9 * 0.5 + 0.1 * 1.5))
+    ex.track_threshold(sae, float("inf"), 0.9)  # nothing positive kept: unchanged
+    assert torch.allclose(sae.threshold, torch.full((64,), 0.9 * 0.5 + 0.1 * 1.5))
+    assert ex.threshold_decay(10_000) == 0.99 and ex.threshold_decay(780) == 1 - 1 / 39 and ex.threshold_decay(5) == 0
+    st = ex.step_losses(sae, x, valid, autocast=False)
+    f = sae(x, valid, train=True).f
+    assert st.min_kept == f[f > 0].min()
+
+
+@pytest.mark.parametrize("window", [1, 3])
+def test_batchtopk_training_reaches_l0_k_and_a_threshold_that_keeps_it(tmp_path, window):
+    g = torch.Generator().manual_seed(0)
+    atoms = torch.randn(48, 16, generator=g)
+    codes = torch.rand(40, 17, 48, generator=g) * (torch.rand(40, 17, 48, generator=g) < 0.08)
+    acts = codes @ atoms + 0.05 * torch.randn(40, 17, 16, generator=g)
+    mask = torch.ones(40, 17, dtype=torch.bool)
+    mask[:, 0] = False
+    cfg = ex.Config(out_dir=str(tmp_path), d_sae=64, window=window, d_head=8, train_tokens=40 * 16 * 10,
+                    batch_tokens=128, lr=3e-3, sae_autocast=False, activation="batchtopk", k=4, contrastive=0.1)
+    sae = ex.train_sae(cfg, acts, mask, torch.device("cpu"), tmp_path)
+    log = [json.loads(l) for l in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert all(l["l0"] == 4 for l in log) and {"auxk", "mse_high", "contrastive", "threshold"} <= set(log[-1])
+    assert log[-1]["fve"] > 0.5 and sae.threshold[0] == log[-1]["threshold"] > 0
+    l0 = (sae.encode(acts, mask)[mask] > 0).sum(-1).float().mean()
+    assert 2 < l0 < 8, l0  # the inference threshold keeps about k per token
+    again = ex.load_sae(tmp_path)
+    assert again.activation == "batchtopk" and again.k == 4 and torch.equal(again.threshold, sae.threshold)
+    assert torch.equal(again.encode(acts[:3], mask[:3]), sae.encode(acts[:3], mask[:3]))
+    assert json.loads((tmp_path / "cfg.json").read_text()) == {"d_in": 16, "d_sae": 64, "window": window,
+                                                                "d_head": 8, "activation": "batchtopk", "k": 4}
+
+
+@pytest.mark.parametrize("k", [0, 65, True, "4", None])
+def test_a_batchtopk_cfg_needs_a_valid_k(tmp_path, k):
+    cfg = {"d_in": 16, "d_sae": 64, "window": 1, "d_head": 8, "activation": "batchtopk"}
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg | ({} if k is None else {"k": k})))
+    with pytest.raises(ex.UsageError, match="'k' must be an integer in"):
+        ex.read_sae_cfg(tmp_path)

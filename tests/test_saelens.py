@@ -118,6 +118,48 @@ def test_export_round_trip_gives_the_same_latents(tmp_path, jumprelu):
     assert torch.allclose(sae.decode(f), again.sae.decode(f2), atol=1e-5)
 
 
+def random_topk_sae(window=1, seed=0) -> ex.TemporalSAE:
+    """A BatchTopK SAE as training leaves it: its one inference threshold on every latent."""
+    sae = random_sae(window=window, seed=seed)
+    topk = ex.TemporalSAE(D, F, window=window, d_head=8, activation="batchtopk", k=6)
+    topk.load_state_dict(sae.state_dict() | {"threshold": torch.full((F,), 0.25)})
+    return topk
+
+
+def test_batchtopk_export_round_trip_is_its_jumprelu_inference_form(tmp_path):
+    from safetensors.torch import load_file
+    sae = random_topk_sae()
+    run = write_run(tmp_path / "run", sae)
+    assert "jumprelu" in ex.export_saelens(run, tmp_path / "export")
+    cfg = json.loads((tmp_path / "export" / "cfg.json").read_text())
+    assert cfg["architecture"] == "jumprelu" and cfg["training_activation"] == "batchtopk" and cfg["k"] == 6
+    t = load_file(tmp_path / "export" / "sae_weights.safetensors")
+    assert torch.equal(t["threshold"], torch.full((F,), 0.25))
+    again = ex.load_sae_folder(tmp_path / "export")  # what --sae_path reads
+    x, valid = inputs()
+    x = x * 3 + 1
+    pre = sae.pre_acts(x, valid)
+    assert ((pre > 0) & (pre <= 0.25)).any(), "the threshold must matter on these inputs"
+    f, f2 = sae.encode(x, valid), again.sae.encode(x, valid)
+    assert (f > 0).any() and torch.allclose(f, f2, atol=1e-5)
+    assert torch.allclose(f2, reference_latents(t, x, "jumprelu", True), atol=1e-5)  # SAELens's formula
+    assert torch.allclose(sae.decode(f), again.sae.decode(f2), atol=1e-5)
+    assert ex.run_saelens_cfg({"layer": 2, "model": "tiny"}, run) == cfg  # SAEBench's sae_cfg_dict
+
+
+def test_batchtopk_run_folder_loads_as_batchtopk_and_sets_the_config(tmp_path):
+    sae = random_topk_sae(window=3)
+    run = write_run(tmp_path / "run", sae, layer=1)
+    loaded = ex.load_sae_folder(run)
+    assert loaded.sae.activation == "batchtopk" and loaded.sae.k == 6
+    x, valid = inputs()
+    assert torch.equal(loaded.sae.encode(x, valid), sae.encode(x, valid))
+    cfg = ex.fit_sae_to_model(ex.Config(out_dir=str(tmp_path / "out"), sae_path=str(run)), loaded, D)
+    assert (cfg.activation, cfg.k, cfg.window) == ("batchtopk", 6, 3)
+    sc = ex.saelens_cfg(ex.sae_sizes(loaded.sae), 1, "tiny")
+    assert sc["architecture"] == "temporal_window" and sc["training_activation"] == "batchtopk" and sc["k"] == 6
+
+
 def test_our_run_folder_loads_with_its_layer(tmp_path):
     sae = random_sae(window=4)
     run = write_run(tmp_path / "run", sae, layer=1)

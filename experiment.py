@@ -32,12 +32,14 @@ import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Callable, Iterator, Literal, NamedTuple, get_args, get_type_hints
 
 try:
     import numpy as np
     import torch
+    import torch.distributed as dist
     import torch.nn as nn
     import torch.nn.functional as F
 except ModuleNotFoundError as e:  # set-up skipped: the fix in one line instead of a traceback
@@ -3079,13 +3081,18 @@ def sweeps(cfg, sel: Selection) -> tuple[str, ...]:
     return tuple(s for s in cfg.strategies if sel.rule == "saebench" or s in GATED_STRATEGIES)
 
 
-def run_sweep(cfg, model, sae, sels, dets, d: EvalData, progress: bool) -> tuple[list[dict], dict]:
+def run_sweep(cfg, model, sae, sels, dets, d: EvalData, progress: bool,
+              share: tuple[int, int] = (0, 1)) -> tuple[list[dict], list]:
     """Every strategy at every selection and multiplier. Per selection, each strategy's clamp plan is
     made once per batch (it does not depend on the multiplier); per multiplier, all strategies are
     measured together, so rows two strategies edit identically run once. Returns the points and, per
-    point index, the per-token spliced KL of the first spliced documents (for the precision figure)."""
-    points, kl_docs = [], {}
+    point, the per-token spliced KL of the first spliced documents (for the precision figure).
+    share=(i, n): only the i-th of n contiguous slices of the (selection, multiplier) groups; a group's
+    points do not depend on the other groups, so the slices concatenated are the whole sweep."""
+    points, kl_docs = [], []
     groups = [(sel, m) for sel in sels for m in cfg.multipliers if sweeps(cfg, sel)]
+    i, n = share
+    groups = groups[i * len(groups) // n:(i + 1) * len(groups) // n]  # contiguous: one plan per selection met
     plans, planned = {}, None
     for sel, mult in bar(groups, "sweep (selection x multiplier)", progress):
         if planned is not sel:
@@ -3100,7 +3107,7 @@ def run_sweep(cfg, model, sae, sels, dets, d: EvalData, progress: bool) -> tuple
                      retain_threshold=sel.threshold)
             for k, (v, e) in meas.items():
                 p[k], p[f"{k}_stderr"] = v, e
-            kl_docs[len(points)] = kl_s[:SPLICED_FIGURE_DOCS]
+            kl_docs.append(kl_s[:SPLICED_FIGURE_DOCS])
             points.append(p)
     return points, kl_docs
 
@@ -3392,6 +3399,7 @@ def metadata(cfg: Config, device, status: str, started: float, stages: dict, err
             "cpu_model": cpu_info()[0], "cpu_bf16": cpu_info()[1],
             "torch_threads": torch.get_num_threads(), "wall_time_s": round(time.time() - started, 1),
             "stage_times_s": stages, "command": "python " + " ".join(sys.argv),
+            **({"world_size": int(os.environ["WORLD_SIZE"])} if launched() else {}),
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "transformers": transformers.__version__, "numpy": np.__version__}}
 
@@ -3851,6 +3859,141 @@ def stage_generation(cfg, model, tok, sae, sels, dets, points, d: EvalData, out:
 
 
 # =============================================================================================
+# Scale-out: torchrun
+# =============================================================================================
+
+# How long a rank may wait in a collective: for the slowest rank's seeds (a default seed takes ~15
+# minutes on two CPU threads, longer on one), longer than torch's 30-minute default. Failures do not wait for
+# it: a rank that raises brings its error to the next `together`, and torchrun stops every rank
+# when one dies.
+DIST_TIMEOUT = timedelta(hours=6)
+
+
+def launched() -> bool:
+    """Started by torchrun (or another launcher that sets torch.distributed's env:// variables)."""
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+def env_rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+class RankFailed(Exception):
+    """A rank raised: every rank stops at the end of the `together` block, rank 0 reports the first."""
+    def __init__(self, rank: int, kind: str, message: str, others: list[int]):
+        self.rank, self.kind = rank, kind
+        also = f" (rank{'s' if len(others) > 1 else ''} {', '.join(map(str, others))} failed too)" if others else ""
+        super().__init__(f"rank {rank}: {message if kind == 'UsageError' else f'{kind}: {message}'}{also}")
+
+
+class Ranks(NamedTuple):
+    rank: int
+    world: int
+    device: torch.device  # cuda:LOCAL_RANK on GPUs, else the CPU
+
+
+@contextlib.contextmanager
+def process_group(cfg: Config) -> Iterator[Ranks]:
+    """torchrun's ranks, joined for the run (NCCL with one GPU per rank, gloo on CPUs), always left."""
+    if re.fullmatch(r"cuda:\d+", cfg.device):
+        raise UsageError(f"--device {cfg.device}: under torchrun each rank takes cuda:LOCAL_RANK; pass --device=cuda")
+    device = pick_device(cfg)
+    if device.type == "cuda":
+        local, n_gpus = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+        if local >= n_gpus:
+            raise UsageError(f"local rank {local}: this machine has {n_gpus} GPU(s), one per process")
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)  # NCCL's object collectives stage their bytes on the current GPU
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=DIST_TIMEOUT)
+    try:
+        yield Ranks(dist.get_rank(), dist.get_world_size(), device)
+    finally:
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def together(ranks: Ranks):
+    """Every rank leaves this block together. A rank whose block raised still arrives, carrying its
+    error, so no rank waits on one that has stopped; if any failed, all raise RankFailed naming it."""
+    err = None
+    try:
+        yield
+    except Exception as e:  # any error: carried to every rank below, then raised on all of them
+        err = (type(e).__name__, str(e))
+    errs = [None] * ranks.world
+    dist.all_gather_object(errs, err)
+    failed = [r for r, e in enumerate(errs) if e is not None]
+    if failed:
+        raise RankFailed(failed[0], *errs[failed[0]], failed[1:])
+
+
+def _pack(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _unpack(data: bytes, device: torch.device):
+    """What _pack packed, each tensor where it was on the sender but a GPU tensor on this rank's GPU.
+    The bytes come from a rank of this same run, so whole objects are loaded (not weights_only)."""
+    def place(storage, where: str):
+        return storage.cuda(device.index) if where.startswith("cuda") else storage
+    return torch.load(io.BytesIO(data), map_location=place, weights_only=False)
+
+
+@dataclass
+class Team:
+    """The ranks that share one seed when ranks outnumber seeds: the first (the lead) runs the seed's
+    pipeline and writes its folder; every one of them, the lead too, measures a share of its sweep."""
+    ranks: tuple[int, ...]
+    group: object          # the torch.distributed process group over `ranks`
+    index: int             # this rank's place in `ranks`; 0 leads
+    device: torch.device
+    shared: bool = False   # the lead has sent its payload (once per seed)
+
+    def share(self, payload=None):
+        """The lead's payload, for every member: its (sae, selections, detectors), or None when it has
+        nothing to share (it failed, or --resume found the seed finished)."""
+        box = [_pack(payload) if self.index == 0 else None]
+        dist.broadcast_object_list(box, group=self.group, group_src=0)
+        self.shared = True
+        return payload if self.index == 0 else _unpack(box[0], self.device)
+
+    def sweep(self, cfg, model, sae, sels, dets, d: EvalData, progress: bool) -> tuple[list[dict], list] | None:
+        """run_sweep split into contiguous shares, one per rank, put back in order: exactly the sweep
+        of a single process. None when a rank's share failed (`together` reports its error)."""
+        try:
+            mine = run_sweep(cfg, model, sae, sels, dets, d, progress, (self.index, len(self.ranks)))
+        except Exception:
+            self.gather(None)  # the team is waiting for this share: tell it, then fail
+            raise
+        parts = self.gather(mine)
+        if any(p is None for p in parts):
+            return None
+        return [p for pts, _ in parts for p in pts], [k for _, kls in parts for k in kls]
+
+    def gather(self, part) -> list:
+        parts = [None] * len(self.ranks)
+        dist.all_gather_object(parts, part, group=self.group)  # points are floats, spliced KL CPU tensors
+        return parts
+
+
+def seed_work(n: int, ranks: Ranks) -> list[tuple[int, Team | None]]:
+    """(seed index, its team or None) for each of n seeds this rank works on: seed i on rank i % world;
+    where ranks outnumber seeds, ranks i, i + n, i + 2n, ... share seed i. Every rank makes every
+    team's process group, in the same order, as torch.distributed requires."""
+    if ranks.world <= n:
+        return [(i, None) for i in range(ranks.rank, n, ranks.world)]
+    work = []
+    for i in range(n):
+        members = tuple(range(i, ranks.world, n))
+        group = dist.new_group(list(members)) if len(members) > 1 else None
+        if ranks.rank in members:
+            work.append((i, Team(members, group, members.index(ranks.rank), ranks.device) if group else None))
+    return work
+
+
+# =============================================================================================
 # Main
 # =============================================================================================
 
@@ -3948,9 +4091,12 @@ def known_questions(model, tok, cfg, qs: list[Question], pack: bool, progress: b
     return prepare_qa(model, tok, cfg.layer, picked, cfg.qa_scoring, cfg.batch_rows, pack), flags
 
 
-def run(cfg: Config, model=None, tok=None) -> dict:
+def run(cfg: Config, model=None, tok=None) -> dict | None:
     """The whole experiment, once per seed in --seeds; `model`/`tok` may be passed in (tests use a
-    tiny random model)."""
+    tiny random model). Under torchrun: run_ranks."""
+    if launched():
+        with process_group(cfg) as ranks:
+            return run_ranks(cfg, ranks, model, tok)
     started, st = time.time(), Stages()
     if model is None and cfg.model == DEFAULT_MODEL:
         default_model_dir()  # a missing wheel is reported before out_dir is created or cleared
@@ -3992,32 +4138,113 @@ def run_seeds(cfg: Config, model, tok, data: EvalData, out: Path, st: Stages, pr
               loaded: "LoadedSAE | None" = None) -> dict:
     """The SAE-dependent part once per seed in out/seed_<k>/ (each a complete run folder); the run's
     own results are the mean over seeds with the stderr over seeds."""
-    infos = []
-    for k in cfg.seeds:
-        sub = out / f"seed_{k}"
-        if cfg.resume and (sub / "final_info.json").exists():
-            infos.append(read_json(sub / "final_info.json", "a finished seed's results"))
-            continue
-        begun = (sub / "checkpoint.safetensors").exists() or (sub / "sae.safetensors").exists()
-        # --resume continues a seed that had begun and starts the ones that had not
-        sub_cfg = dataclasses.replace(cfg, seed=k, seeds=(), out_dir=str(sub), resume=cfg.resume and begun)
-        prepare_out_dir(sub_cfg)
-        t0, st.prefix = time.time(), f"seed_{k}/"
-        torch.manual_seed(k)
-        start_run_folder(sub_cfg, sub, model.device, t0, st)
-        res = experiment(sub_cfg, model, tok, data, sub, st, progress, loaded)
+    return aggregate_seeds([run_seed(cfg, k, model, tok, data, out, st, progress, loaded) for k in cfg.seeds])
+
+
+def run_seed(cfg: Config, k: int, model, tok, data: EvalData, out: Path, st: Stages, progress: bool,
+             loaded: "LoadedSAE | None" = None, team: Team | None = None) -> dict | None:
+    """Seed k in out/seed_<k>/, a complete run folder; its results (None when a team member failed)."""
+    sub = out / f"seed_{k}"
+    if cfg.resume and (sub / "final_info.json").exists():
+        return read_json(sub / "final_info.json", "a finished seed's results")
+    begun = (sub / "checkpoint.safetensors").exists() or (sub / "sae.safetensors").exists()
+    # --resume continues a seed that had begun and starts the ones that had not
+    sub_cfg = dataclasses.replace(cfg, seed=k, seeds=(), out_dir=str(sub), resume=cfg.resume and begun)
+    prepare_out_dir(sub_cfg)
+    t0, st.prefix = time.time(), f"seed_{k}/"
+    torch.manual_seed(k)
+    start_run_folder(sub_cfg, sub, model.device, t0, st)
+    res = experiment(sub_cfg, model, tok, data, sub, st, progress, loaded, team)
+    if res is not None:
         atomic_write_json(sub / "metadata.json", metadata(sub_cfg, model.device, "complete", t0,
                                                           {k_: v for k_, v in st.times.items() if k_.startswith(st.prefix)}))
         atomic_write_json(sub / "final_info.json", res)
-        infos.append(res)
     st.prefix = ""
-    return aggregate_seeds(infos)
+    return res
+
+
+def run_ranks(cfg: Config, ranks: Ranks, model=None, tok=None) -> dict | None:
+    """run() under torchrun. Every rank checks the inputs, loads the model and prepares the data itself:
+    it is deterministic, runs in parallel on a GPU or core per rank, and needs no second copy of the
+    prepared data (~0.7 GB for a default run; rank 0 + broadcast is measured against it in
+    docs/usage.md). Each rank then does its share of the seeds (seed_work); rank 0 alone writes
+    out_dir's own files, after every rank has finished. Each stage is a `together` block. Returns the
+    results on rank 0, None elsewhere."""
+    started, st, head = time.time(), Stages(), ranks.rank == 0
+    out = Path(cfg.out_dir)
+    with together(ranks):
+        if model is None and cfg.model == DEFAULT_MODEL:
+            default_model_dir()
+        corpora, questions = load_inputs(cfg)
+        loaded = load_sae_folder(Path(cfg.sae_path)) if cfg.sae_path else None
+        if head:
+            prepare_out_dir(cfg)  # before any rank makes its seed folder in it
+    with together(ranks):
+        torch.manual_seed(cfg.seed)
+        if model is None:
+            model, tok = load_model(cfg, ranks.device)
+        if loaded is not None:
+            cfg = fit_sae_to_model(cfg, loaded, model.config.hidden_size)
+        check_layer(model, cfg)
+        if head:
+            start_run_folder(cfg, out, model.device, started, st)
+    st.done("load")
+    progress = cfg.progress and sys.stderr.isatty() and head  # one rank's bars on the terminal
+    try:
+        with together(ranks):
+            data = prepare_data(cfg, model, tok, corpora, questions, st, progress)
+        with together(ranks):
+            results = run_my_seeds(cfg, ranks, model, tok, data, out, st, progress, loaded)
+    except RankFailed as e:
+        if head:
+            atomic_write_json(out / "metadata.json", metadata(cfg, model.device, "failed", started, st.times, str(e)))
+        raise
+    if not head:
+        return None
+    if cfg.seeds:  # every seed folder is complete: the mean and stderr run_seeds makes
+        results = aggregate_seeds([read_json(out / f"seed_{k}" / "final_info.json", "a seed's results")
+                                   for k in cfg.seeds])
+    atomic_write_json(out / "metadata.json", metadata(cfg, model.device, "complete", started, st.times))
+    atomic_write_json(out / "final_info.json", results)  # last: its presence means the run completed
+    return results
+
+
+def run_my_seeds(cfg: Config, ranks: Ranks, model, tok, data: EvalData, out: Path, st: Stages, progress: bool,
+                 loaded: "LoadedSAE | None") -> dict | None:
+    """This rank's seeds (seed_work): each it leads into out/seed_<k>/ (run_seed), a sweep share of
+    each it joins. Without --seeds the one run (seed --seed, in out itself) is led by rank 0, and its
+    results come back there."""
+    seeds, results = cfg.seeds or (cfg.seed,), None
+    for i, team in seed_work(len(seeds), ranks):
+        if team and team.index > 0:
+            st.prefix = f"seed_{seeds[i]}/" if cfg.seeds else ""
+            member_seed(cfg, model, data, team, st, progress)
+            continue
+        try:
+            if cfg.seeds:
+                run_seed(cfg, seeds[i], model, tok, data, out, st, progress, loaded, team)
+            else:
+                results = experiment(cfg, model, tok, data, out, st, progress, loaded, team)
+        finally:
+            if team and not team.shared:
+                team.share(None)  # the members wait for the SAE: release them (failed, or finished before)
+    st.prefix = ""
+    return results
+
+
+def member_seed(cfg: Config, model, d: EvalData, team: Team, st: Stages, progress: bool):
+    """A team member's part of a seed: its share of the sweep on the lead's SAE. It writes nothing."""
+    payload = team.share()
+    if payload is not None:  # None: the lead failed (`together` reports it) or had finished the seed
+        team.sweep(cfg, model, *payload, d, progress)
+        st.done("sweep_share")
 
 
 def experiment(cfg, model, tok, d: EvalData, out: Path, st: Stages, progress: bool,
-               loaded: "LoadedSAE | None" = None) -> dict:
+               loaded: "LoadedSAE | None" = None, team: Team | None = None) -> dict | None:
     """Train (or reload, or take --sae_path's) SAE, then every measure of it; results dict in the
-    {"means", "stderrs"} contract."""
+    {"means", "stderrs"} contract. With a team (torchrun) this rank leads it: the members measure
+    shares of the sweep on this SAE; None when one of them failed."""
     if loaded is not None:  # --sae_path: evaluated as it is, no training
         sae = loaded.sae.to(model.device)
         # a copy in the run folder, with its source in cfg.json: the run stays self-contained (load_sae,
@@ -4041,7 +4268,14 @@ def experiment(cfg, model, tok, d: EvalData, out: Path, st: Stages, progress: bo
     sels += gated_selections(cfg, sae, dets, d.forget, d.retain)
     save_guard_state(out, cfg, sels, dets)
     st.done("select")
-    points, kl_docs = run_sweep(cfg, model, sae, sels, dets, d, progress)
+    if team is None:
+        points, kl_docs = run_sweep(cfg, model, sae, sels, dets, d, progress)
+    else:
+        team.share((sae, sels, dets))
+        swept = team.sweep(cfg, model, sae, sels, dets, d, progress)
+        if swept is None:
+            return None  # a member's share failed: its error is reported by `together`
+        points, kl_docs = swept
     atomic_write_json(out / "sweep.json", {"retain_gate": cfg.retain_gate, "points": points})
     st.done("sweep")
     results.update(strategy_entries(cfg, sae, sels, dets, points, kl_docs, d, out, progress))
@@ -4228,8 +4462,12 @@ def generate_existing(cli: Config) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    speak = env_rank() == 0  # under torchrun every rank meets the same bad input: rank 0 reports it
     try:
         cfg = parse_config(argv)
+        if launched() and (cfg.check or cfg.export_saelens or cfg.generate_from):
+            raise UsageError("--check, --export_saelens and --generate_from run in one process: start them "
+                             "with python, not torchrun")
         if cfg.check:
             return check_setup()
         if cfg.export_saelens:  # reads one folder, writes another: no model, no data
@@ -4238,14 +4476,20 @@ def main(argv: list[str] | None = None) -> int:
             print(generate_existing(cfg))
         else:
             run(cfg)
+    except RankFailed as e:
+        if speak:
+            print(f"experiment.py: error: {e}", file=sys.stderr)
+        return 2 if e.kind == "UsageError" else 1
     except UsageError as e:
-        print(f"experiment.py: error: {e}", file=sys.stderr)
+        if speak:
+            print(f"experiment.py: error: {e}", file=sys.stderr)
         return 2
     except TrainingDiverged as e:
         print(f"experiment.py: training failed: {e} (run marked failed in metadata.json)", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("experiment.py: interrupted; rerun with --resume to continue training", file=sys.stderr)
+    except KeyboardInterrupt:  # under torchrun every rank gets the Ctrl-C
+        if speak:
+            print("experiment.py: interrupted; rerun with --resume to continue training", file=sys.stderr)
         return 130
     return 0
 

@@ -117,8 +117,9 @@ def script_flags() -> dict[str, set[str]]:
 
 
 def commands(text: str):
-    """(script, the text its flags are in) for every `python SCRIPT ...` command: each line of a code
-    block from the script on (comment included), and each inline code span from the script on."""
+    """(script, the text its flags are in) for every `python SCRIPT ...` or `torchrun ... SCRIPT ...`
+    command: each line of a code block from the script on (comment included), and each inline code
+    span from the script on."""
     in_code = False
     for line in text.splitlines():
         if line.startswith("```"):
@@ -126,7 +127,7 @@ def commands(text: str):
             continue
         if in_code:
             for part in line.split("&&"):
-                m = re.search(r"python\s+(?:-u\s+)?(\S+\.py)", part)
+                m = re.search(r"(?:python|torchrun(?:\s+--\S+)*)\s+(?:-u\s+)?(\S+\.py)", part)
                 if m:
                     yield m.group(1), part[m.end():]
                 elif part.strip().startswith("pip "):

@@ -294,3 +294,10 @@ def test_grouped_sweep_measures_equal_one_point_at_a_time(tmp_path, model, tok):
                                                                                      p["multiplier"])), d)
         for k, (v, e) in alone.items():
             assert p[k] == pytest.approx(v, abs=1e-6, nan_ok=True), (p["strategy"], k)
+    # in shares, as ranks sharing a seed under torchrun measure it (3 shares of 2 groups: one is empty),
+    # then concatenated: the same points and spliced KL, bit for bit
+    _, kl = ex.run_sweep(cfg, model, sae, sels[:1], dets, d, False)
+    parts = [ex.run_sweep(cfg, model, sae, sels[:1], dets, d, False, (i, 3)) for i in range(3)]
+    assert [len(pts) for pts, _ in parts] == [0, len(points) // 2, len(points) // 2]
+    assert json.dumps([x for pts, _ in parts for x in pts]) == json.dumps(points)
+    assert all(torch.equal(a, b) for a, b in zip([x for _, ks in parts for x in ks], kl, strict=True))

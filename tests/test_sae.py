@@ -174,15 +174,21 @@ def reference_step_losses(sae, x, valid, autocast, max_density=None, dead_F=None
                          ((out.f > 0) & valid[..., None]).sum((0, 1)), None)
 
 
-@pytest.mark.parametrize("window", [1, 3])
-def test_training_with_the_fast_step_matches_the_reference(tmp_path, monkeypatch, window):
-    """A whole train_sae on sparse data: fast step (sparse backward always) vs dense reference."""
+def sparse_rows():
+    """(40, 17, 16) activations made of 48 sparse atoms (8% density) plus noise; BOS slot masked."""
     g = torch.Generator().manual_seed(0)
     atoms = torch.randn(48, 16, generator=g)
     codes = torch.rand(40, 17, 48, generator=g) * (torch.rand(40, 17, 48, generator=g) < 0.08)
     acts = codes @ atoms + 0.05 * torch.randn(40, 17, 16, generator=g)
     mask = torch.ones(40, 17, dtype=torch.bool)
     mask[:, 0] = False
+    return acts, mask
+
+
+@pytest.mark.parametrize("window", [1, 3])
+def test_training_with_the_fast_step_matches_the_reference(tmp_path, monkeypatch, window):
+    """A whole train_sae on sparse data: fast step (sparse backward always) vs dense reference."""
+    acts, mask = sparse_rows()
     logs = {}
     for name in ("reference", "fast"):
         out = tmp_path / name
@@ -478,12 +484,7 @@ def test_threshold_is_a_running_average_of_the_smallest_kept_value():
 
 @pytest.mark.parametrize("window", [1, 3])
 def test_batchtopk_training_reaches_l0_k_and_a_threshold_that_keeps_it(tmp_path, window):
-    g = torch.Generator().manual_seed(0)
-    atoms = torch.randn(48, 16, generator=g)
-    codes = torch.rand(40, 17, 48, generator=g) * (torch.rand(40, 17, 48, generator=g) < 0.08)
-    acts = codes @ atoms + 0.05 * torch.randn(40, 17, 16, generator=g)
-    mask = torch.ones(40, 17, dtype=torch.bool)
-    mask[:, 0] = False
+    acts, mask = sparse_rows()
     cfg = ex.Config(out_dir=str(tmp_path), d_sae=64, window=window, d_head=8, train_tokens=40 * 16 * 10,
                     batch_tokens=128, lr=3e-3, sae_autocast=False, activation="batchtopk", k=4, contrastive=0.1)
     sae = ex.train_sae(cfg, acts, mask, torch.device("cpu"), tmp_path)

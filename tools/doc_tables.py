@@ -199,7 +199,31 @@ def t_machine(doc: str, *runs: str) -> list[str]:
     return table(["run (command)", "seeds", "CPU", "native bf16", "torch", "threads", "wall, whole run", "wall per seed"], rows)
 
 
-KINDS = {"machine": t_machine, "readme": t_readme, "sae": t_sae, "frontier": t_frontier, "budget": t_budget, "detection": t_detection,
+def t_generation(doc: str, run: str) -> list[str]:
+    """The --generate stage of one run: per causal strategy (guard at its +1.0 point), what greedy
+    continuations keep and change; the clean model's rows for reference."""
+    def changed(entry: str, key: str) -> str:  # the fraction not identical to clean
+        v = value(run, entry, key)
+        return fmt(None if v is None else (None if v[0] is None else 1 - v[0], v[1]), 2)
+
+    cols = [("retain identical", lambda e: cell(run, e, "retain_identical", 2)),
+            ("forget changed", lambda e: changed(e, "forget_identical")),
+            ("spliced changed", lambda e: changed(e, "spliced_identical")),
+            ("forget: first difference (tokens)", lambda e: cell(run, e, "forget_first_difference", 1)),
+            ("detector fire rate on forget continuations", lambda e: cell(run, e, "forget_fire", 2)),
+            ("clean model's CE of forget continuations", lambda e: cell(run, e, "forget_ce", 2)),
+            ("repeated 4-grams, forget / retain",
+             lambda e: f"{cell(run, e, 'forget_rep4', 3)} / {cell(run, e, 'retain_rep4', 3)}"),
+            ("tokens/s (retain set)", lambda e: cell(run, e, "retain_tokens_per_s", 1))]
+    info = final_info(run)
+    names = ["clean"] + [s for s in STRATEGIES if f"generation_{s}" in info]
+    rows = [[f"`{n}`"] + [fn(f"generation_{n}") for _, fn in cols] for n in names]
+    true = value(run, "generation_clean", "forget_ce_true")
+    rows.append(["true held-out text"] + ["–"] * 5 + [fmt(true, 2), "–", "–"])
+    return table([f"guard ({link(run, doc)})"] + [c[0] for c in cols], rows)
+
+
+KINDS = {"generation": t_generation, "machine": t_machine, "readme": t_readme, "sae": t_sae, "frontier": t_frontier, "budget": t_budget, "detection": t_detection,
          "precision": t_precision, "strategies": t_strategies, "versus": t_versus}
 
 

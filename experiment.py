@@ -3631,23 +3631,28 @@ class Guard:
         sae = self.sae.to(model.device)
         self.idx, self.state, got = self.idx.to(model.device), None, {}
 
-        def capture(module, args, kwargs):  # the 2-D attention mask of every call (left padding, cached length)
+        def capture(module, args, kwargs):  # each call's 2-D attention mask (left padding) and cached length
             got["mask"] = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+            # generate() leaves the mask out when it is all ones, so the cache, not the mask, says
+            # whether this call continues a sequence (transformers 5 names it `cache`, 4 `past_key_values`)
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            got["past"] = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
 
         handle = model.register_forward_pre_hook(capture, with_kwargs=True)
         try:
-            with intervene(model, self.layer, lambda resid: self.edit(sae, resid, got.get("mask"))):
+            with intervene(model, self.layer, lambda resid: self.edit(sae, resid, got.get("mask"), got.get("past", 0))):
                 yield self
         finally:
             handle.remove()
             self.state = None
 
-    def edit(self, sae, resid_BTD: torch.Tensor, mask) -> torch.Tensor:
+    def edit(self, sae, resid_BTD: torch.Tensor, mask, past: int) -> torch.Tensor:
+        """resid (B, T, D) of one call: T new positions after `past` cached ones (0: a new sequence)."""
         B, T, D = resid_BTD.shape
         mask_BT = (torch.ones(B, T, dtype=torch.bool, device=resid_BTD.device) if mask is None or mask.dim() != 2
                    else mask[:, -T:].bool().to(resid_BTD.device))
-        if self.state is None or mask is None or mask.dim() != 2 or mask.shape[1] == T or self.state["B"] != B:
-            self.state = self.fresh(sae, B, D, resid_BTD)  # no cached past: a new sequence
+        if self.state is None or past == 0 or self.state["B"] != B:
+            self.state = self.fresh(sae, B, D, resid_BTD)
         return torch.stack([self.step(sae, resid_BTD[:, t], mask_BT[:, t]) for t in range(T)], dim=1)
 
     def fresh(self, sae, B: int, D: int, like: torch.Tensor) -> dict:
@@ -3812,34 +3817,53 @@ def generation_sets(cfg, d: EvalData) -> dict:
 SPLICED_CUT = 8  # spliced prompts end this many tokens into the passage
 
 
+def merge_prompts(sets: dict[str, Prompts]) -> tuple[Prompts, dict[str, slice]]:
+    """All prompt sets as one left-padded batch, and each set's rows in it: one generate() call per
+    variant instead of one per set and variant (at a handful of prompts the per-step overhead of
+    generate(), not the model, sets the time)."""
+    P = max(pr.ids.shape[1] for pr in sets.values())
+    left = lambda t: F.pad(t, (P - t.shape[1], 0))  # zeros: pad id 0 under mask 0, never attended
+    rows, where, at = [], {}, 0
+    for name, pr in sets.items():
+        rows.append(Prompts(left(pr.ids), left(pr.mask), pr.true))
+        where[name], at = slice(at, at + len(pr.ids)), at + len(pr.ids)
+    return Prompts(*(torch.cat(parts) for parts in zip(*rows))), where
+
+
+def set_measures(name: str, st: dict, cont_NG: torch.Tensor) -> dict:
+    """One set's fire rate, clean-model CE and repeated 4-grams from continuation_stats' rows."""
+    return {f"{name}_fire": mean_err(st["fires"].float().mean(1)), f"{name}_ce": mean_err(st["ce"].mean(1)),
+            f"{name}_rep4": mean_err([repeated_ngram_rate(c) for c in cont_NG])}
+
+
 def run_generation(cfg, model, tok, sae, guards: dict, det, d: EvalData) -> tuple[dict, list]:
     """Clean and guarded continuations of every prompt set; the results entries and the records of
     generations.jsonl. guards: {strategy: Guard}; det: the learned detector (fire rates)."""
     pad = tok.pad_token_id if tok.pad_token_id is not None else bos_id(tok)
-    res, records = {}, []
-    for name, pr in generation_sets(cfg, d).items():
-        clean, speed = greedy(model, pr, cfg.generate_tokens, pad)
-        base = continuation_stats(model, cfg.layer, sae, det, pr, clean)
-        true = continuation_stats(model, cfg.layer, sae, det, pr, pr.true)
-        res.setdefault("clean", {}).update({
-            f"{name}_fire": mean_err(base["fires"].float().mean(1)), f"{name}_ce": mean_err(base["ce"].mean(1)),
-            f"{name}_ce_true": mean_err(true["ce"].mean(1)), f"{name}_rep4": mean_err([repeated_ngram_rate(c) for c in clean]),
-            f"{name}_tokens_per_s": (speed, 0.0)})
-        records += [{"set": name, "prompt": i, "variant": "clean", "text": tok.decode(c)} for i, c in enumerate(clean)]
-        records += [{"set": name, "prompt": i, "variant": "true", "text": tok.decode(c)} for i, c in enumerate(pr.true)]
-        for s, guard in guards.items():
-            out, speed_g = greedy(model, pr, cfg.generate_tokens, pad, guard)
-            st = continuation_stats(model, cfg.layer, sae, det, pr, out)
-            first = first_difference(out, clean)
-            res.setdefault(s, {}).update({
-                f"{name}_identical": mean_err((first == cfg.generate_tokens).float()),
-                f"{name}_first_difference": mean_err(first), f"{name}_fire": mean_err(st["fires"].float().mean(1)),
-                f"{name}_ce": mean_err(st["ce"].mean(1)), f"{name}_rep4": mean_err([repeated_ngram_rate(c) for c in out]),
-                f"{name}_tokens_per_s": (speed_g, 0.0)})
-            records += [{"set": name, "prompt": i, "variant": s, "text": tok.decode(c)} for i, c in enumerate(out)]
+    sets = generation_sets(cfg, d)
+    pr, where = merge_prompts(sets)
+    G = cfg.generate_tokens
+    clean, speed = greedy(model, pr, G, pad)
+    base, true = (continuation_stats(model, cfg.layer, sae, det, pr, c) for c in (clean, pr.true))
+    res = {"clean": {"tokens_per_s": (speed, 0.0)}}
+    records = []
+    for name, rows in where.items():
+        part = lambda st: {k: v[rows] for k, v in st.items()}
+        res["clean"].update(set_measures(name, part(base), clean[rows]))
+        res["clean"][f"{name}_ce_true"] = mean_err(true["ce"][rows].mean(1))
+        for variant, conts in (("clean", clean[rows]), ("true", pr.true[rows])):
+            records += [{"set": name, "prompt": i, "variant": variant, "text": tok.decode(c)} for i, c in enumerate(conts)]
     for s, guard in guards.items():
-        if s in res:
-            res[s].update({f"point_{k}": (float(guard.point[k]), 0.0) for k in ("multiplier", "forget_ce_increase", "retain_kl")})
+        out, speed_g = greedy(model, pr, G, pad, guard)
+        st = continuation_stats(model, cfg.layer, sae, det, pr, out)
+        first = first_difference(out, clean)
+        res[s] = {"tokens_per_s": (speed_g, 0.0)}
+        res[s].update({f"point_{k}": (float(guard.point[k]), 0.0) for k in ("multiplier", "forget_ce_increase", "retain_kl")})
+        for name, rows in where.items():
+            res[s].update(set_measures(name, {k: v[rows] for k, v in st.items()}, out[rows]))
+            res[s].update({f"{name}_identical": mean_err((first[rows] == G).float()),
+                           f"{name}_first_difference": mean_err(first[rows])})
+            records += [{"set": name, "prompt": i, "variant": s, "text": tok.decode(c)} for i, c in enumerate(out[rows])]
     return {f"generation_{k}": entry(v) for k, v in res.items()}, records
 
 
@@ -4450,7 +4474,9 @@ def generate_existing(cli: Config) -> str:
             with contextlib.suppress(UsageError):  # no point at GUARD_LEVEL (or not swept): no guard
                 guards[s_] = load_guard(f, s_)
         det = guard_detector(read_json(f / "guard.json", "guard state"), _read_tensors(f / "guard.safetensors"))
+        t0 = time.perf_counter()
         entries, records = run_generation(seed_cfg, model, tok, sae, guards, det, d)
+        print(f"[{f}] generation stage {time.perf_counter() - t0:.1f}s", flush=True)
         info = {k: v for k, v in read_json(f / "final_info.json", "results").items() if not k.startswith("generation_")}
         info.update(entries)
         atomic_write(f / "generations.jsonl", lambda p: Path(p).write_text("".join(json.dumps(r) + "\n" for r in records)))

@@ -48,10 +48,15 @@ def harness_logits(model, guard, seq, mask):
         return model(input_ids=seq, attention_mask=mask, position_ids=positions(mask)).logits
 
 
-@pytest.mark.parametrize("strategy,evidence", [(s, "ema") for s in ex.CAUSAL_STRATEGIES] + [("pattern", "hmm")])
-def test_generation_with_the_cache_equals_one_guarded_forward(model, tok, strategy, evidence):
+PADDED = ["Cells divide by mitosis and the", "The river"]
+UNPADDED = ["Cells divide by mitosis and the", "Cells divide by mitosis and a"]  # one length: generate() drops the mask
+
+
+@pytest.mark.parametrize("strategy,evidence,texts", [(s, "ema", PADDED) for s in ex.CAUSAL_STRATEGIES] +
+                         [("pattern", "hmm", PADDED), ("pattern", "ema", UNPADDED), ("standard", "ema", UNPADDED)])
+def test_generation_with_the_cache_equals_one_guarded_forward(model, tok, strategy, evidence, texts):
     guard = tiny_guard(model, strategy, evidence)
-    ids, mask = prompts(tok, ["Cells divide by mitosis and the", "The river"], pad_id=1)
+    ids, mask = prompts(tok, texts, pad_id=1)
     new = 10
     with guard.attached(model):
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
@@ -144,3 +149,12 @@ def test_generation_stage_on_the_tiny_model(tmp_path, model, tok):
     variants = {r["variant"] for r in records}
     assert variants == {"clean", "true", "standard", "pattern"}
     assert len([r for r in records if r["variant"] == "clean"]) == 3 * cfg.generate_prompts
+    # the sets run as one left-padded batch: each set's continuations are those it gets on its own
+    sets = ex.generation_sets(cfg, d)
+    merged, where = ex.merge_prompts(sets)
+    assert len({pr.ids.shape[1] for pr in sets.values()}) > 1, "the sets must differ in length for this check"
+    for guard in (None, active):
+        together, _ = ex.greedy(model, merged, cfg.generate_tokens, 1, guard)
+        for name, pr in sets.items():
+            alone, _ = ex.greedy(model, pr, cfg.generate_tokens, 1, guard)
+            assert torch.equal(together[where[name]], alone), name

@@ -202,9 +202,14 @@ def t_machine(doc: str, *runs: str) -> list[str]:
 def t_generation(doc: str, run: str) -> list[str]:
     """The --generate stage of one run: per causal strategy (guard at its +1.0 point), what greedy
     continuations keep and change; the clean model's rows for reference."""
+    def cell(run_, entry: str, key: str, decimals: int) -> str:  # "–" where the row has no such measure (clean)
+        return fmt(value(run_, entry, key) if key in final_info(run_)[entry]["means"] else None, decimals)
+
     def changed(entry: str, key: str) -> str:  # the fraction not identical to clean
+        if key not in final_info(run)[entry]["means"]:
+            return "–"
         v = value(run, entry, key)
-        return fmt(None if v is None else (None if v[0] is None else 1 - v[0], v[1]), 2)
+        return fmt((None if v[0] is None else 1 - v[0], v[1]), 2)
 
     cols = [("retain identical", lambda e: cell(run, e, "retain_identical", 2)),
             ("forget changed", lambda e: changed(e, "forget_identical")),
@@ -214,7 +219,7 @@ def t_generation(doc: str, run: str) -> list[str]:
             ("clean model's CE of forget continuations", lambda e: cell(run, e, "forget_ce", 2)),
             ("repeated 4-grams, forget / retain",
              lambda e: f"{cell(run, e, 'forget_rep4', 3)} / {cell(run, e, 'retain_rep4', 3)}"),
-            ("tokens/s (retain set)", lambda e: cell(run, e, "retain_tokens_per_s", 1))]
+            ("tokens/s", lambda e: cell(run, e, "tokens_per_s", 1))]
     info = final_info(run)
     names = ["clean"] + [s for s in STRATEGIES if f"generation_{s}" in info]
     rows = [[f"`{n}`"] + [fn(f"generation_{n}") for _, fn in cols] for n in names]

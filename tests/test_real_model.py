@@ -106,8 +106,15 @@ def readme_guard_example(run):
     code = re.search(r"## Use the guard.*?```python\n(.*?)```", text, re.S).group(1)
     assert '"run_x"' in code and len(code.splitlines()) <= 6
     printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        exec(code.replace('"run_x"', repr(str(run))), {})
+    import experiment as ex
+    defaults = ex.load_guard.__defaults__  # (strategy, point, level)
+    # this small-budget run's clamps never reach the default +1.0 level: the same code at level 0
+    ex.load_guard.__defaults__ = defaults[:2] + (0.0,)
+    try:
+        with contextlib.redirect_stdout(printed):
+            exec(code.replace('"run_x"', repr(str(run))), {})
+    finally:
+        ex.load_guard.__defaults__ = defaults
     assert printed.getvalue().startswith(("<|endoftext|>", "<|im_start|>")) and "Vaccines" in printed.getvalue()
 
 

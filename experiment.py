@@ -3075,6 +3075,16 @@ def point_measures(model, layer, fn: Intervention, d: EvalData) -> tuple[dict, t
     return measure_edits(model, layer, d, {n: edits_of(fn, bs) for n, bs in eval_batches(d).items()})[0]
 
 
+def point_key(p: dict) -> tuple:
+    """The selection a sweep point was measured with, as (rule, retain threshold, n features); points
+    made before the gated selection carry no `selection`: SAEBench's."""
+    return p.get("selection", "saebench"), p["retain_threshold"], p["n_features"]
+
+
+def selection_of(sels: list[Selection], p: dict) -> Selection:
+    return next(x for x in sels if (x.rule, x.threshold, x.n) == point_key(p))
+
+
 def sweeps(cfg, sel: Selection) -> tuple[str, ...]:
     """The strategies that sweep a selection: all on SAEBench's, the gated ones on the gated one
     (standard keeps SAEBench's rule, so its comparison with SAEBench stays as published)."""
@@ -3362,6 +3372,10 @@ def atomic_write(path: Path, write: Callable[[str], None]):
             os.unlink(tmp)
 
 
+def atomic_write_jsonl(path: Path, records: list[dict]):
+    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in records)))
+
+
 def atomic_write_json(path: Path, obj):
     def write(tmp):
         with open(tmp, "w") as fh:
@@ -3591,8 +3605,7 @@ def load_guard(run_dir, strategy: str = "pattern", point: int | None = None, lev
     if p is None or p["strategy"] != strategy:
         raise UsageError(f"{folder}: {strategy} has no sweep point" + (f" reaching a forget-CE increase of {level}"
                                                                        if p is None else f" at index {point}"))
-    key = (p.get("selection", "saebench"), p["retain_threshold"], p["n_features"])
-    i = next(i for i, x in enumerate(meta["selections"]) if (x["rule"], x["threshold"], x["n"]) == key)
+    i = next(i for i, x in enumerate(meta["selections"]) if (x["rule"], x["threshold"], x["n"]) == point_key(p))
     clamp = Clamp(strategy, t[f"selection.{i}.latents"], p["multiplier"], meta["lags"], guard_detector(meta, t),
                   t[f"selection.{i}.hi"], meta["selections"][i]["rho_tau"])
     return Guard(sae, meta["layer"], clamp, p)
@@ -3611,12 +3624,12 @@ class Guard:
     (EMA numerator and denominator, or the filter's log-odds), and what gate and dsg_causal count, so
     a new token costs one SAE encode of one position. The first attended token of a sequence is its
     BOS (never encoded, as in every row the harness reads); left padding is read from the attention
-    mask. Its edits equal clamp_fn's on the whole sequence (tests/test_guard.py)."""
+    mask, a new sequence from an empty KV cache. Its edits equal clamp_fn's on the whole sequence
+    (tests/test_guard.py)."""
 
     def __init__(self, sae: TemporalSAE, layer: int, clamp: Clamp, point: dict | None = None):
         self.sae, self.layer, self.clamp, self.point = sae, layer, clamp, point
-        det = clamp.detector if clamp.strategy in ("pattern", "hybrid") else None
-        self.det = det
+        self.det = det = clamp.detector if clamp.strategy in ("pattern", "hybrid") else None
         self.idx = clamp.latents if det is None else torch.cat([clamp.latents, det.idx])
         self.state: dict | None = None
         self.encodes = 0  # SAE encodes run (one per position a call brings)
@@ -3830,10 +3843,11 @@ def merge_prompts(sets: dict[str, Prompts]) -> tuple[Prompts, dict[str, slice]]:
     return Prompts(*(torch.cat(parts) for parts in zip(*rows))), where
 
 
-def set_measures(name: str, st: dict, cont_NG: torch.Tensor) -> dict:
-    """One set's fire rate, clean-model CE and repeated 4-grams from continuation_stats' rows."""
-    return {f"{name}_fire": mean_err(st["fires"].float().mean(1)), f"{name}_ce": mean_err(st["ce"].mean(1)),
-            f"{name}_rep4": mean_err([repeated_ngram_rate(c) for c in cont_NG])}
+def set_measures(name: str, st: dict, rows: slice, cont_NG: torch.Tensor) -> dict:
+    """One set's fire rate, clean-model CE and repeated 4-grams: its `rows` of continuation_stats'
+    output and of the merged batch's continuations."""
+    return {f"{name}_fire": mean_err(st["fires"][rows].float().mean(1)), f"{name}_ce": mean_err(st["ce"][rows].mean(1)),
+            f"{name}_rep4": mean_err([repeated_ngram_rate(c) for c in cont_NG[rows]])}
 
 
 def run_generation(cfg, model, tok, sae, guards: dict, det, d: EvalData) -> tuple[dict, list]:
@@ -3848,8 +3862,7 @@ def run_generation(cfg, model, tok, sae, guards: dict, det, d: EvalData) -> tupl
     res = {"clean": {"tokens_per_s": (speed, 0.0)}}
     records = []
     for name, rows in where.items():
-        part = lambda st: {k: v[rows] for k, v in st.items()}
-        res["clean"].update(set_measures(name, part(base), clean[rows]))
+        res["clean"].update(set_measures(name, base, rows, clean))
         res["clean"][f"{name}_ce_true"] = mean_err(true["ce"][rows].mean(1))
         for variant, conts in (("clean", clean[rows]), ("true", pr.true[rows])):
             records += [{"set": name, "prompt": i, "variant": variant, "text": tok.decode(c)} for i, c in enumerate(conts)]
@@ -3860,7 +3873,7 @@ def run_generation(cfg, model, tok, sae, guards: dict, det, d: EvalData) -> tupl
         res[s] = {"tokens_per_s": (speed_g, 0.0)}
         res[s].update({f"point_{k}": (float(guard.point[k]), 0.0) for k in ("multiplier", "forget_ce_increase", "retain_kl")})
         for name, rows in where.items():
-            res[s].update(set_measures(name, {k: v[rows] for k, v in st.items()}, out[rows]))
+            res[s].update(set_measures(name, st, rows, out))
             res[s].update({f"{name}_identical": mean_err((first[rows] == G).float()),
                            f"{name}_first_difference": mean_err(first[rows])})
             records += [{"set": name, "prompt": i, "variant": s, "text": tok.decode(c)} for i, c in enumerate(out[rows])]
@@ -3874,11 +3887,9 @@ def stage_generation(cfg, model, tok, sae, sels, dets, points, d: EvalData, out:
         p = guard_point([x for x in points if x["strategy"] == s]) if s in cfg.strategies else None
         if p is None:
             continue
-        sel = next(x for x in sels if (x.rule, x.threshold, x.n) ==
-                   (p.get("selection", "saebench"), p["retain_threshold"], p["n_features"]))
-        guards[s] = Guard(sae, cfg.layer, make_clamp(cfg, sel, dets, s, p["multiplier"]), p)
+        guards[s] = Guard(sae, cfg.layer, make_clamp(cfg, selection_of(sels, p), dets, s, p["multiplier"]), p)
     entries, records = run_generation(cfg, model, tok, sae, guards, dets.learned, d)
-    atomic_write(out / "generations.jsonl", lambda path: Path(path).write_text("".join(json.dumps(r) + "\n" for r in records)))
+    atomic_write_jsonl(out / "generations.jsonl", records)
     return entries
 
 
@@ -4061,6 +4072,16 @@ def head_rows(rows: Rows, n: int) -> Rows:
     return Rows(*(t[idx] for t in rows))
 
 
+def run_spliced(cfg, forget: Corpus, retain: Corpus) -> list[Spliced]:
+    """A run's spliced documents: the first --spliced_docs for the sweep, all of them (at least
+    DETECTION_SPLICED_DOCS) for detection and generation; embedded ones on the embedded corpora, else
+    built from the held-out documents."""
+    n = max(cfg.spliced_docs, DETECTION_SPLICED_DOCS)
+    if cfg.forget_corpus == cfg.retain_corpus == "embedded":
+        return load_spliced(n)
+    return build_spliced(forget.held_docs, retain.held_docs, n, seed=0)
+
+
 def prepare_data(cfg, model, tok, corpora, questions, st: Stages, progress: bool) -> EvalData:
     """Harvest both corpora and run every evaluation text and question through the clean model once.
     Nothing here depends on the SAE or the seed, so seeded runs share it."""
@@ -4069,9 +4090,7 @@ def prepare_data(cfg, model, tok, corpora, questions, st: Stages, progress: bool
     st.done("harvest")
     ts_f = prepare_text(model, cfg.layer, head_rows(forget.held, cfg.eval_rows), cfg.batch_rows, progress)
     ts_r = prepare_text(model, cfg.layer, head_rows(retain.held, cfg.eval_rows), cfg.batch_rows, progress, True)
-    n_det = max(cfg.spliced_docs, DETECTION_SPLICED_DOCS)
-    spl_all = (load_spliced(n_det) if cfg.forget_corpus == cfg.retain_corpus == "embedded"
-               else build_spliced(forget.held_docs, retain.held_docs, n_det, seed=0))
+    spl_all = run_spliced(cfg, forget, retain)
     spl = spl_all[:cfg.spliced_docs]
     spl_rows = spliced_rows(tok, spl_all, 2 * cfg.context_length)
     ts_s = prepare_text(model, cfg.layer, head_rows(spl_rows, cfg.spliced_docs), cfg.batch_rows, progress, True)
@@ -4329,9 +4348,7 @@ def strategy_entries(cfg, sae, sels, dets, points, kl_docs, d: EvalData, out: Pa
         score, chosen, passed = saebench_point(mine, cfg.retain_gate)
         res[f"unlearning_{s}"] = unlearning_entry(chosen, score, passed)
         res[f"frontier_{s}"] = frontier_entry(mine, standard or mine)
-        sel = next(x for x in sels if (x.rule, x.threshold, x.n) ==
-                   (chosen.get("selection", "saebench"), chosen["retain_threshold"], chosen["n_features"]))
-        c = make_clamp(cfg, sel, dets, s, chosen["multiplier"])
+        c = make_clamp(cfg, selection_of(sels, chosen), dets, s, chosen["multiplier"])
         res[f"detection_{s}"] = detection_entry(lambda x, tm: rule_fire_score(c, sae, x, tm), sae, d)
         kl_fig[s] = kl_docs[points.index(chosen)]
     for name, det, lat in (("learned", dets.learned, None), ("residual", dets.residual, None),
@@ -4432,7 +4449,7 @@ def rebuild_guard_state(cfg: Config, sae, forget: Corpus, retain: Corpus, folder
     sels += gated_selections(cfg, sae, dets, forget, retain)
     sizes = {(x.rule, x.threshold, x.n): len(x.latents) for x in sels}
     for p in read_json(folder / "sweep.json", "sweep")["points"]:
-        key = (p.get("selection", "saebench"), p["retain_threshold"], p["n_features"])
+        key = point_key(p)
         if sizes.get(key) != p["n_selected"]:
             raise UsageError(f"{folder}: the selections made again differ from the run's ({key}: {sizes.get(key)} "
                              f"latents, the sweep had {p['n_selected']}); rerun the command in command.txt")
@@ -4459,9 +4476,7 @@ def generate_existing(cli: Config) -> str:
     check_layer(model, cfg)
     corpora, _ = load_inputs(cfg)
     forget, retain = (build_corpus(model, tok, cfg, corpora[x], x, False) for x in ("forget", "retain"))
-    spl_all = (load_spliced(DETECTION_SPLICED_DOCS) if cfg.forget_corpus == cfg.retain_corpus == "embedded"
-               else build_spliced(forget.held_docs, retain.held_docs, DETECTION_SPLICED_DOCS, seed=0))
-    spl_rows = spliced_rows(tok, spl_all, 2 * cfg.context_length)
+    spl_rows = spliced_rows(tok, run_spliced(cfg, forget, retain), 2 * cfg.context_length)
     d = EvalData(forget, retain, None, None, None, None, None, None, None, spl_rows, None)
     infos = []
     for f in folders:
@@ -4479,7 +4494,7 @@ def generate_existing(cli: Config) -> str:
         print(f"[{f}] generation stage {time.perf_counter() - t0:.1f}s", flush=True)
         info = {k: v for k, v in read_json(f / "final_info.json", "results").items() if not k.startswith("generation_")}
         info.update(entries)
-        atomic_write(f / "generations.jsonl", lambda p: Path(p).write_text("".join(json.dumps(r) + "\n" for r in records)))
+        atomic_write_jsonl(f / "generations.jsonl", records)
         atomic_write_json(f / "final_info.json", info)
         infos.append(info)
     if seeds:

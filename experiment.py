@@ -20,6 +20,7 @@ import csv
 import dataclasses
 import hashlib
 import importlib.util
+import inspect
 import io
 import json
 import math
@@ -3742,23 +3743,27 @@ class Prompts(NamedTuple):
 
 
 def make_prompts(rows: Rows, n: int, prompt_tokens: int, new_tokens: int, inside: int | None = None) -> Prompts | None:
-    """n prompts from rows long enough for a prompt and a true continuation: the first prompt_tokens
-    tokens after BOS, or, for spliced rows (inside set), up to `inside` tokens into the passage."""
-    picked, cuts = [], []
+    """n prompts from rows long enough for a prompt and a true continuation: BOS and the first
+    prompt_tokens tokens, or, for spliced rows (inside set), BOS, at most prompt_tokens tokens before
+    the passage and `inside` tokens of it (the retain context a guard has read when the passage
+    starts; the text further back would only lengthen every prompt of the batch)."""
+    picked = []
     for r in range(len(rows.tokens)):
         if inside is not None and not rows.label[r].any():
             continue
-        cut = 1 + prompt_tokens if inside is None else int(rows.label[r].float().argmax()) + inside
+        start = int(rows.label[r].float().argmax()) if inside is not None else 1 + prompt_tokens
+        lo, cut = (1, start) if inside is None else (max(1, start - prompt_tokens), start + inside)
         if cut + new_tokens <= int(rows.attn[r].sum()) and len(picked) < n:
-            picked.append(r), cuts.append(cut)
+            picked.append((r, lo, cut))
     if not picked:
         return None
-    P = max(cuts)
+    P = max(1 + cut - lo for _, lo, cut in picked)
     ids = torch.zeros(len(picked), P, dtype=torch.long)
     mask = torch.zeros(len(picked), P, dtype=torch.long)
-    for i, (r, cut) in enumerate(zip(picked, cuts)):
-        ids[i, P - cut:], mask[i, P - cut:] = rows.tokens[r, :cut], 1
-    true = torch.stack([rows.tokens[r, c:c + new_tokens] for r, c in zip(picked, cuts)])
+    for i, (r, lo, cut) in enumerate(picked):
+        text = torch.cat([rows.tokens[r, :1], rows.tokens[r, lo:cut]])  # BOS, then the kept text
+        ids[i, P - len(text):], mask[i, P - len(text):] = text, 1
+    true = torch.stack([rows.tokens[r, cut:cut + new_tokens] for r, _, cut in picked])
     return Prompts(ids, mask, true)
 
 
@@ -3780,24 +3785,47 @@ def greedy(model, pr: Prompts, new_tokens: int, pad_id: int, guard: "Guard | Non
     return out[:, pr.ids.shape[1]:].cpu(), pr.ids.shape[0] * new_tokens / (time.perf_counter() - t0)
 
 
-@torch.no_grad()
-def continuation_stats(model, layer: int, sae, det, pr: Prompts, cont_NG: torch.Tensor) -> dict:
-    """The clean model's per-token CE of a continuation after its prompt (N, G), and the learned
-    detector's fires on the continuation's tokens (N, G), from one clean forward."""
-    dev = model.device
-    ids = torch.cat([pr.ids, cont_NG], 1).to(dev)
-    mask = torch.cat([pr.mask, torch.ones_like(cont_NG)], 1).to(dev)
+class PromptState(NamedTuple):
+    """The clean model's pass over a batch of prompts, shared by every continuation scored after them."""
+    cache: object           # the KV cache of the prompts (copied before each use: a forward extends it)
+    x_NPD: torch.Tensor     # residuals at the SAE's layer (fp32)
+    h_last_ND: torch.Tensor  # final hidden state at the last prompt token (predicts the first new one)
+
+
+def clean_pass(model, layer: int, ids, mask, cache=None) -> tuple:
+    """One clean forward with left-padding positions: (last hidden states, layer residuals, cache).
+    With `cache` (the prompts'), ids/mask are the new tokens and the whole mask so far."""
     got = {}
     hook = blocks_of(model)[layer].register_forward_hook(lambda m, a, o: got.__setitem__("x", _unwrap(o).float()))
     try:
-        h = model.base_model(input_ids=ids, attention_mask=mask, position_ids=left_positions(mask)).last_hidden_state
+        pos = left_positions(mask)[:, mask.shape[1] - ids.shape[1]:]
+        # transformers 5 names the cache `cache`, earlier releases `past_key_values`
+        name = "cache" if "cache" in inspect.signature(model.base_model.forward).parameters else "past_key_values"
+        out = model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{name: cache})
     finally:
         hook.remove()
+    return out.last_hidden_state, got["x"], getattr(out, name)
+
+
+@torch.no_grad()
+def prompt_state(model, layer: int, pr: Prompts) -> PromptState:
+    h, x, cache = clean_pass(model, layer, pr.ids.to(model.device), pr.mask.to(model.device))
+    return PromptState(cache, x, h[:, -1])
+
+
+@torch.no_grad()
+def continuation_stats(model, layer: int, sae, det, pr: Prompts, ps: PromptState, cont_NG: torch.Tensor) -> dict:
+    """The clean model's per-token CE of a continuation after its prompt (N, G), and the learned
+    detector's fires on the continuation's tokens (N, G): one forward over the continuation on a copy
+    of the prompts' cache (the prompt is the same for every continuation scored)."""
+    dev = model.device
+    mask = torch.cat([pr.mask, torch.ones_like(cont_NG)], 1).to(dev)
+    h, x, _ = clean_pass(model, layer, cont_NG.to(dev), mask, copy.deepcopy(ps.cache))
     G, P = cont_NG.shape[1], pr.ids.shape[1]
-    logits = logits_at(model, h[:, P - 1:-1].reshape(-1, h.shape[-1]))
-    ce = token_ce(logits, ids[:, P:].reshape(-1)).view(-1, G)
+    h_pred = torch.cat([ps.h_last_ND[:, None], h[:, :-1]], 1)  # hidden states that predict tokens P..P+G-1
+    ce = token_ce(logits_at(model, h_pred.reshape(-1, h.shape[-1])), cont_NG.to(dev).reshape(-1)).view(-1, G)
     valid = mask.bool() & (left_positions(mask) > 0)
-    fires, _ = detector_fire_score(det, sae, got["x"], make_time(valid))
+    fires, _ = detector_fire_score(det, sae, torch.cat([ps.x_NPD, x], 1), make_time(valid))
     return {"ce": ce.cpu(), "fires": fires[:, P:].cpu()}
 
 
@@ -3858,7 +3886,8 @@ def run_generation(cfg, model, tok, sae, guards: dict, det, d: EvalData) -> tupl
     pr, where = merge_prompts(sets)
     G = cfg.generate_tokens
     clean, speed = greedy(model, pr, G, pad)
-    base, true = (continuation_stats(model, cfg.layer, sae, det, pr, c) for c in (clean, pr.true))
+    ps = prompt_state(model, cfg.layer, pr)
+    base, true = (continuation_stats(model, cfg.layer, sae, det, pr, ps, c) for c in (clean, pr.true))
     res = {"clean": {"tokens_per_s": (speed, 0.0)}}
     records = []
     for name, rows in where.items():
@@ -3868,7 +3897,7 @@ def run_generation(cfg, model, tok, sae, guards: dict, det, d: EvalData) -> tupl
             records += [{"set": name, "prompt": i, "variant": variant, "text": tok.decode(c)} for i, c in enumerate(conts)]
     for s, guard in guards.items():
         out, speed_g = greedy(model, pr, G, pad, guard)
-        st = continuation_stats(model, cfg.layer, sae, det, pr, out)
+        st = continuation_stats(model, cfg.layer, sae, det, pr, ps, out)
         first = first_difference(out, clean)
         res[s] = {"tokens_per_s": (speed_g, 0.0)}
         res[s].update({f"point_{k}": (float(guard.point[k]), 0.0) for k in ("multiplier", "forget_ce_increase", "retain_kl")})

@@ -158,3 +158,49 @@ def test_generation_stage_on_the_tiny_model(tmp_path, model, tok):
         for name, pr in sets.items():
             alone, _ = ex.greedy(model, pr, cfg.generate_tokens, 1, guard)
             assert torch.equal(together[where[name]], alone), name
+
+
+def test_continuation_stats_on_the_prompt_cache_equal_one_forward_over_the_sequence(model, tok):
+    """The stage scores every continuation on a copy of the prompts' cache; that must give the clean
+    model's CE and the detector's fires of one forward over prompt + continuation (left padding)."""
+    det = tiny_guard(model, "pattern").det
+    sae = tiny_guard(model, "pattern").sae
+    ids, mask = prompts(tok, PADDED, pad_id=1)
+    torch.manual_seed(1)
+    cont = torch.randint(5, model.config.vocab_size, (2, 7))
+    seq, full = torch.cat([ids, cont], 1), torch.cat([mask, torch.ones_like(cont)], 1)
+    with torch.no_grad():
+        out = model(input_ids=seq, attention_mask=full, position_ids=positions(full), output_hidden_states=True)
+    P = ids.shape[1]
+    ce = torch.nn.functional.cross_entropy(out.logits[:, P - 1:-1].flatten(0, 1), cont.flatten(), reduction="none")
+    valid, resid = full.bool() & (positions(full) > 0), out.hidden_states[LAYER + 1]
+    with torch.no_grad():
+        _, ev = ex.detector_fire_score(det, sae, resid, ex.make_time(valid))
+    v = ev[:, P:].flatten().sort().values
+    assert v[7] - v[6] > 1e-3, "the threshold must sit clear of every score"
+    det = det._replace(threshold=float(v[6] + v[7]) / 2)  # fires on half the continuation
+    fires, _ = ex.detector_fire_score(det, sae, resid, ex.make_time(valid))
+    pr = ex.Prompts(ids, mask, cont)
+    ps = ex.prompt_state(model, LAYER, pr)
+    got = [ex.continuation_stats(model, LAYER, sae, det, pr, ps, c) for c in (cont, cont.flip(1), cont)]
+    assert torch.allclose(got[0]["ce"], ce.view(2, -1), atol=1e-4)
+    assert torch.equal(got[0]["fires"], fires[:, P:]) and fires[:, P:].any() and not fires[:, P:].all()
+    assert torch.equal(got[2]["ce"], got[0]["ce"]), "scoring must leave the shared prompt cache as it was"
+    assert not torch.allclose(got[1]["ce"], got[0]["ce"])
+
+
+def test_spliced_prompts_end_inside_the_passage_after_at_most_prompt_tokens_of_context():
+    """BOS, at most prompt_tokens tokens before the passage, `inside` tokens of it; the true
+    continuation is what follows in the document; rows without a passage or room are skipped."""
+    T = 40
+    tokens = torch.arange(T).repeat(3, 1) + 100 * torch.arange(1, 4)[:, None]
+    label = torch.zeros(3, T, dtype=torch.bool)
+    label[0, 20:30], label[1, 3:30] = True, True  # row 2 holds no passage
+    real = torch.ones(3, T, dtype=torch.bool)
+    rows = ex.Rows(tokens, real, real, torch.arange(3), label)
+    pr = ex.make_prompts(rows, 5, prompt_tokens=8, new_tokens=6, inside=4)
+    assert pr.ids.shape == (2, 1 + 8 + 4)
+    assert pr.ids[0].tolist() == [100] + list(range(112, 124))  # BOS, 8 before the passage at 20, 4 in it
+    assert pr.ids[1, -7:].tolist() == [200] + list(range(201, 207)) and pr.mask[1].sum() == 7  # passage at 3
+    assert pr.true[0].tolist() == list(range(124, 130)) and pr.true[1].tolist() == list(range(207, 213))
+    assert pr.mask[0].all() and not pr.mask[1, :6].any()

@@ -163,8 +163,8 @@ def test_generation_stage_on_the_tiny_model(tmp_path, model, tok):
 def test_continuation_stats_on_the_prompt_cache_equal_one_forward_over_the_sequence(model, tok):
     """The stage scores every continuation on a copy of the prompts' cache; that must give the clean
     model's CE and the detector's fires of one forward over prompt + continuation (left padding)."""
-    det = tiny_guard(model, "pattern").det
-    sae = tiny_guard(model, "pattern").sae
+    guard = tiny_guard(model, "pattern")
+    det, sae = guard.det, guard.sae
     ids, mask = prompts(tok, PADDED, pad_id=1)
     torch.manual_seed(1)
     cont = torch.randint(5, model.config.vocab_size, (2, 7))

@@ -11,7 +11,8 @@ curve per strategy, seed bands), frontier_summary.png (retain KL at matched forg
 strategy), horizon.png (detection against the pooling horizon), tradeoff.png (QA accuracies at every
 sweep point), strategies.png (four headline measures per strategy), precision.png, consistency.png,
 training.png, generation.png (greedy continuations under each causal strategy's guard: retain left
-identical against forget changed, and the clean model's CE of the guarded forget text). A named folder that is missing, or a results file that is not valid JSON, stops with a
+identical against forget changed, and the clean model's CE of the guarded forget text), saes.png (SAE
+recipes side by side, drawn when a run is BatchTopK or contrastive). A named folder that is missing, or a results file that is not valid JSON, stops with a
 one-line error; a run without final_info.json (failed or unfinished) is skipped with a warning, and a
 figure whose data a run lacks is drawn without it.
 """
@@ -87,7 +88,8 @@ def load_run(folder: Path) -> dict | None:
     # a sensitivity folder inside a run (run_1/eval_24) is named with its run: the last part alone repeats
     name = f"{folder.parent.name}/{folder.name}" if (folder.parent / "final_info.json").exists() else folder.name
     return {"name": name, "info": info, "seeds": seeds, "window": config.get("window"),
-            "l1": config.get("l1_coeff")}
+            "l1": config.get("l1_coeff"), "activation": config.get("activation", "relu"),
+            "k": config.get("k"), "contrastive": config.get("contrastive", 0.0)}
 
 
 def have(run: dict, key: str) -> list:
@@ -97,7 +99,12 @@ def have(run: dict, key: str) -> list:
 def label(run: dict) -> str:
     if not run.get("window"):
         return run["name"]
-    return f"{run['name']} (w={run['window']}" + (f", l1={run['l1']:g})" if run.get("l1") is not None else ")")
+    if run.get("activation") == "batchtopk":
+        recipe = f", batchtopk k={run['k']}"
+    else:
+        recipe = f", l1={run['l1']:g}" if run.get("l1") is not None else ""
+    recipe += f", contrastive {run['contrastive']:g}" if run.get("contrastive") else ""
+    return f"{run['name']} (w={run['window']}{recipe})"
 
 
 def front_of(points: list[dict], y: str) -> list[dict]:
@@ -398,6 +405,37 @@ def fig_training(runs, out: Path) -> bool:
     return True
 
 
+# (entry, key, title) of the SAE-recipe figure (issue 27's comparison), one panel each
+SAE_PANELS = [("sae", "fve", "FVE (higher better)"), ("sae", "dead_frac", "dead latents (lower better)"),
+              ("detection_learned", "token_auroc", "detection token AUROC"),
+              ("frontier_pattern", "precision_auroc_at_ce_0.5", "pattern: precision AUROC at +0.5"),
+              ("frontier_pattern", "forget_ce_within_retain_kl_0.01", "pattern: forget CE within retain KL 0.01"),
+              ("unlearning_pattern", "unlearning_score", "pattern: SAEBench score"),
+              ("sparse_probing", "sae_top_1_test_accuracy", "probing: top-1 latent accuracy"),
+              ("temporal_consistency", "all_lag1_autocorr", "lag-1 autocorrelation of latents")]
+
+
+def fig_saes(runs, out: Path) -> bool:
+    """SAE recipes side by side (ReLU / BatchTopK, window, contrastive): one bar per run per measure,
+    stderr over seeds. Drawn only when some run is not the default ReLU recipe without contrastive."""
+    if not any(r.get("activation") == "batchtopk" or r.get("contrastive") for r in runs):
+        return False
+    fig, axes = plt.subplots(2, 4, figsize=(17, 7.5))
+    for ax, (entry, key, title) in zip(axes.flat, SAE_PANELS):
+        for i, run in enumerate(runs):
+            e = run["info"].get(entry)
+            m = e["means"].get(key) if e else None
+            ax.bar(i, np.nan if m is None else m, 0.8, yerr=(e.get("stderrs", {}).get(key) or 0) if e else 0,
+                   capsize=3, label=label(run), color=f"C{i}")
+        ax.set_xticks(range(len(runs)), [r["name"] for r in runs], fontsize=7, rotation=30)
+        ax.set_title(title, fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    axes.flat[0].legend(fontsize=6)
+    fig.suptitle("SAE recipes side by side (error bars: stderr over seeds)")
+    save(fig, out / "saes.png")
+    return True
+
+
 GUARDED = ("standard", "gate", "dsg_causal", "pattern", "hybrid")  # experiment.CAUSAL_STRATEGIES
 
 
@@ -462,7 +500,7 @@ def save(fig, path: Path):
 FIGURES = (("headline", fig_headline), ("frontier", fig_frontier), ("frontier_summary", fig_frontier_summary),
            ("horizon", fig_horizon), ("tradeoff", fig_tradeoff), ("strategies", fig_strategies),
            ("precision", fig_precision), ("consistency", fig_consistency), ("training", fig_training),
-           ("generation", fig_generation))
+           ("generation", fig_generation), ("saes", fig_saes))
 
 
 def main(argv=None) -> int:

@@ -220,3 +220,26 @@ def test_every_relative_link_resolves():
             elif anchor and file.suffix == ".md" and anchor not in anchors(file):
                 wrong.append(f"{doc.name}: {target}: no heading #{anchor} in {file.name}")
     assert not wrong, "\n".join(wrong)
+
+
+def test_verdict_compares_means_with_stderr_and_counts_seed_wins(tmp_path, monkeypatch):
+    """doc_tables.compare: beyond two combined stderrs it names the side, within them it counts the
+    seeds where the run beats the reference, paired by seed number; lower-is-better flips the side."""
+    def run(name, mean, se, per_seed):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "final_info.json").write_text(json.dumps({"m": {"means": {"x": mean}, "stderrs": {"x": se}}}))
+        for k, v in enumerate(per_seed):
+            (tmp_path / name / f"seed_{k}").mkdir()
+            (tmp_path / name / f"seed_{k}" / "final_info.json").write_text(json.dumps({"m": {"means": {"x": v}}}))
+    run("ref", 0.50, 0.01, [0.49, 0.50, 0.51])
+    run("far", 0.60, 0.01, [0.59, 0.60, 0.61])
+    run("near", 0.51, 0.02, [0.53, 0.48, 0.52])
+    monkeypatch.setattr(doc_tables, "ROOT", tmp_path)
+    doc_tables.final_info.cache_clear()
+    try:
+        assert doc_tables.compare("far", "ref", "m", "x", 1, 2) == "+0.10 ± 0.01: **better**"
+        assert doc_tables.compare("far", "ref", "m", "x", -1, 2) == "+0.10 ± 0.01: **worse**"
+        assert doc_tables.compare("near", "ref", "m", "x", 1, 2) == "+0.01 ± 0.02: within 2 se, better on 2/3 seeds"
+        assert doc_tables.compare("near", "ref", "m", "x", -1, 2) == "+0.01 ± 0.02: within 2 se, better on 1/3 seeds"
+    finally:
+        doc_tables.final_info.cache_clear()

@@ -120,3 +120,16 @@ def test_headline_reaches_what_final_info_reports_at_its_budgets(tmp_path):
            if p["strategy"] == "pattern"]
     want = [frontier_within(sweep_front(pts, "retain_kl"), b) for b in FRONTIER_BUDGETS]
     assert list(plot.reach_within(pts, FRONTIER_BUDGETS)) == want
+
+
+def test_sae_recipe_figure_only_when_a_run_is_batchtopk_or_contrastive(tmp_path):
+    fake_run(tmp_path / "run_0", 1, with_extras=False)
+    out = tmp_path / "figs"
+    assert plot.main([str(tmp_path / "run_0"), f"--out_dir={out}"]) == 0
+    assert not (out / "saes.png").exists()  # the default recipe alone: nothing to compare
+    fake_run(tmp_path / "run_btk", 4, with_extras=False)
+    (tmp_path / "run_btk" / "config.json").write_text(json.dumps({"window": 4, "activation": "batchtopk", "k": 48,
+                                                                   "contrastive": 0.1}))
+    assert plot.main([str(tmp_path / "run_0"), str(tmp_path / "run_btk"), f"--out_dir={out}"]) == 0
+    assert (out / "saes.png").stat().st_size > 10_000
+    assert plot.label(plot.load_run(tmp_path / "run_btk")) == "run_btk (w=4, batchtopk k=48, contrastive 0.1)"

@@ -228,8 +228,74 @@ def t_generation(doc: str, run: str) -> list[str]:
     return table([f"guard ({link(run, doc)})"] + [c[0] for c in cols], rows)
 
 
+# Issue 27's comparison of SAE recipes: (title, entry, key, decimals, +1 higher is better / -1 lower / 0 neither)
+SAE_MEASURES = (("FVE", "sae", "fve", 3, 1), ("CE recovered", "sae", "ce_loss_recovered", 3, 1),
+                ("L0", "sae", "l0", 1, 0), ("dead latents", "sae", "dead_frac", 3, -1),
+                ("temporal consistency: lag-1 autocorrelation", "temporal_consistency", "all_lag1_autocorr", 3, 0),
+                ("detection token AUROC", "detection_learned", "token_auroc", 3, 1),
+                ("detection spliced AUROC", "detection_learned", "spliced_auroc", 3, 1),
+                ("`pattern` retain KL at +0.5", "frontier_pattern", "retain_kl_at_ce_0.5", 3, -1),
+                ("`pattern` retain KL at +1.0", "frontier_pattern", "retain_kl_at_ce_1.0", 3, -1),
+                ("`standard` retain KL at +0.5", "frontier_standard", "retain_kl_at_ce_0.5", 3, -1),
+                ("`standard` retain KL at +1.0", "frontier_standard", "retain_kl_at_ce_1.0", 3, -1),
+                ("`pattern` precision AUROC at +0.5", "frontier_pattern", "precision_auroc_at_ce_0.5", 3, 1),
+                ("`pattern` forget CE within retain KL 0.01", "frontier_pattern", "forget_ce_within_retain_kl_0.01", 2, 1),
+                ("`pattern` forget CE within retain KL 0.05", "frontier_pattern", "forget_ce_within_retain_kl_0.05", 2, 1),
+                ("`dsg` forget CE within retain KL 0.01", "frontier_dsg", "forget_ce_within_retain_kl_0.01", 2, 1),
+                ("`dsg` forget CE within retain KL 0.05", "frontier_dsg", "forget_ce_within_retain_kl_0.05", 2, 1),
+                ("`pattern` SAEBench score", "unlearning_pattern", "unlearning_score", 3, 1),
+                ("`standard` SAEBench score", "unlearning_standard", "unlearning_score", 3, 1),
+                ("probing: top-1 latent accuracy", "sparse_probing", "sae_top_1_test_accuracy", 3, 1),
+                ("probing: all latents accuracy", "sparse_probing", "sae_test_accuracy", 3, 1))
+# The verdict's five questions (issue 27): does a temporal SAE beat the plain one at matched L0?
+VERDICT = ("`pattern` precision AUROC at +0.5", "`pattern` forget CE within retain KL 0.01",
+           "detection token AUROC", "`pattern` SAEBench score", "probing: top-1 latent accuracy")
+
+
+def seed_values(run: str, entry: str, key: str) -> list[float | None]:
+    """The per-seed values of one key, seed folders in seed order (None where a seed lacks it)."""
+    out = []
+    for f in sorted((ROOT / run).glob("seed_*/final_info.json"), key=lambda p: int(p.parent.name[5:])):
+        e = json.loads(f.read_text()).get(entry)
+        out.append(None if e is None else e["means"].get(key))
+    return out
+
+
+def t_saes(doc: str, *runs: str) -> list[str]:
+    """SAE recipes side by side, measures as rows: mean ± stderr over seeds."""
+    rows = [[title] + [cell(r, e, k, d) if e in final_info(r) else "–" for r in runs]
+            for title, e, k, d, _ in SAE_MEASURES]
+    return table(["measure"] + [link(r, doc) for r in runs], rows)
+
+
+def compare(run: str, ref: str, entry: str, key: str, sign: int, decimals: int) -> str:
+    """`run` against `ref` on one measure: the difference of means with its stderr (the two runs'
+    stderrs combined), `better` / `worse` where it exceeds two stderrs, otherwise `within 2 se` and the
+    seeds where `run` is better, paired by seed number (same data order, not the same SAE)."""
+    a, b = value(run, entry, key), value(ref, entry, key)
+    if a is None or b is None or a[0] is None or b[0] is None:
+        return "n.r."
+    diff, se = a[0] - b[0], ((a[1] or 0) ** 2 + (b[1] or 0) ** 2) ** 0.5
+    text = f"{diff:+.{decimals}f} ± {se:.{decimals}f}"
+    if abs(diff) > 2 * se:
+        return f"{text}: **{'better' if diff * sign > 0 else 'worse'}**"
+    pairs = [(x, y) for x, y in zip(seed_values(run, entry, key), seed_values(ref, entry, key))
+             if x is not None and y is not None]
+    wins = sum((x - y) * sign > 0 for x, y in pairs)
+    return f"{text}: within 2 se, better on {wins}/{len(pairs)} seeds"
+
+
+def t_verdict(doc: str, ref: str, *runs: str) -> list[str]:
+    """Each run against the reference run (the plain SAE of the same recipe) on the verdict's measures."""
+    by_title = {m[0]: m for m in SAE_MEASURES}
+    rows = [[title] + [compare(r, ref, by_title[title][1], by_title[title][2], by_title[title][4], by_title[title][3])
+                       for r in runs] for title in VERDICT]
+    return table([f"measure: run − {link(ref, doc)}"] + [link(r, doc) for r in runs], rows)
+
+
 KINDS = {"generation": t_generation, "machine": t_machine, "readme": t_readme, "sae": t_sae, "frontier": t_frontier, "budget": t_budget, "detection": t_detection,
-         "precision": t_precision, "strategies": t_strategies, "versus": t_versus}
+         "precision": t_precision, "strategies": t_strategies, "versus": t_versus,
+         "saes": t_saes, "verdict": t_verdict}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -507,8 +507,14 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Figures comparing experiment.py runs.")
     ap.add_argument("runs", nargs="*", help="run folders (default: every run_* folder here)")
     ap.add_argument("--out_dir", default="plots", help="folder for the PNGs (default: plots)")
+    ap.add_argument("--only", default="", help="comma-separated figure names to draw (default: every figure), "
+                    f"from {', '.join(n for n, _ in FIGURES)}")
     args = ap.parse_args(argv)
     try:
+        only = [n for n in args.only.split(",") if n]
+        if set(only) - {n for n, _ in FIGURES}:
+            raise PlotError(f"--only: unknown figure {sorted(set(only) - {n for n, _ in FIGURES})[0]!r} "
+                            f"(known: {', '.join(n for n, _ in FIGURES)})")
         folders = [Path(r) for r in args.runs] or sorted(Path(".").glob("run_*"), key=lambda p: p.name)
         if not folders:
             raise PlotError("no run_* folders here; name the run folders to plot")
@@ -517,7 +523,7 @@ def main(argv=None) -> int:
             raise PlotError("none of the run folders holds a finished run")
         out = Path(args.out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        made = [name for name, fig in FIGURES if fig(runs, out)]
+        made = [name for name, fig in FIGURES if (not only or name in only) and fig(runs, out)]
     except PlotError as e:
         print(f"plot.py: error: {e}", file=sys.stderr)
         return 2

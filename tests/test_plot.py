@@ -133,3 +133,13 @@ def test_sae_recipe_figure_only_when_a_run_is_batchtopk_or_contrastive(tmp_path)
     assert plot.main([str(tmp_path / "run_0"), str(tmp_path / "run_btk"), f"--out_dir={out}"]) == 0
     assert (out / "saes.png").stat().st_size > 10_000
     assert plot.label(plot.load_run(tmp_path / "run_btk")) == "run_btk (w=4, batchtopk k=48, contrastive 0.1)"
+
+
+def test_only_draws_the_named_figures_and_refuses_an_unknown_one(tmp_path, capsys):
+    fake_run(tmp_path / "run_0", 1)
+    out = tmp_path / "figs"
+    assert plot.main([str(tmp_path / "run_0"), f"--out_dir={out}", "--only=consistency"]) == 0
+    assert [p.name for p in out.iterdir()] == ["consistency.png"]
+    assert plot.main([str(tmp_path / "run_0"), f"--out_dir={out}", "--only=nope"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown figure 'nope'" in err and "Traceback" not in err

@@ -53,3 +53,28 @@ def test_the_curve_agrees_with_final_infos_two_budgets():
     entry = ex.frontier_entry(pts, pts)["means"]
     got = budget_curve.reach_within(pts, "pattern", budgets=ex.FRONTIER_BUDGETS)
     assert got == pytest.approx([entry[f"forget_ce_within_retain_kl_{b}"] for b in ex.FRONTIER_BUDGETS])
+
+
+def scan_flags(model_dir):
+    return [f"--model={model_dir}", "--layer=1", "--d_sae=64", "--d_head=8", "--train_tokens=3000",
+            "--batch_tokens=512", "--max_corpus_tokens=8000", "--context_length=32", "--device=cpu",
+            "--activation=batchtopk", "--k=4"]
+
+
+def test_contrastive_scan_trains_one_sae_per_weight(model_dir, capsys):
+    import contrastive_scan
+    assert contrastive_scan.main(["--weights", "0,1"] + scan_flags(model_dir)) == 0
+    rows = [l.split(" | ") for l in capsys.readouterr().out.splitlines() if l[:1].isdigit()]
+    assert [r[0] for r in rows] == ["0", "1"]
+    for r in rows:
+        fve, fve_high, l0 = float(r[1]), float(r[2]), float(r[3])
+        assert fve_high <= fve + 1e-6 and 0 < l0 <= 64  # 13 of 64 latents can explain no more than all 64
+        nce, chance = (float(x) for x in r[4].replace("(", "").replace(")", "").split())
+        assert nce > 0 and chance > 0
+
+
+def test_contrastive_scan_refuses_a_negative_weight(model_dir, capsys):
+    import contrastive_scan
+    assert contrastive_scan.main(["--weights", "-1"] + scan_flags(model_dir)) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--weights" in err and "\n" not in err

@@ -111,8 +111,11 @@ def script_flags() -> dict[str, set[str]]:
     add_argument calls."""
     out = {"experiment.py": {o for a in cli_doc.experiment_parser()._actions for o in a.option_strings}}
     for path in [ROOT / "bench.py", ROOT / "plot.py"] + sorted((ROOT / "tools").glob("*.py")):
-        found = re.findall(r"add_argument\(\s*\"(--[\w-]+)\"", path.read_text())
-        out[path.relative_to(ROOT).as_posix()] = set(found) | {"--help", "-h"}
+        text = path.read_text()
+        found = re.findall(r"add_argument\(\s*\"(--[\w-]+)\"", text)
+        # a tool that hands the flags it does not know to experiment.parse_config takes those too
+        through = out["experiment.py"] if "parse_known_args" in text and "ex.parse_config(rest" in text else set()
+        out[path.relative_to(ROOT).as_posix()] = set(found) | {"--help", "-h"} | through
     return out
 
 

@@ -430,9 +430,12 @@ def fig_saes(runs, out: Path) -> bool:
         ax.set_xticks(range(len(runs)), [r["name"] for r in runs], fontsize=7, rotation=30)
         ax.set_title(title, fontsize=9)
         ax.grid(axis="y", alpha=0.3)
-    axes.flat[0].legend(fontsize=6)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=7)  # below the panels, off the bars
     fig.suptitle("SAE recipes side by side (error bars: stderr over seeds)")
-    save(fig, out / "saes.png")
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.savefig(out / "saes.png", dpi=110)
+    plt.close(fig)
     return True
 
 

@@ -433,9 +433,7 @@ def fig_saes(runs, out: Path) -> bool:
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=7)  # below the panels, off the bars
     fig.suptitle("SAE recipes side by side (error bars: stderr over seeds)")
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
-    fig.savefig(out / "saes.png", dpi=110)
-    plt.close(fig)
+    save(fig, out / "saes.png", rect=(0, 0.08, 1, 1))
     return True
 
 
@@ -494,8 +492,9 @@ def finish(fig, legend_ax, title: str, path: Path):
     save(fig, path)
 
 
-def save(fig, path: Path):
-    fig.tight_layout()
+def save(fig, path: Path, rect=(0, 0, 1, 1)):
+    """Lay out (within `rect` of the figure: room left for a legend outside the panels), write, close."""
+    fig.tight_layout(rect=rect)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -514,10 +513,10 @@ def main(argv=None) -> int:
                     f"from {', '.join(n for n, _ in FIGURES)}")
     args = ap.parse_args(argv)
     try:
-        only = [n for n in args.only.split(",") if n]
-        if set(only) - {n for n, _ in FIGURES}:
-            raise PlotError(f"--only: unknown figure {sorted(set(only) - {n for n, _ in FIGURES})[0]!r} "
-                            f"(known: {', '.join(n for n, _ in FIGURES)})")
+        only, names = [n for n in args.only.split(",") if n], [n for n, _ in FIGURES]
+        unknown = [n for n in only if n not in names]
+        if unknown:
+            raise PlotError(f"--only: unknown figure {unknown[0]!r} (known: {', '.join(names)})")
         folders = [Path(r) for r in args.runs] or sorted(Path(".").glob("run_*"), key=lambda p: p.name)
         if not folders:
             raise PlotError("no run_* folders here; name the run folders to plot")

@@ -76,7 +76,7 @@ def main(argv=None) -> int:
         print("contrastive_scan.py: error: no calibration rows (every 4th training document): the corpora "
               "have fewer than 4 training documents within --max_corpus_tokens", file=sys.stderr)
         return 2
-    n_high = max(1, round(cfg.high_frac * cfg.d_sae))
+    n_high = ex.high_latents(dataclasses.replace(cfg, contrastive=1.0))  # the level's size with the T-SAE terms on
     print(f"w={cfg.window} {cfg.activation} k={cfg.k} seed={cfg.seed}: {int(mask.sum())} training tokens, "
           f"{int(mask[cal].sum())} of them in calibration rows; high-level latents: the first {n_high}")
     print("weight | FVE | FVE high-level alone | L0 | InfoNCE high (chance) | lag-1 autocorr high / rest")

@@ -252,13 +252,16 @@ VERDICT = ("`pattern` precision AUROC at +0.5", "`pattern` forget CE within reta
            "detection token AUROC", "`pattern` SAEBench score", "probing: top-1 latent accuracy")
 
 
+@lru_cache(maxsize=None)
+def seed_infos(run: str) -> tuple[dict, ...]:
+    """The final_info.json of each seed folder of a run, in seed order (read once, like final_info)."""
+    files = sorted((ROOT / run).glob("seed_*/final_info.json"), key=lambda p: int(p.parent.name[5:]))
+    return tuple(json.loads(f.read_text()) for f in files)
+
+
 def seed_values(run: str, entry: str, key: str) -> list[float | None]:
-    """The per-seed values of one key, seed folders in seed order (None where a seed lacks it)."""
-    out = []
-    for f in sorted((ROOT / run).glob("seed_*/final_info.json"), key=lambda p: int(p.parent.name[5:])):
-        e = json.loads(f.read_text()).get(entry)
-        out.append(None if e is None else e["means"].get(key))
-    return out
+    """The per-seed values of one key, in seed order (None where a seed lacks it)."""
+    return [None if entry not in info else info[entry]["means"].get(key) for info in seed_infos(run)]
 
 
 def t_saes(doc: str, *runs: str) -> list[str]:

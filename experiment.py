@@ -106,6 +106,9 @@ class Config:
                                                           "largest latents of each batch, inference one threshold; "
                                                           "AuxK loss on dead latents; --l1_coeff is ignored)")
     k: int = opt(48, "batchtopk: target L0, the latents active per token on average")
+    auxk_relu: bool = opt(False, "batchtopk: ReLU on AuxK's chosen pre-activations, as SAELens and dictionary_learning "
+                                 "do (and runs made before this flag); it passes no gradient to a dead latent whose "
+                                 "pre-activations are all negative, so off by default")
     l1_coeff: float = opt(1.2, "L1 penalty on decoder-norm-weighted latents (relu only: batchtopk ignores it)")
     lr: float = opt(1e-3, "Adam learning rate")
     warmup_frac: float = opt(0.05, "fraction of steps with linear lr warmup")
@@ -1467,7 +1470,7 @@ class StepLosses(NamedTuple):
 
 
 def step_losses(sae: TemporalSAE, x_BTD, valid_BT, autocast: bool, max_density: float | None = None,
-                dead_F: torch.Tensor | None = None, n_high: int = 0) -> StepLosses:
+                dead_F: torch.Tensor | None = None, n_high: int = 0, auxk_relu: bool = False) -> StepLosses:
     """The loss terms of `sae(x_BTD, valid_BT, train=True)` (mse and l1 equal up to rounding; tested) and
     each latent's active count, computed on the valid tokens only through `SparseCodec`; `forward` stays
     the reference. batchtopk adds AuxK on the latents in `dead_F`; n_high > 0 adds the T-SAE terms on
@@ -1489,7 +1492,7 @@ def step_losses(sae: TemporalSAE, x_BTD, valid_BT, autocast: bool, max_density: 
     l1 = (f_NF.sum(0) * decoder_norms(sae.W_dec, sae.d_in)).sum() / n
     terms = {"mse": mse, "l1": l1}
     if k:
-        terms["auxk"] = auxk_loss(sae, xs_ND, cx_ND, xs_ND - sae.b_dec - recon_ND, dead_F)
+        terms["auxk"] = auxk_loss(sae, xs_ND, cx_ND, xs_ND - sae.b_dec - recon_ND, dead_F, auxk_relu)
     if n_high:
         terms.update(tsae_losses(sae, f_NF, xs_ND, valid_BT, n_high))
     return StepLosses(terms, n_active_F, min_kept if k else None)
@@ -1499,14 +1502,17 @@ AUXK_COEFF = 1 / 32     # Gao et al. 2024's weight of the AuxK loss
 DEAD_AFTER_STEPS = 25   # a latent is dead after this many batches' tokens without firing (log and AuxK)
 
 
-def auxk_loss(sae: TemporalSAE, xs_ND, cx_ND, err_ND, dead_F: torch.Tensor | None) -> torch.Tensor:
-    """AuxK (Gao et al. 2024): each token's k_aux dead latents with the largest pre-activations (ReLU
-    after the selection) reconstruct the main reconstruction's error e = x - x_hat through their decoder
-    rows alone (no b_dec), so dead latents get gradient towards what the live ones miss. e is a
-    constant (detached), as in Gao et al. Returned normalised, sum ||e - e_hat||^2 / sum ||e||^2 over
-    the batch (their NMSE form): 0 when no latent is dead, 1 when the dead ones reconstruct nothing.
-    k_aux = d_in / 2 (dictionary_learning's choice; Gao et al. use 512 at larger widths), at most the
-    dead count."""
+def auxk_loss(sae: TemporalSAE, xs_ND, cx_ND, err_ND, dead_F: torch.Tensor | None, relu: bool = False) -> torch.Tensor:
+    """AuxK (Gao et al. 2024): each token's k_aux dead latents with the largest pre-activations
+    reconstruct the main reconstruction's error e = x - x_hat through their decoder rows alone (no
+    b_dec), so dead latents get gradient towards what the live ones miss. e is a constant (detached),
+    as in Gao et al. Returned normalised, sum ||e - e_hat||^2 / sum ||e||^2 over the batch (their NMSE
+    form): 0 when no latent is dead, 1 when the dead ones reconstruct nothing. k_aux = d_in / 2
+    (dictionary_learning's choice; Gao et al. use 512 at larger widths), at most the dead count.
+    The chosen pre-activations are used as they are, negative ones too (relu=False): a latent is dead
+    because its pre-activation is below zero on every token, and a ReLU there (SAELens's and
+    dictionary_learning's form, relu=True) passes it no gradient, so AuxK would revive nothing
+    (measured: w=4 seeds kept 2.7-5.2% dead latents with it; docs/results.md)."""
     if dead_F is None or not dead_F.any():
         return err_ND.new_zeros(())
     dead = dead_F.nonzero().squeeze(1)
@@ -1514,7 +1520,7 @@ def auxk_loss(sae: TemporalSAE, xs_ND, cx_ND, err_ND, dead_F: torch.Tensor | Non
     if cx_ND is not None:
         pre_NK = pre_NK + cx_ND @ sae.W_ctx[:, dead]
     top = pre_NK.topk(min(max(sae.d_in // 2, 1), len(dead)), dim=-1)
-    z_NK = torch.zeros_like(pre_NK).scatter(1, top.indices, F.relu(top.values))
+    z_NK = torch.zeros_like(pre_NK).scatter(1, top.indices, F.relu(top.values) if relu else top.values)
     e_ND = err_ND.detach()
     return (z_NK @ sae.W_dec[dead] - e_ND).pow(2).sum() / e_ND.pow(2).sum().clamp_min(1e-12)
 
@@ -1565,12 +1571,13 @@ def high_latents(cfg: Config) -> int:
 
 
 def train_step(sae, opt, x_BTD, valid_BT, l1_coeff: float, lr: float, autocast: bool, contrastive: float = 0.0,
-               n_high: int = 0, dead_F: torch.Tensor | None = None) -> dict:
+               n_high: int = 0, dead_F: torch.Tensor | None = None, auxk_relu: bool = False) -> dict:
     """One Adam step on mse + l1_coeff * l1 (relu) or mse + d_in * auxk / 32 (batchtopk), plus
     mse_high + contrastive * InfoNCE when contrastive > 0 (T-SAE). Returns what it logs."""
     for g in opt.param_groups:
         g["lr"] = lr
-    st = step_losses(sae, x_BTD, valid_BT, autocast, dead_F=dead_F, n_high=n_high if contrastive > 0 else 0)
+    st = step_losses(sae, x_BTD, valid_BT, autocast, dead_F=dead_F, n_high=n_high if contrastive > 0 else 0,
+                     auxk_relu=auxk_relu)
     t = st.terms
     if sae.activation == "relu":
         loss = t["mse"] + l1_coeff * t["l1"]
@@ -1646,7 +1653,7 @@ def train_sae(cfg: Config, acts_NTD: torch.Tensor, mask_NT: torch.Tensor, device
         dead_F = (since_fired > dead_after).to(device) if cfg.activation == "batchtopk" else None
         try:
             logs = train_step(sae, opt, x, m, cfg.l1_coeff, lr_at(step, steps, cfg), autocast, cfg.contrastive,
-                              n_high, dead_F)
+                              n_high, dead_F, cfg.auxk_relu)
         except TrainingDiverged as e:
             raise TrainingDiverged(f"training step {step}: {e}")
         if "min_kept" in logs:

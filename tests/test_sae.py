@@ -434,14 +434,15 @@ def test_adjacent_pairs_follow_rows_and_skip_masked_tokens():
     assert cur.tolist() == [1, 4, 5] and prev.tolist() == [0, 3, 4] and row.tolist() == [0, 1, 1]
 
 
-def test_auxk_is_zero_without_dead_latents_and_positive_with_them():
+@pytest.mark.parametrize("relu", [False, True])
+def test_auxk_is_zero_without_dead_latents_and_positive_with_them(relu):
     sae, x, valid = topk_sae(3)
     none = torch.zeros(64, dtype=torch.bool)
-    st = ex.step_losses(sae, x, valid, autocast=False, dead_F=none)
+    st = ex.step_losses(sae, x, valid, autocast=False, dead_F=none, auxk_relu=relu)
     assert st.terms["auxk"] == 0
     dead = torch.zeros(64, dtype=torch.bool)
     dead[::3] = True
-    st = ex.step_losses(sae, x, valid, autocast=False, dead_F=dead)
+    st = ex.step_losses(sae, x, valid, autocast=False, dead_F=dead, auxk_relu=relu)
     auxk = st.terms["auxk"]
     assert auxk > 0
     # written out: each token's d_in/2 = 8 dead latents with the largest pre-activation decode the error
@@ -449,10 +450,25 @@ def test_auxk_is_zero_without_dead_latents_and_positive_with_them():
     e = ((x - out.x_hat) * sae.scale)[valid]
     pre = sae.pre_acts(x, valid)[valid][:, dead]
     top = pre.topk(8, dim=-1)
-    z = torch.zeros_like(pre).scatter(1, top.indices, F.relu(top.values))
+    z = torch.zeros_like(pre).scatter(1, top.indices, F.relu(top.values) if relu else top.values)
     assert torch.allclose(auxk, (z @ sae.W_dec[dead] - e).pow(2).sum() / e.pow(2).sum(), rtol=1e-4)
     g = torch.autograd.grad(auxk, sae.W_enc)[0]
     assert g[:, dead].abs().sum() > 0 and not g[:, ~dead].any(), "AuxK trains the dead latents' encoders only"
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_auxk_reaches_a_latent_whose_pre_activations_are_all_negative_only_without_relu(relu):
+    """The footgun behind the w=4 dead latents: a truly dead latent's pre-activation is below 0 on every
+    token, so with the ReLU after the auxiliary top-k its encoder gets exactly no gradient."""
+    sae, x, valid = topk_sae(3)
+    with torch.no_grad():
+        sae.b_enc[:8] = -1e3  # latents 0..7: pre-activation far below 0 everywhere
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[:8] = True
+    assert (sae.pre_acts(x, valid)[valid][:, dead] < 0).all()
+    auxk = ex.step_losses(sae, x, valid, autocast=False, dead_F=dead, auxk_relu=relu).terms["auxk"]
+    g_W, g_b = torch.autograd.grad(auxk, [sae.W_enc, sae.b_enc], allow_unused=True)
+    assert (g_b[:8].abs().sum() > 0) == (not relu) and (g_W[:, :8].abs().sum() > 0) == (not relu)
 
 
 def test_contrastive_weight_zero_is_exactly_off():

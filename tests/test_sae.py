@@ -165,7 +165,7 @@ def test_autocast_only_with_native_bf16():
     assert not ex.use_autocast(ex.Config(sae_autocast=False), torch.device("cpu"))
 
 
-def reference_step_losses(sae, x, valid, autocast, max_density=None, dead_F=None, n_high=0):
+def reference_step_losses(sae, x, valid, autocast, max_density=None, dead_F=None, n_high=0, auxk_relu=False):
     """`step_losses` through the readable `forward`, dense autograd throughout (ReLU, no T-SAE terms)."""
     assert sae.activation == "relu" and not n_high
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):

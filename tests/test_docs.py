@@ -238,11 +238,13 @@ def test_verdict_compares_means_with_stderr_and_counts_seed_wins(tmp_path, monke
     run("far", 0.60, 0.01, [0.59, 0.60, 0.61])
     run("near", 0.51, 0.02, [0.53, 0.48, 0.52])
     monkeypatch.setattr(doc_tables, "ROOT", tmp_path)
-    doc_tables.final_info.cache_clear(), doc_tables.seed_infos.cache_clear()
+    doc_tables.final_info.cache_clear()
+    doc_tables.seed_infos.cache_clear()
     try:
         assert doc_tables.compare("far", "ref", "m", "x", 1, 2) == "+0.10 ± 0.01: **better**"
         assert doc_tables.compare("far", "ref", "m", "x", -1, 2) == "+0.10 ± 0.01: **worse**"
         assert doc_tables.compare("near", "ref", "m", "x", 1, 2) == "+0.01 ± 0.02: within 2 se, better on 2/3 seeds"
         assert doc_tables.compare("near", "ref", "m", "x", -1, 2) == "+0.01 ± 0.02: within 2 se, better on 1/3 seeds"
     finally:
-        doc_tables.final_info.cache_clear(), doc_tables.seed_infos.cache_clear()
+        doc_tables.final_info.cache_clear()
+        doc_tables.seed_infos.cache_clear()

@@ -59,7 +59,7 @@ if os.environ["RANK"] == {rank!r}:
     def fail(*args, **kwargs):
         raise RuntimeError("injected failure")
     setattr(ex, {name!r}, fail)
-sys.exit(ex.main(sys.argv[1:]))
+ex.exit_rank(ex.main(sys.argv[1:]))  # as experiment.py does under torchrun
 """
 
 

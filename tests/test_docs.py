@@ -248,3 +248,34 @@ def test_verdict_compares_means_with_stderr_and_counts_seed_wins(tmp_path, monke
     finally:
         doc_tables.final_info.cache_clear()
         doc_tables.seed_infos.cache_clear()
+
+
+def test_evidence_table_pairs_runs_and_takes_the_difference(tmp_path, monkeypatch):
+    """doc_tables.t_evidence: per pair (ema run, hmm run) both values and hmm - ema, judged in the measure's
+    own direction (fewer retain rows touched is better), a measure without one (the threshold's
+    calibration rate) as a bare difference; a measure a run lacks is `–`, an odd number of runs an error."""
+    def run(name, rows, cal, per_seed_rows):
+        (tmp_path / name).mkdir()
+        means = {"fire_rows_retain": rows, "cal_fire_rate_retain": cal}
+        info = {"detection_learned": {"means": means, "stderrs": {"fire_rows_retain": 0.01, "cal_fire_rate_retain": 0.0}}}
+        (tmp_path / name / "final_info.json").write_text(json.dumps(info))
+        for k, v in enumerate(per_seed_rows):
+            (tmp_path / name / f"seed_{k}").mkdir()
+            seed = {"detection_learned": {"means": {"fire_rows_retain": v, "cal_fire_rate_retain": cal}}}
+            (tmp_path / name / f"seed_{k}" / "final_info.json").write_text(json.dumps(seed))
+    run("ema", 0.30, 0.01, [0.29, 0.30, 0.31])
+    run("hmm", 0.15, 0.01, [0.14, 0.15, 0.16])
+    monkeypatch.setattr(doc_tables, "ROOT", tmp_path)
+    doc_tables.final_info.cache_clear()
+    doc_tables.seed_infos.cache_clear()
+    try:
+        lines = doc_tables.t_evidence("README.md", "ema", "hmm")
+        rows = {l.split(" | ")[0].lstrip("| "): l for l in lines[2:]}
+        assert rows["detector retain rows with a fire"].endswith("| 0.300 ± 0.010 | 0.150 ± 0.010 | -0.150 ± 0.014: **better** |")
+        assert rows["calibration retain fire rate per token (the threshold's)"].endswith("| 0.0100 | 0.0100 | +0.0000 ± 0.0000 |")
+        assert "| – | – | – |" in rows["`pattern` precision AUROC at +0.5"]
+        with pytest.raises(ValueError, match="pairs"):
+            doc_tables.t_evidence("README.md", "ema")
+    finally:
+        doc_tables.final_info.cache_clear()
+        doc_tables.seed_infos.cache_clear()

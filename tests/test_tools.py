@@ -55,6 +55,43 @@ def test_the_curve_agrees_with_final_infos_two_budgets():
     assert got == pytest.approx([entry[f"forget_ce_within_retain_kl_{b}"] for b in ex.FRONTIER_BUDGETS])
 
 
+def write_evidence_seed(folder: Path, points, fire_rows):
+    write_seed(folder, points)
+    info = {"detection_learned": {"means": {"fire_rows_retain": fire_rows, "token_auroc": 0.9}, "stderrs": {}},
+            "frontier_pattern": {"means": {"precision_auroc_at_ce_0.5": 0.6}, "stderrs": {}}}
+    (folder / "final_info.json").write_text(json.dumps(info))
+
+
+def test_evidence_compare_tables_and_figure(tmp_path, capsys):
+    import evidence_compare
+    for acc, rows in (("ema", (0.4, 0.2)), ("hmm", (0.1, 0.3))):
+        for k, (ce, fr) in enumerate(zip((2.0, 1.0), rows)):
+            write_evidence_seed(tmp_path / acc / f"seed_{k}",
+                                [point("pattern", ce + (acc == "hmm"), 0.01), point("dsg", 1.5, 0.0)], fr)
+    fig = tmp_path / "fig" / "evidence.png"
+    pair = f"toy=" + ",".join(str(tmp_path / a) for a in ("ema", "hmm"))
+    assert evidence_compare.main(["--pair", pair, "--plot", str(fig)]) == 0
+    out = capsys.readouterr().out
+    # within KL 0.001 each seed's pattern reaches a tenth of its point (ce, 0.01): ema 0.2 and 0.1, hmm 0.3 and 0.2;
+    # within 0.01 the point itself
+    assert "| pattern, ema | 0.15 ± 0.05 | 0.75 ± 0.25 | 1.50 ± 0.50 | 1.50 ± 0.50 |" in out
+    assert "| pattern, hmm | 0.25 ± 0.05 | 1.25 ± 0.25 | 2.50 ± 0.50 | 2.50 ± 0.50 |" in out
+    assert "| dsg, hmm | 1.50 ± 0.00 |" in out
+    # fire rows: ema 0.3 ± 0.1, hmm 0.2 ± 0.1: within two stderrs, so the seeds are counted (hmm higher on 1, lower on 1)
+    assert "| retain rows with a fire (held-out) | 0.300 ± 0.100 | 0.200 ± 0.100 (1/1) |" in out
+    assert "| spliced AUROC | - | - |" in out  # not in these final_infos: shown as missing, not as 0
+    assert fig.is_file() and fig.stat().st_size > 0
+
+
+def test_evidence_compare_bad_pair_is_one_line_error(tmp_path, capsys):
+    import evidence_compare
+    assert evidence_compare.main(["--pair", f"toy={tmp_path}"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "NAME=EMA_RUN,HMM_RUN" in err and "\n" not in err
+    assert evidence_compare.main(["--pair", f"toy={tmp_path},{tmp_path / 'nope'}"]) == 1
+    assert "is not a folder" in capsys.readouterr().err
+
+
 def scan_flags(model_dir):
     return [f"--model={model_dir}", "--layer=1", "--d_sae=64", "--d_head=8", "--train_tokens=3000",
             "--batch_tokens=512", "--max_corpus_tokens=8000", "--context_length=32", "--device=cpu",

@@ -296,9 +296,52 @@ def t_verdict(doc: str, ref: str, *runs: str) -> list[str]:
     return table([f"measure: run − {link(ref, doc)}"] + [link(r, doc) for r in runs], rows)
 
 
+# The sequential-evidence comparison (issue 26): (title, entry, key, decimals, sign as in SAE_MEASURES)
+EVIDENCE_MEASURES = (
+    ("`pattern` forget CE within retain KL 0.01", "frontier_pattern", "forget_ce_within_retain_kl_0.01", 2, 1),
+    ("`pattern` forget CE within retain KL 0.05", "frontier_pattern", "forget_ce_within_retain_kl_0.05", 2, 1),
+    ("`dsg` forget CE within retain KL 0.01", "frontier_dsg", "forget_ce_within_retain_kl_0.01", 2, 1),
+    ("`dsg` forget CE within retain KL 0.05", "frontier_dsg", "forget_ce_within_retain_kl_0.05", 2, 1),
+    ("`dsg_causal` forget CE within retain KL 0.01", "frontier_dsg_causal", "forget_ce_within_retain_kl_0.01", 2, 1),
+    ("`dsg_causal` forget CE within retain KL 0.05", "frontier_dsg_causal", "forget_ce_within_retain_kl_0.05", 2, 1),
+    ("`pattern` precision AUROC at +0.5", "frontier_pattern", "precision_auroc_at_ce_0.5", 3, 1),
+    ("`pattern` retain-KL ratio to `standard` at +0.5", "frontier_pattern", "retain_kl_ratio_at_ce_0.5", 3, -1),
+    ("detection token AUROC", "detection_learned", "token_auroc", 3, 1),
+    ("detection spliced AUROC", "detection_learned", "spliced_auroc", 3, 1),
+    ("median delay at passage start (tokens)", "detection_learned", "delay_tokens_median", 1, -1),
+    ("median tokens to stop after the passage", "detection_learned", "stop_tokens_median", 1, -1),
+    ("detector retain fire rate per token", "detection_learned", "fire_rate_retain", 4, -1),
+    ("detector retain rows with a fire", "detection_learned", "fire_rows_retain", 3, -1),
+    ("calibration retain fire rate per token (the threshold's)", "detection_learned", "cal_fire_rate_retain", 4, 0),
+    ("retain rows where `pattern` clamps", "detection_pattern", "fire_rows_retain", 3, -1),
+    ("forget tokens where `pattern` clamps", "detection_pattern", "token_recall", 3, 1))
+
+
+def t_evidence(doc: str, *runs: str) -> list[str]:
+    """Pairs of runs of the same SAEs, --evidence ema then --evidence hmm: both, and hmm - ema."""
+    if len(runs) % 2:
+        raise ValueError(f"{doc}: table evidence takes pairs of runs (ema, hmm)")
+    pairs = list(zip(runs[::2], runs[1::2]))
+
+    def has(r, e, k):
+        return k in final_info(r).get(e, {}).get("means", {})
+
+    def one(r, e, k, d):
+        return cell(r, e, k, d) if has(r, e, k) else "–"
+
+    def diff(a, b, e, k, d, sign):  # a measure with no better direction (sign 0): the difference alone
+        if not (has(a, e, k) and has(b, e, k)):
+            return "–"
+        return compare(b, a, e, k, sign, d) if sign else compare(b, a, e, k, 1, d).split(":")[0]
+    rows = [[title] + [c for a, b in pairs for c in (one(a, e, k, d), one(b, e, k, d), diff(a, b, e, k, d, sign))]
+            for title, e, k, d, sign in EVIDENCE_MEASURES]
+    header = ["measure"] + [c for a, b in pairs for c in (link(a, doc), link(b, doc), "hmm − ema")]
+    return table(header, rows)
+
+
 KINDS = {"generation": t_generation, "machine": t_machine, "readme": t_readme, "sae": t_sae, "frontier": t_frontier, "budget": t_budget, "detection": t_detection,
          "precision": t_precision, "strategies": t_strategies, "versus": t_versus,
-         "saes": t_saes, "verdict": t_verdict}
+         "saes": t_saes, "verdict": t_verdict, "evidence": t_evidence}
 
 
 # ------------------------------------------------------------------------------------------------

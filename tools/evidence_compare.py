@@ -1,0 +1,179 @@
+"""Two evidence accumulators side by side: the same SAEs evaluated once with the learned detector's EMA
+evidence (--evidence ema, the default) and once with the two-state HMM filter (--evidence hmm). For each
+pair of run folders it prints, mean ± stderr over seeds:
+
+  - the forget-CE increase that pattern, dsg and dsg_causal reach within retain KL 0.001 / 0.005 / 0.01 /
+    0.05 (tools/budget_curve.py's curve: the harness's own front and interpolation), with, per budget,
+    the seeds where pattern reaches further than dsg (or dsg_causal) / falls short;
+  - the detector and clamp measures the choice between accumulators turns on (final_info.json):
+    detection token and spliced AUROC, median delay at passage start and tokens to stop after it,
+    retain fire rate per token and per row (held-out, and on the calibration rows the threshold was
+    set on), the fraction of held-out retain rows where pattern's clamp acts at all, pattern's
+    precision AUROC and retain-KL ratio to standard at +0.5; where the two means are within two
+    stderrs, the seeds where hmm is higher / lower.
+
+With --plot it draws the budget curves, one panel per pair: pattern with each accumulator against dsg
+and dsg_causal (solid: the ema run, dashed: the hmm run; dsg and dsg_causal can differ between the two
+because they sweep the gated selection, which is made where the detector fires).
+
+    python tools/evidence_compare.py --pair "run_1, 24 rows=run_1/eval_24_ema,run_1/eval_24_hmm" \\
+        --pair "real text=saes/real_relu_w4,saes/real_relu_w4/hmm" --plot plots/evidence.png
+
+It reads results only: no model, no SAE.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import budget_curve as bc  # noqa: E402
+import experiment as ex  # noqa: E402
+
+BUDGETS = (0.001, 0.005, 0.01, 0.05)
+VERSUS = ("dsg", "dsg_causal")
+# (final_info entry, measure, label); each is read per seed from seed_<k>/final_info.json
+MEASURES = [("detection_learned", "token_auroc", "detection token AUROC"),
+            ("detection_learned", "spliced_auroc", "spliced AUROC"),
+            ("detection_learned", "delay_tokens_median", "median delay at passage start (tokens)"),
+            ("detection_learned", "stop_tokens_median", "median tokens to stop after the passage"),
+            ("detection_learned", "fire_rate_retain", "retain fire rate per token (held-out)"),
+            ("detection_learned", "fire_rows_retain", "retain rows with a fire (held-out)"),
+            ("detection_learned", "cal_fire_rate_retain", "retain fire rate per token (calibration)"),
+            ("detection_learned", "cal_fire_rows_retain", "retain rows with a fire (calibration)"),
+            ("detection_pattern", "fire_rows_retain", "retain rows where pattern clamps (held-out)"),
+            ("detection_pattern", "token_recall", "forget tokens where pattern clamps"),
+            ("frontier_pattern", "precision_auroc_at_ce_0.5", "pattern precision AUROC at +0.5"),
+            ("frontier_pattern", "retain_kl_ratio_at_ce_0.5", "pattern retain-KL ratio to standard at +0.5")]
+
+
+def seed_infos(run: Path) -> list[dict]:
+    """Each seed's final_info.json measures ({entry: {measure: value}}), in seed order."""
+    out = []
+    for f in bc.seed_folders(run):
+        info = ex.read_json(f / "final_info.json", "final_info")
+        out.append({k: v["means"] for k, v in info.items() if isinstance(v, dict) and "means" in v})
+    return out
+
+
+def per_seed(infos: list[dict], entry: str, key: str) -> np.ndarray | None:
+    vals = [i.get(entry, {}).get(key) for i in infos]
+    return None if any(v is None for v in vals) else np.array(vals, dtype=float)
+
+
+def fmt(a: np.ndarray | None, digits: int = 3) -> str:
+    if a is None:
+        return "-"
+    return f"{a.mean():.{digits}f}" + (f" ± {ex.stderr(a):.{digits}f}" if len(a) > 1 else "")
+
+
+def seed_wins(a: np.ndarray, b: np.ndarray) -> str:
+    """'w/l' seeds where a > b / a < b, shown only where the means are within two stderrs of each other
+    (elsewhere the means already decide)."""
+    if len(a) < 2 or len(a) != len(b):
+        return ""
+    gap, se = abs(a.mean() - b.mean()), np.hypot(ex.stderr(a), ex.stderr(b))
+    if gap > 2 * se:
+        return ""
+    return f" ({int((a > b + 1e-9).sum())}/{int((a < b - 1e-9).sum())})"
+
+
+def budget_table(name: str, ema: Path, hmm: Path) -> dict:
+    """Print the budget table of one pair; return {label: (seeds, budgets) array} for the figure."""
+    runs = {"ema": bc.curves(ema), "hmm": bc.curves(hmm)}
+    print(f"\n### {name}: forget-CE increase (nats) within a retain-KL budget ({ema} / {hmm})\n")
+    print("| strategy, accumulator | " + " | ".join(f"KL {b:g}" for b in BUDGETS) + " |")
+    print("|---|" + "---|" * len(BUDGETS))
+    cols = [bc.BUDGETS.index(b) for b in BUDGETS]
+    curves = {}
+    for s in ("pattern",) + VERSUS:
+        for acc, c in runs.items():
+            if s in c:
+                curves[f"{s}, {acc}"] = c[s]
+                print(f"| {s}, {acc} | " + " | ".join(fmt(c[s][:, j], 2) for j in cols) + " |")
+    for acc, c in runs.items():
+        for v in VERSUS:
+            if "pattern" in c and v in c:
+                a, b = c["pattern"][:, cols], c[v][:, cols]
+                wins = "  ".join(f"{bud:g}: {int((a[:, j] > b[:, j] + 1e-9).sum())}/{int((a[:, j] < b[:, j] - 1e-9).sum())}"
+                                 for j, bud in enumerate(BUDGETS))
+                print(f"\nseeds where pattern ({acc}) reaches further than {v} ({acc} run) / falls short: {wins}")
+    return curves
+
+
+def measure_table(name: str, ema: Path, hmm: Path):
+    a_inf, b_inf = seed_infos(ema), seed_infos(hmm)
+    print(f"\n### {name}: detector and clamp (mean ± stderr over seeds; in brackets, where the means are "
+          "within two stderrs, the seeds where hmm is higher / lower)\n")
+    print("| measure | ema | hmm |")
+    print("|---|---|---|")
+    for entry, key, label in MEASURES:
+        a, b = per_seed(a_inf, entry, key), per_seed(b_inf, entry, key)
+        wins = seed_wins(b, a) if a is not None and b is not None else ""
+        print(f"| {label} | {fmt(a)} | {fmt(b)}{wins} |")
+
+
+def plot(pairs: list[tuple[str, dict]], path: Path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    colors = {"pattern": "tab:orange", "dsg": "tab:purple", "dsg_causal": "tab:pink"}
+    fig, axes = plt.subplots(1, len(pairs), figsize=(6.2 * len(pairs), 4.0), squeeze=False)
+    x = np.array(bc.BUDGETS)
+    for ax, (name, curves) in zip(axes.flat, pairs):
+        for label, arr in curves.items():
+            s, acc = label.split(", ")
+            m = arr.mean(0)
+            e = arr.std(0, ddof=1) / np.sqrt(len(arr)) if len(arr) > 1 else np.zeros_like(m)
+            ax.plot(x, m, color=colors[s], ls="-" if acc == "ema" else "--", marker="o", ms=3, label=label)
+            ax.fill_between(x, m - e, m + e, color=colors[s], alpha=0.12, lw=0)
+        ax.set_xscale("log")
+        ax.set_xlabel("retain-KL budget (nats/token, log)")
+        ax.set_ylabel("forget-CE increase reached (nats/token)")
+        ax.set_title(name, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left")
+    fig.suptitle("Evidence accumulators: forgetting within a retain-damage budget\n"
+                 "(solid: --evidence ema run, dashed: --evidence hmm run; band: stderr over seeds)", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"\nwrote {path}")
+
+
+def parse_pair(text: str) -> tuple[str, Path, Path]:
+    name, sep, runs = text.rpartition("=")
+    parts = runs.split(",")
+    if not sep or len(parts) != 2:
+        raise ex.UsageError(f"--pair {text!r}: expected NAME=EMA_RUN,HMM_RUN")
+    for p in parts:
+        if not Path(p).is_dir():
+            raise ex.UsageError(f"--pair {text!r}: {p} is not a folder")
+    return name, Path(parts[0]), Path(parts[1])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--pair", action="append", required=True, help="NAME=EMA_RUN,HMM_RUN (repeatable)")
+    ap.add_argument("--plot", default="", help="write the budget-curve figure here (PNG)")
+    args = ap.parse_args(argv)
+    try:
+        pairs = [parse_pair(p) for p in args.pair]
+        drawn = []
+        for name, ema, hmm in pairs:
+            drawn.append((name, budget_table(name, ema, hmm)))
+            measure_table(name, ema, hmm)
+        if args.plot:
+            plot(drawn, Path(args.plot))
+    except (ex.UsageError, json.JSONDecodeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

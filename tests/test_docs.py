@@ -225,57 +225,54 @@ def test_every_relative_link_resolves():
     assert not wrong, "\n".join(wrong)
 
 
-def test_verdict_compares_means_with_stderr_and_counts_seed_wins(tmp_path, monkeypatch):
-    """doc_tables.compare: beyond two combined stderrs it names the side, within them it counts the
-    seeds where the run beats the reference, paired by seed number; lower-is-better flips the side."""
-    def run(name, mean, se, per_seed):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "final_info.json").write_text(json.dumps({"m": {"means": {"x": mean}, "stderrs": {"x": se}}}))
-        for k, v in enumerate(per_seed):
-            (tmp_path / name / f"seed_{k}").mkdir()
-            (tmp_path / name / f"seed_{k}" / "final_info.json").write_text(json.dumps({"m": {"means": {"x": v}}}))
-    run("ref", 0.50, 0.01, [0.49, 0.50, 0.51])
-    run("far", 0.60, 0.01, [0.59, 0.60, 0.61])
-    run("near", 0.51, 0.02, [0.53, 0.48, 0.52])
+@pytest.fixture
+def docs_root(tmp_path, monkeypatch):
+    """doc_tables reading run folders under tmp_path, its caches empty before and after."""
     monkeypatch.setattr(doc_tables, "ROOT", tmp_path)
     doc_tables.final_info.cache_clear()
     doc_tables.seed_infos.cache_clear()
-    try:
-        assert doc_tables.compare("far", "ref", "m", "x", 1, 2) == "+0.10 ± 0.01: **better**"
-        assert doc_tables.compare("far", "ref", "m", "x", -1, 2) == "+0.10 ± 0.01: **worse**"
-        assert doc_tables.compare("near", "ref", "m", "x", 1, 2) == "+0.01 ± 0.02: within 2 se, better on 2/3 seeds"
-        assert doc_tables.compare("near", "ref", "m", "x", -1, 2) == "+0.01 ± 0.02: within 2 se, better on 1/3 seeds"
-    finally:
-        doc_tables.final_info.cache_clear()
-        doc_tables.seed_infos.cache_clear()
+    yield tmp_path
+    doc_tables.final_info.cache_clear()
+    doc_tables.seed_infos.cache_clear()
 
 
-def test_evidence_table_pairs_runs_and_takes_the_difference(tmp_path, monkeypatch):
+def test_verdict_compares_means_with_stderr_and_counts_seed_wins(docs_root):
+    """doc_tables.compare: beyond two combined stderrs it names the side, within them it counts the
+    seeds where the run beats the reference, paired by seed number; lower-is-better flips the side."""
+    def run(name, mean, se, per_seed):
+        (docs_root / name).mkdir()
+        (docs_root / name / "final_info.json").write_text(json.dumps({"m": {"means": {"x": mean}, "stderrs": {"x": se}}}))
+        for k, v in enumerate(per_seed):
+            (docs_root / name / f"seed_{k}").mkdir()
+            (docs_root / name / f"seed_{k}" / "final_info.json").write_text(json.dumps({"m": {"means": {"x": v}}}))
+    run("ref", 0.50, 0.01, [0.49, 0.50, 0.51])
+    run("far", 0.60, 0.01, [0.59, 0.60, 0.61])
+    run("near", 0.51, 0.02, [0.53, 0.48, 0.52])
+    assert doc_tables.compare("far", "ref", "m", "x", 1, 2) == "+0.10 ± 0.01: **better**"
+    assert doc_tables.compare("far", "ref", "m", "x", -1, 2) == "+0.10 ± 0.01: **worse**"
+    assert doc_tables.compare("near", "ref", "m", "x", 1, 2) == "+0.01 ± 0.02: within 2 se, better on 2/3 seeds"
+    assert doc_tables.compare("near", "ref", "m", "x", -1, 2) == "+0.01 ± 0.02: within 2 se, better on 1/3 seeds"
+
+
+def test_evidence_table_pairs_runs_and_takes_the_difference(docs_root):
     """doc_tables.t_evidence: per pair (ema run, hmm run) both values and hmm - ema, judged in the measure's
     own direction (fewer retain rows touched is better), a measure without one (the threshold's
     calibration rate) as a bare difference; a measure a run lacks is `–`, an odd number of runs an error."""
     def run(name, rows, cal, per_seed_rows):
-        (tmp_path / name).mkdir()
+        (docs_root / name).mkdir()
         means = {"fire_rows_retain": rows, "cal_fire_rate_retain": cal}
         info = {"detection_learned": {"means": means, "stderrs": {"fire_rows_retain": 0.01, "cal_fire_rate_retain": 0.0}}}
-        (tmp_path / name / "final_info.json").write_text(json.dumps(info))
+        (docs_root / name / "final_info.json").write_text(json.dumps(info))
         for k, v in enumerate(per_seed_rows):
-            (tmp_path / name / f"seed_{k}").mkdir()
+            (docs_root / name / f"seed_{k}").mkdir()
             seed = {"detection_learned": {"means": {"fire_rows_retain": v, "cal_fire_rate_retain": cal}}}
-            (tmp_path / name / f"seed_{k}" / "final_info.json").write_text(json.dumps(seed))
+            (docs_root / name / f"seed_{k}" / "final_info.json").write_text(json.dumps(seed))
     run("ema", 0.30, 0.01, [0.29, 0.30, 0.31])
     run("hmm", 0.15, 0.01, [0.14, 0.15, 0.16])
-    monkeypatch.setattr(doc_tables, "ROOT", tmp_path)
-    doc_tables.final_info.cache_clear()
-    doc_tables.seed_infos.cache_clear()
-    try:
-        lines = doc_tables.t_evidence("README.md", "ema", "hmm")
-        rows = {l.split(" | ")[0].lstrip("| "): l for l in lines[2:]}
-        assert rows["detector retain rows with a fire"].endswith("| 0.300 ± 0.010 | 0.150 ± 0.010 | -0.150 ± 0.014: **better** |")
-        assert rows["calibration retain fire rate per token (the threshold's)"].endswith("| 0.0100 | 0.0100 | +0.0000 ± 0.0000 |")
-        assert "| – | – | – |" in rows["`pattern` precision AUROC at +0.5"]
-        with pytest.raises(ValueError, match="pairs"):
-            doc_tables.t_evidence("README.md", "ema")
-    finally:
-        doc_tables.final_info.cache_clear()
-        doc_tables.seed_infos.cache_clear()
+    lines = doc_tables.t_evidence("README.md", "ema", "hmm")
+    rows = {l.split(" | ")[0].lstrip("| "): l for l in lines[2:]}
+    assert rows["detector retain rows with a fire"].endswith("| 0.300 ± 0.010 | 0.150 ± 0.010 | -0.150 ± 0.014: **better** |")
+    assert rows["calibration retain fire rate per token (the threshold's)"].endswith("| 0.0100 | 0.0100 | +0.0000 ± 0.0000 |")
+    assert "| – | – | – |" in rows["`pattern` precision AUROC at +0.5"]
+    with pytest.raises(ValueError, match="pairs"):
+        doc_tables.t_evidence("README.md", "ema")

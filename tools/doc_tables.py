@@ -247,6 +247,7 @@ SAE_MEASURES = (("FVE", "sae", "fve", 3, 1), ("CE recovered", "sae", "ce_loss_re
                 ("`standard` SAEBench score", "unlearning_standard", "unlearning_score", 3, 1),
                 ("probing: top-1 latent accuracy", "sparse_probing", "sae_top_1_test_accuracy", 3, 1),
                 ("probing: all latents accuracy", "sparse_probing", "sae_test_accuracy", 3, 1))
+_SAE_ROW = {m[0]: m for m in SAE_MEASURES}
 # The verdict's five questions (issue 27): does a temporal SAE beat the plain one at matched L0?
 VERDICT = ("`pattern` precision AUROC at +0.5", "`pattern` forget CE within retain KL 0.01",
            "detection token AUROC", "`pattern` SAEBench score", "probing: top-1 latent accuracy")
@@ -290,24 +291,20 @@ def compare(run: str, ref: str, entry: str, key: str, sign: int, decimals: int) 
 
 def t_verdict(doc: str, ref: str, *runs: str) -> list[str]:
     """Each run against the reference run (the plain SAE of the same recipe) on the verdict's measures."""
-    by_title = {m[0]: m for m in SAE_MEASURES}
-    rows = [[title] + [compare(r, ref, by_title[title][1], by_title[title][2], by_title[title][4], by_title[title][3])
+    rows = [[title] + [compare(r, ref, _SAE_ROW[title][1], _SAE_ROW[title][2], _SAE_ROW[title][4], _SAE_ROW[title][3])
                        for r in runs] for title in VERDICT]
     return table([f"measure: run − {link(ref, doc)}"] + [link(r, doc) for r in runs], rows)
 
 
-# The sequential-evidence comparison (issue 26): (title, entry, key, decimals, sign as in SAE_MEASURES)
-EVIDENCE_MEASURES = (
-    ("`pattern` forget CE within retain KL 0.01", "frontier_pattern", "forget_ce_within_retain_kl_0.01", 2, 1),
-    ("`pattern` forget CE within retain KL 0.05", "frontier_pattern", "forget_ce_within_retain_kl_0.05", 2, 1),
-    ("`dsg` forget CE within retain KL 0.01", "frontier_dsg", "forget_ce_within_retain_kl_0.01", 2, 1),
-    ("`dsg` forget CE within retain KL 0.05", "frontier_dsg", "forget_ce_within_retain_kl_0.05", 2, 1),
+# The sequential-evidence comparison (issue 26): (title, entry, key, decimals, sign as in SAE_MEASURES);
+# the first seven are SAE_MEASURES' rows of the same title
+EVIDENCE_MEASURES = tuple(_SAE_ROW[t] for t in (
+    "`pattern` forget CE within retain KL 0.01", "`pattern` forget CE within retain KL 0.05",
+    "`dsg` forget CE within retain KL 0.01", "`dsg` forget CE within retain KL 0.05",
+    "`pattern` precision AUROC at +0.5", "detection token AUROC", "detection spliced AUROC")) + (
     ("`dsg_causal` forget CE within retain KL 0.01", "frontier_dsg_causal", "forget_ce_within_retain_kl_0.01", 2, 1),
     ("`dsg_causal` forget CE within retain KL 0.05", "frontier_dsg_causal", "forget_ce_within_retain_kl_0.05", 2, 1),
-    ("`pattern` precision AUROC at +0.5", "frontier_pattern", "precision_auroc_at_ce_0.5", 3, 1),
     ("`pattern` retain-KL ratio to `standard` at +0.5", "frontier_pattern", "retain_kl_ratio_at_ce_0.5", 3, -1),
-    ("detection token AUROC", "detection_learned", "token_auroc", 3, 1),
-    ("detection spliced AUROC", "detection_learned", "spliced_auroc", 3, 1),
     ("median delay at passage start (tokens)", "detection_learned", "delay_tokens_median", 1, -1),
     ("median tokens to stop after the passage", "detection_learned", "stop_tokens_median", 1, -1),
     ("detector retain fire rate per token", "detection_learned", "fire_rate_retain", 4, -1),

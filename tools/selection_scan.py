@@ -3,7 +3,7 @@ the sweep and the frontier measures of `experiment.py`, run on calibration docum
 training document, never used to fit a detector) instead of held-out ones.
 
     python tools/selection_scan.py --sae_dir run_1/seed_0 [--forget_corpus F --retain_corpus R]
-        [--gated 25@0.001,50@0.001,100@0.001] [--evidence ema:2,hmm:0.01:0.25]
+        [--gated 25@0.001,50@0.001,100@0.001] [--evidence ema:2,hmm:0.01:0.25] [--rank cover,attribution]
 
 The evaluation rows are calibration rows of both domains, the spliced documents are built from
 calibration documents, and the question sets are cut to a few questions (their numbers are not
@@ -14,6 +14,12 @@ and per row) and, for `pattern` and `dsg`, the frontier measures with SAEBench's
 and with each gated selection (`N@THRESHOLD`) added: precision AUROC at +0.5, retain-KL and
 after-passage-KL ratios to `standard` at +0.5, and the forget-CE increase within retain KL 0.001 /
 0.005 / 0.01 / 0.05. Held-out and spliced evaluation documents are never read.
+
+--rank says how the gated selection ranks the latents that pass its retain test: `cover` (the
+harness's rule: the fraction of the forget tokens where the detector fires that a latent is active
+on) and/or `attribution` (a tried alternative, not in experiment.py: the first-order rise of forget
+CE when the latent is ablated where the detector fires, -sum_t f_i(t) d_i . dCE/dresid(t), on the
+first --attribution_rows forget training rows that are not calibration rows).
 """
 import argparse
 import dataclasses
@@ -52,6 +58,37 @@ def calibration_data(cfg, model, tok, rows: int, spliced: int) -> ex.EvalData:
                        spl_rows, spl_acts)
 
 
+def attribution_batch(model, layer: int, sae, b: ex.Batch, fires_BT: torch.Tensor) -> torch.Tensor:
+    """(F,) per latent: -sum over the positions in fires_BT of f_i(t) * d_i . dCE/dresid(t), where CE is
+    the summed next-token CE of the batch: to first order, the CE rise when latent i is ablated there
+    (resid(t) - f_i(t) d_i). The blocks after `layer` run from the cached clean resid with grad."""
+    r = b.resid.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        h = r.to(model.dtype)
+        for block, (args, kwargs) in zip(list(ex.blocks_of(model))[layer + 1:], b.calls):
+            h = ex._unwrap(block(h, *args, **kwargs))
+        logits = ex.logits_at(model, ex.final_norm_of(model)(h)[:, :-1])
+        ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), b.tokens[:, 1:].flatten(), reduction="none")
+        (ce * ex.scored(b.attn).flatten().to(ce.dtype)).sum().backward()
+    with torch.no_grad():
+        f_BTF = sae.encode(b.resid, b.time.valid, None, b.time.prev)
+        dg_BTF = r.grad @ (sae.W_dec / sae.scale).T.to(r.grad.dtype)  # d_i . grad at every position
+        return -(f_BTF.to(dg_BTF.dtype) * dg_BTF * fires_BT.unsqueeze(-1)).sum((0, 1))
+
+
+def attribution(model, layer: int, sae, det, c: ex.Corpus, rows: int, batch: int = 8) -> torch.Tensor:
+    """attribution_batch summed over the first `rows` forget training rows outside the calibration set,
+    at the tokens where the detector fires."""
+    keep = torch.nonzero(~ex.calibration_rows(c.train)).flatten()[:rows]
+    score = torch.zeros(sae.d_sae)
+    for s in ex.batches(len(keep), batch):
+        idx = keep[s]
+        b = ex.clean_forward(model, layer, c.train.tokens[idx], c.train.attn[idx])
+        fires = ex.detector_fires(det, sae, b.resid, b.time)
+        score += attribution_batch(model, layer, sae, b, fires).cpu()
+    return score
+
+
 def parse_evidence(spec: str, det: ex.LagDetector) -> ex.LagDetector:
     kind, *args = spec.split(":")
     if kind == "ema":
@@ -85,6 +122,8 @@ def main():
     ap.add_argument("--spliced", type=int, default=6, help="calibration spliced documents for the precision measure")
     ap.add_argument("--gated", default="25@0.001,50@0.001,100@0.001", help="gated selections N@THRESHOLD")
     ap.add_argument("--evidence", default="ema:2,hmm:0.01:0.25", help="accumulators ema:H | hmm:SWITCH:SCALE")
+    ap.add_argument("--rank", default="cover", help="gated ranking(s): cover (the harness's) | attribution")
+    ap.add_argument("--attribution_rows", type=int, default=64, help="forget training rows for --rank attribution")
     ap.add_argument("--points", action="store_true", help="also print pattern's sweep points")
     ap.add_argument("--detector_only", action="store_true", help="the detector's measures only, no sweep")
     args = ap.parse_args()
@@ -116,17 +155,19 @@ def main():
         pat = dataclasses.replace(cfg, strategies=("pattern",))
         mine, _ = ex.run_sweep(pat, model, sae, sels, dets_v, d, False)
         print(frontier_line(f"pattern {spec} saebench", mine, standard), flush=True)
-        for g in args.gated.split(","):
+        ranks = {r: rank_key(r, args, model, cfg, sae, det, d) for r in args.rank.split(",")}
+        for g, rank in ((g, r) for g in args.gated.split(",") for r in ranks):
             n, thr = g.split("@")
             gcfg = dataclasses.replace(cfg, gated_features=(int(n),), gated_threshold=float(thr),
                                        strategies=("dsg", "pattern"))
-            gsel = ex.gated_selections(gcfg, sae, dets_v, d.forget, d.retain)
+            gsel = gated_by(gcfg, sae, dets_v, d, ranks[rank])
             pts, _ = ex.run_sweep(gcfg, model, sae, gsel, dets_v, d, False)
             cover = coverage(sae, gsel[0].latents, det, d) if gsel else float("nan")
-            print(frontier_line(f"pattern {spec} +gated {g}", mine + [p for p in pts if p["strategy"] == "pattern"],
+            name = f"{g}" + (f" {rank}" if rank != "cover" else "")
+            print(frontier_line(f"pattern {spec} +gated {name}", mine + [p for p in pts if p["strategy"] == "pattern"],
                                 standard) + f"  clamp_cover {cover:.3f}", flush=True)
             gated_pattern = [p for p in pts if p["strategy"] == "pattern"]
-            print(frontier_line(f"pattern {spec} gated {g} alone", gated_pattern, standard), flush=True)
+            print(frontier_line(f"pattern {spec} gated {name} alone", gated_pattern, standard), flush=True)
             if args.points:
                 for p in mine + gated_pattern:
                     print(f"    {p['selection']:8s} {p['retain_threshold']:<6g} x{p['multiplier']:<6g} forget_ce "
@@ -135,6 +176,27 @@ def main():
             if spec == args.evidence.split(",")[0]:
                 dsg = [p for p in ref if p["strategy"] == "dsg"] + [p for p in pts if p["strategy"] == "dsg"]
                 print(frontier_line(f"dsg  +gated {g}", dsg, standard), flush=True)
+
+
+def rank_key(rank: str, args, model, cfg, sae, det, d: ex.EvalData) -> torch.Tensor | None:
+    """None: the harness's cover ranking; else the (F,) attribution scores."""
+    if rank == "cover":
+        return None
+    if rank != "attribution":
+        raise SystemExit(f"error: --rank {rank!r}: expected cover or attribution")
+    with torch.no_grad():  # main runs under no_grad; attribution_batch turns grad on where it needs it
+        return attribution(model, cfg.layer, sae, det, d.forget, args.attribution_rows)
+
+
+def gated_by(gcfg, sae, dets, d: ex.EvalData, key: torch.Tensor | None) -> list:
+    """The gated selection ranked by cover (key None: experiment.gated_selections) or by `key`, with the
+    same retain test (touch < --gated_threshold on the retain tokens where the detector fires)."""
+    if key is None:
+        return ex.gated_selections(gcfg, sae, dets, d.forget, d.retain)
+    cnt_r, fire_r, _ = ex.gated_counts(sae, dets.learned, d.retain)
+    n, thr = gcfg.gated_features[0], gcfg.gated_threshold
+    lat = ex.select_gated(key, cnt_r / max(fire_r, 1), n, thr)
+    return [ex.selection_levels(gcfg, sae, d.forget, d.retain, lat, thr, n, "gated")] if len(lat) else []
 
 
 def coverage(sae, lat, det, d: ex.EvalData) -> float:

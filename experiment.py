@@ -4507,8 +4507,10 @@ def generate_existing(cli: Config) -> str:
             if not (f / name).is_file():
                 raise UsageError(f"--generate_from {f}: no {name} (a finished run folder holds it; sae.safetensors "
                                  "is not committed: rerun the command in command.txt)")
+    # sae_path is dropped too: a --sae_path run's folder holds its own copy of the SAE, read from there
     keep = {x.name for x in dataclasses.fields(Config)} - {"out_dir", "seeds", "generate_from", "overwrite", "progress",
-                                                         "generate_prompts", "prompt_tokens", "generate_tokens"}
+                                                         "generate_prompts", "prompt_tokens", "generate_tokens",
+                                                         "sae_path"}
     run_cfg = read_json(folders[0] / "config.json", "run config")
     cfg = dataclasses.replace(cli, **{k: (tuple(v) if isinstance(v, list) else v) for k, v in run_cfg.items() if k in keep})
     model, tok = load_model(cfg, pick_device(cfg))

@@ -244,3 +244,16 @@ def test_generate_from_a_finished_run_rebuilds_the_guard_state(tmp_path, model_d
     assert (out / "guard.safetensors").read_bytes() == saved  # made again, byte for byte
     assert (out / "generations.jsonl").read_text().count('"variant": "clean"') == 9
     one_line_error(cli("--generate_from", str(tmp_path / "nothing")), "no config.json")
+
+
+def test_generate_from_a_run_made_with_sae_path(tmp_path, model_dir):
+    """--generate_from on a folder made by --sae_path (its config names the SAE it evaluated): the
+    stage reads the folder's own copy of the SAE instead of refusing the run's flags."""
+    src, ev = tmp_path / "src", tmp_path / "ev"
+    assert cli(*tiny_flags(src, model_dir, "--no-generate")).returncode == 0
+    res = cli(*tiny_flags(ev, model_dir, "--no-generate", f"--sae_path={src}"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    res = cli("--generate_from", str(ev), "--prompt_tokens=8", "--generate_tokens=6", "--generate_prompts=3")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "generation_clean" in json.loads((ev / "final_info.json").read_text())
+    assert (ev / "generations.jsonl").read_text().count('"variant": "clean"') == 9

@@ -64,10 +64,8 @@ def attribution_batch(model, layer: int, sae, b: ex.Batch, fires_BT: torch.Tenso
     (resid(t) - f_i(t) d_i). The blocks after `layer` run from the cached clean resid with grad."""
     r = b.resid.detach().clone().requires_grad_(True)
     with torch.enable_grad():
-        h = r.to(model.dtype)
-        for block, (args, kwargs) in zip(list(ex.blocks_of(model))[layer + 1:], b.calls):
-            h = ex._unwrap(block(h, *args, **kwargs))
-        logits = ex.logits_at(model, ex.final_norm_of(model)(h)[:, :-1])
+        h = ex.run_tail.__wrapped__(model, layer, b._replace(resid=r))  # run_tail without its no_grad
+        logits = ex.logits_at(model, h[:, :-1])
         ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), b.tokens[:, 1:].flatten(), reduction="none")
         (ce * ex.scored(b.attn).flatten().to(ce.dtype)).sum().backward()
     with torch.no_grad():

@@ -152,7 +152,11 @@ class Config:
     switch_prob: float = opt(0.01, "hmm evidence: probability that the domain changes between two tokens")
     evidence_scale: float = opt(0.25, "hmm evidence: weight of one token's log-odds (neighbouring tokens are not "
                                       "independent evidence)")
-    detector_fpr: float = opt(0.01, "detector threshold: this fraction of retain training tokens fire")
+    detector_fpr: float = opt(0.01, "detector threshold: this fraction of the retain calibration tokens (or rows, "
+                                    "--detector_fpr_unit) fire")
+    detector_fpr_unit: Literal["token", "row"] = opt("token", "what --detector_fpr counts: retain calibration tokens "
+                                                              "that fire, or rows with any fire (DSG's per-row rule "
+                                                              "flags 1 in 20 retain rows)")
     detector_latents: int = opt(256, "candidate latents the learned detector reads (half by the largest rise, half by the largest fall of firing frequency on forget vs retain training text)")
     n_templates: int = opt(8, "templates of the template detector")
     tau: float = opt(0.8, "correlation a window needs with a template to fire (template detector)")
@@ -2982,7 +2986,8 @@ def pick_positions(mask_NT: torch.Tensor, n: int, g: torch.Generator) -> torch.T
 
 def fit_lag_detector(cfg, sae, idx, forget: Corpus, retain: Corpus, max_tokens: int = 32768) -> LagDetector:
     """Logistic regression of domain on per-lag features, on training rows of both domains outside
-    the calibration documents; threshold at --detector_fpr on the calibration retain rows."""
+    the calibration documents; threshold at --detector_fpr (per --detector_fpr_unit) on the calibration
+    retain rows."""
     g = torch.Generator().manual_seed(cfg.seed)
     keeps = [~calibration_rows(c.train) for c in (forget, retain)]
     picks = [pick_positions(c.train.mask[k], max_tokens, g) for c, k in zip((forget, retain), keeps)]
@@ -2999,7 +3004,7 @@ def fit_lag_detector(cfg, sae, idx, forget: Corpus, retain: Corpus, max_tokens: 
     w = lr.w / lr.sd
     det = LagDetector(idx, w.view(cfg.detector_window, -1).T.contiguous(), float(lr.b - (lr.mu * w).sum()),
                       cfg.horizon, math.nan, cfg.evidence, cfg.switch_prob, cfg.evidence_scale)
-    return det._replace(threshold=calibrate(det, sae, retain, cfg.detector_fpr))
+    return det._replace(threshold=calibrate(det, sae, retain, cfg.detector_fpr, unit=cfg.detector_fpr_unit))
 
 
 def detector_features(sae, idx, acts_NTD, mask_NT, rows: int = 64) -> torch.Tensor:
@@ -3020,11 +3025,20 @@ def plain_scores(det, sae, acts_NTD, mask_NT, lat=None, rows: int = 64) -> tuple
     return torch.cat(out), make_time(mask_NT)
 
 
-def calibrate(det, sae, retain: Corpus, fpr: float, lat=None) -> float:
-    """The detector's threshold: at most `fpr` of the calibration retain tokens fire."""
+def calibrate(det, sae, retain: Corpus, fpr: float, lat=None, unit: str = "token") -> float:
+    """The detector's threshold: at most `fpr` of the calibration retain tokens fire (unit "token"), or
+    of the calibration retain rows fire anywhere (unit "row": a row fires where its largest evidence
+    does, the false-alarm unit of a per-row rule such as DSG's)."""
     cal = calibration_rows(retain.train)
     s, tm = plain_scores(det, sae, retain.acts_train[cal], retain.train.mask[cal], lat)
-    return threshold_for_fpr(pool(det, s, tm)[tm.valid], fpr)
+    return threshold_of(pool(det, s, tm), tm.valid, fpr, unit)
+
+
+def threshold_of(ev_BT: torch.Tensor, valid_BT: torch.Tensor, fpr: float, unit: str) -> float:
+    """threshold_for_fpr over the valid tokens of retain evidence, or over each row's largest value."""
+    if unit == "row":
+        return threshold_for_fpr(ev_BT.masked_fill(~valid_BT, -math.inf).amax(1), fpr)
+    return threshold_for_fpr(ev_BT[valid_BT], fpr)
 
 
 class Detectors(NamedTuple):
@@ -3304,7 +3318,7 @@ HORIZONS = (1, 2, 4, 8, 16, 32)
 def horizon_study(cfg, sae, sel: Selection, dets: Detectors, d: EvalData) -> dict:
     """Detection against the pooling horizon H for the latent detector, the residual control,
     dsg_causal's activity indicator and the templates; each threshold set at --detector_fpr on the
-    calibration retain rows (training data) at every H."""
+    calibration retain rows (training data) at every H, per token or per row as the learned detector's."""
     lat = sel.latents
     on = lambda x, tm: ((sae.encode(x, tm.valid, lat.to(x.device), tm.prev) > 0) & tm.valid.unsqueeze(-1)).any(-1).float()
     scorers = {"learned": lambda x, tm: token_score(dets.learned, sae, x, tm),
@@ -3313,7 +3327,8 @@ def horizon_study(cfg, sae, sel: Selection, dets: Detectors, d: EvalData) -> dic
                "templates": lambda x, tm: token_score(sel.templates, sae, x, tm,
                                                        sae.encode(x, tm.valid, lat.to(x.device), tm.prev))}
     cal = calibration_rows(d.retain.train)
-    out = {"horizons": list(HORIZONS), "fpr": cfg.detector_fpr, "retain_threshold": sel.threshold,
+    out = {"horizons": list(HORIZONS), "fpr": cfg.detector_fpr, "fpr_unit": cfg.detector_fpr_unit,
+           "retain_threshold": sel.threshold,
            "n_features": sel.n, "detectors": {}}
     for name, score in scorers.items():
         both = lambda x, tm: (lambda s: (s, s))(score(x, tm))  # over_rows takes (fire, score): scored once
@@ -3327,7 +3342,7 @@ def horizon_study(cfg, sae, sel: Selection, dets: Detectors, d: EvalData) -> dic
                                   "fire_rate_retain", "fire_rate_forget")}
         for H in HORIZONS:
             ev = {k: ema(s, tm, H) for k, (s, tm) in rows.items()}
-            thr = threshold_for_fpr(ev["cal"][rows["cal"][1].valid], cfg.detector_fpr)
+            thr = threshold_of(ev["cal"], rows["cal"][1].valid, cfg.detector_fpr, cfg.detector_fpr_unit)
             ev_s = ema(s_spl, tm_s, H)
             append_horizon_point(curves, ev, rows, ev_s, thr, d)
         out["detectors"][name] = curves

@@ -189,6 +189,33 @@ def test_threshold_keeps_the_false_positive_rate_on_its_data():
         assert (v >= thr - 1e-3).float().mean() > fpr * 0.5
 
 
+def test_row_calibration_bounds_the_rows_that_fire():
+    """unit="row": at most `fpr` of the calibration retain rows (every 4th document's) fire anywhere; the
+    other rows are never read; the per-token threshold at the same fpr lets more rows fire."""
+    torch.manual_seed(0)
+    sae = ex.TemporalSAE(8, 16, window=1, d_head=4)
+    det = ex.LagDetector(None, torch.randn(8, 2), 0.0, 2.0, 0.0)
+    N, T = 160, 24
+    mask = torch.ones(N, T, dtype=torch.bool)
+    mask[:, 0] = False
+    rows = ex.Rows(torch.zeros(N, T, dtype=torch.long), torch.ones(N, T, dtype=torch.bool), mask,
+                   torch.arange(N), torch.zeros(N, T, dtype=torch.bool))
+    acts = torch.randn(N, T, 8)
+    retain = ex.Corpus([], [], rows, rows, acts, acts)
+    cal = ex.calibration_rows(rows)
+    s, tm = ex.plain_scores(det, sae, acts[cal], mask[cal])
+    ev = ex.pool(det, s, tm).masked_fill(~tm.valid, -math.inf)
+    for fpr in (0.05, 0.2):
+        thr_row = ex.calibrate(det, sae, retain, fpr, unit="row")
+        thr_tok = ex.calibrate(det, sae, retain, fpr)
+        rows_firing = (ev >= thr_row).any(1).float().mean()
+        assert 0 < rows_firing <= fpr
+        assert thr_row > thr_tok and (ev >= thr_tok).any(1).float().mean() > rows_firing
+    other = acts.clone()
+    other[~cal] = 100.0  # rows outside the calibration documents do not move the threshold
+    assert ex.calibrate(det, sae, retain._replace(acts_train=other), 0.05, unit="row") == ex.calibrate(det, sae, retain, 0.05, unit="row")
+
+
 def test_lag_detector_is_causal():
     """A detector's score at t never changes when tokens after t change (plain rows and a tree)."""
     torch.manual_seed(0)

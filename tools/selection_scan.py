@@ -120,6 +120,8 @@ def main():
     ap.add_argument("--spliced", type=int, default=6, help="calibration spliced documents for the precision measure")
     ap.add_argument("--gated", default="25@0.001,50@0.001,100@0.001", help="gated selections N@THRESHOLD")
     ap.add_argument("--evidence", default="ema:2,hmm:0.01:0.25", help="accumulators ema:H | hmm:SWITCH:SCALE")
+    ap.add_argument("--calibrate", default="token:0.01", help="detector thresholds UNIT:FPR, unit token (a fraction of "
+                    "the calibration retain tokens fire) or row (of the calibration retain rows, any fire)")
     ap.add_argument("--rank", default="cover", help="gated ranking(s): cover (the harness's) | attribution")
     ap.add_argument("--attribution_rows", type=int, default=64, help="forget training rows for --rank attribution")
     ap.add_argument("--points", action="store_true", help="also print pattern's sweep points")
@@ -143,9 +145,11 @@ def main():
     if standard:
         print(frontier_line("standard", standard, standard), flush=True)
         print(frontier_line("dsg  saebench", [p for p in ref if p["strategy"] == "dsg"], standard), flush=True)
-    for spec in args.evidence.split(","):
+    for spec, cal in ((e, c) for e in args.evidence.split(",") for c in args.calibrate.split(",")):
         det = parse_evidence(spec, dets.learned)
-        det = det._replace(threshold=ex.calibrate(det, sae, d.retain, cfg.detector_fpr))
+        unit, fpr = cal.split(":")
+        det = det._replace(threshold=ex.calibrate(det, sae, d.retain, float(fpr), unit=unit))
+        spec = spec if cal == "token:0.01" else f"{spec} {cal}"
         dets_v = dets._replace(learned=det)
         print(detector_line(f"detector {spec}", det, sae, d), flush=True)
         if args.detector_only:
@@ -171,7 +175,7 @@ def main():
                     print(f"    {p['selection']:8s} {p['retain_threshold']:<6g} x{p['multiplier']:<6g} forget_ce "
                           f"{p['forget_ce_increase']:6.3f} retain_kl {p['retain_kl']:.4f} precision {p['precision_auroc']:.3f} "
                           f"inside {p['spliced_kl_inside']:.3f} after {p['spliced_kl_after']:.3f}", flush=True)
-            if spec == args.evidence.split(",")[0]:
+            if spec == args.evidence.split(",")[0]:  # dsg does not read the detector: once
                 dsg = [p for p in ref if p["strategy"] == "dsg"] + [p for p in pts if p["strategy"] == "dsg"]
                 print(frontier_line(f"dsg  +gated {g}", dsg, standard), flush=True)
 

@@ -272,7 +272,9 @@ def test_evidence_table_pairs_runs_and_takes_the_difference(docs_root):
     lines = doc_tables.t_evidence("README.md", "ema", "hmm")
     rows = {l.split(" | ")[0].lstrip("| "): l for l in lines[2:]}
     assert rows["detector retain rows with a fire"].endswith("| 0.300 ± 0.010 | 0.150 ± 0.010 | -0.150 ± 0.014: **better** |")
-    assert rows["calibration retain fire rate per token (the threshold's)"].endswith("| 0.0100 | 0.0100 | +0.0000 ± 0.0000 |")
+    assert rows["calibration retain fire rate per token"].endswith("| 0.0100 | 0.0100 | +0.0000 ± 0.0000 |")
     assert "| – | – | – |" in rows["`pattern` precision AUROC at +0.5"]
+    assert lines[0].endswith("| hmm − ema |")
+    assert doc_tables.KINDS["threshold"]("README.md", "ema", "hmm")[0].endswith("| row − token |")
     with pytest.raises(ValueError, match="pairs"):
         doc_tables.t_evidence("README.md", "ema")

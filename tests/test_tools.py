@@ -81,15 +81,20 @@ def test_evidence_compare_tables_and_figure(tmp_path, capsys):
     assert "| retain rows with a fire (held-out) | 0.300 ± 0.100 | 0.200 ± 0.100 (1/1) |" in out
     assert "| spliced AUROC | - | - |" in out  # not in these final_infos: shown as missing, not as 0
     assert fig.is_file() and fig.stat().st_size > 0
+    assert evidence_compare.main(["--pair", pair, "--labels", "token,row"]) == 0
+    out = capsys.readouterr().out
+    assert "| pattern, row | 0.25 ± 0.05 |" in out and "| measure | token | row |" in out
 
 
 def test_evidence_compare_bad_pair_is_one_line_error(tmp_path, capsys):
     import evidence_compare
     assert evidence_compare.main(["--pair", f"toy={tmp_path}"]) == 1
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error:") and "NAME=EMA_RUN,HMM_RUN" in err and "\n" not in err
+    assert err.startswith("error:") and "NAME=FIRST_RUN,SECOND_RUN" in err and "\n" not in err
     assert evidence_compare.main(["--pair", f"toy={tmp_path},{tmp_path / 'nope'}"]) == 1
     assert "is not a folder" in capsys.readouterr().err
+    assert evidence_compare.main(["--pair", f"toy={tmp_path},{tmp_path}", "--labels", "row"]) == 1
+    assert "expected two different names" in capsys.readouterr().err
 
 
 def scan_flags(model_dir):

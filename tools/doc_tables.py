@@ -309,15 +309,17 @@ EVIDENCE_MEASURES = tuple(_SAE_ROW[t] for t in (
     ("median tokens to stop after the passage", "detection_learned", "stop_tokens_median", 1, -1),
     ("detector retain fire rate per token", "detection_learned", "fire_rate_retain", 4, -1),
     ("detector retain rows with a fire", "detection_learned", "fire_rows_retain", 3, -1),
-    ("calibration retain fire rate per token (the threshold's)", "detection_learned", "cal_fire_rate_retain", 4, 0),
+    ("calibration retain fire rate per token", "detection_learned", "cal_fire_rate_retain", 4, 0),
+    ("calibration retain rows with a fire", "detection_learned", "cal_fire_rows_retain", 3, 0),
     ("retain rows where `pattern` clamps", "detection_pattern", "fire_rows_retain", 3, -1),
     ("forget tokens where `pattern` clamps", "detection_pattern", "token_recall", 3, 1))
 
 
-def t_evidence(doc: str, *runs: str) -> list[str]:
-    """Pairs of runs of the same SAEs, --evidence ema then --evidence hmm: both, and hmm - ema."""
+def t_evidence(doc: str, *runs: str, label: str = "hmm − ema") -> list[str]:
+    """Pairs of runs of the same SAEs, two detector variants (--evidence ema then hmm; or, as `threshold`,
+    --detector_fpr_unit token then row): both, and the second minus the first."""
     if len(runs) % 2:
-        raise ValueError(f"{doc}: table evidence takes pairs of runs (ema, hmm)")
+        raise ValueError(f"{doc}: tables evidence and threshold take pairs of runs")
     pairs = list(zip(runs[::2], runs[1::2]))
 
     def has(r, e, k):
@@ -332,13 +334,14 @@ def t_evidence(doc: str, *runs: str) -> list[str]:
         return compare(b, a, e, k, sign, d) if sign else compare(b, a, e, k, 1, d).split(":")[0]
     rows = [[title] + [c for a, b in pairs for c in (one(a, e, k, d), one(b, e, k, d), diff(a, b, e, k, d, sign))]
             for title, e, k, d, sign in EVIDENCE_MEASURES]
-    header = ["measure"] + [c for a, b in pairs for c in (link(a, doc), link(b, doc), "hmm − ema")]
+    header = ["measure"] + [c for a, b in pairs for c in (link(a, doc), link(b, doc), label)]
     return table(header, rows)
 
 
 KINDS = {"generation": t_generation, "machine": t_machine, "readme": t_readme, "sae": t_sae, "frontier": t_frontier, "budget": t_budget, "detection": t_detection,
          "precision": t_precision, "strategies": t_strategies, "versus": t_versus,
-         "saes": t_saes, "verdict": t_verdict, "evidence": t_evidence}
+         "saes": t_saes, "verdict": t_verdict, "evidence": t_evidence,
+         "threshold": lambda doc, *runs: t_evidence(doc, *runs, label="row − token")}
 
 
 # ------------------------------------------------------------------------------------------------

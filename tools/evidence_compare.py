@@ -19,6 +19,11 @@ because they sweep the gated selection, which is made where the detector fires).
     python tools/evidence_compare.py --pair "run_1, 24 rows=run_1/eval_24_ema,run_1/eval_24_hmm" \\
         --pair "real text=saes/real_relu_w4,saes/real_relu_w4/hmm" --plot plots/evidence.png
 
+Any two detector variants of the same SAEs compare the same way; --labels names them (default ema,hmm),
+e.g. the per-token against the per-row threshold (--detector_fpr_unit):
+
+    python tools/evidence_compare.py --labels token,row --pair "run_1, 24 rows=run_1/eval_24_ema,run_1/eval_24_row"
+
 It reads results only: no model, no SAE.
 """
 import argparse
@@ -81,9 +86,9 @@ def seed_wins(a: np.ndarray, b: np.ndarray) -> str:
     return f" ({int((a > b + 1e-9).sum())}/{int((a < b - 1e-9).sum())})"
 
 
-def budget_table(name: str, ema: Path, hmm: Path) -> dict:
+def budget_table(name: str, ema: Path, hmm: Path, labels=("ema", "hmm")) -> dict:
     """Print the budget table of one pair; return {label: (seeds, budgets) array} for the figure."""
-    runs = {"ema": bc.curves(ema), "hmm": bc.curves(hmm)}
+    runs = {labels[0]: bc.curves(ema), labels[1]: bc.curves(hmm)}
     print(f"\n### {name}: forget-CE increase (nats) within a retain-KL budget ({ema} / {hmm})\n")
     print("| strategy, accumulator | " + " | ".join(f"KL {b:g}" for b in BUDGETS) + " |")
     print("|---|" + "---|" * len(BUDGETS))
@@ -104,11 +109,11 @@ def budget_table(name: str, ema: Path, hmm: Path) -> dict:
     return curves
 
 
-def measure_table(name: str, ema: Path, hmm: Path):
+def measure_table(name: str, ema: Path, hmm: Path, labels=("ema", "hmm")):
     a_inf, b_inf = seed_infos(ema), seed_infos(hmm)
     print(f"\n### {name}: detector and clamp (mean ± stderr over seeds; in brackets, where the means are "
-          "within two stderrs, the seeds where hmm is higher / lower)\n")
-    print("| measure | ema | hmm |")
+          f"within two stderrs, the seeds where {labels[1]} is higher / lower)\n")
+    print(f"| measure | {labels[0]} | {labels[1]} |")
     print("|---|---|---|")
     for entry, key, label in MEASURES:
         a, b = per_seed(a_inf, entry, key), per_seed(b_inf, entry, key)
@@ -116,7 +121,7 @@ def measure_table(name: str, ema: Path, hmm: Path):
         print(f"| {label} | {fmt(a)} | {fmt(b)}{wins} |")
 
 
-def plot(pairs: list[tuple[str, dict]], path: Path):
+def plot(pairs: list[tuple[str, dict]], path: Path, labels=("ema", "hmm")):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -128,7 +133,7 @@ def plot(pairs: list[tuple[str, dict]], path: Path):
             s, acc = label.split(", ")
             m = arr.mean(0)
             e = arr.std(0, ddof=1) / np.sqrt(len(arr)) if len(arr) > 1 else np.zeros_like(m)
-            ax.plot(x, m, color=colors[s], ls="-" if acc == "ema" else "--", marker="o", ms=3, label=label)
+            ax.plot(x, m, color=colors[s], ls="-" if acc == labels[0] else "--", marker="o", ms=3, label=label)
             ax.fill_between(x, m - e, m + e, color=colors[s], alpha=0.12, lw=0)
         ax.set_xscale("log")
         ax.set_xlabel("retain-KL budget (nats/token, log)")
@@ -136,8 +141,8 @@ def plot(pairs: list[tuple[str, dict]], path: Path):
         ax.set_title(name, fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="upper left")
-    fig.suptitle("Evidence accumulators: forgetting within a retain-damage budget\n"
-                 "(solid: --evidence ema run, dashed: --evidence hmm run; band: stderr over seeds)", fontsize=10)
+    fig.suptitle(f"Detector variants: forgetting within a retain-damage budget\n"
+                 f"(solid: the {labels[0]} run, dashed: the {labels[1]} run; band: stderr over seeds)", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -149,7 +154,7 @@ def parse_pair(text: str) -> tuple[str, Path, Path]:
     name, sep, runs = text.rpartition("=")
     parts = runs.split(",")
     if not sep or len(parts) != 2:
-        raise ex.UsageError(f"--pair {text!r}: expected NAME=EMA_RUN,HMM_RUN")
+        raise ex.UsageError(f"--pair {text!r}: expected NAME=FIRST_RUN,SECOND_RUN")
     for p in parts:
         if not Path(p).is_dir():
             raise ex.UsageError(f"--pair {text!r}: {p} is not a folder")
@@ -158,17 +163,22 @@ def parse_pair(text: str) -> tuple[str, Path, Path]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--pair", action="append", required=True, help="NAME=EMA_RUN,HMM_RUN (repeatable)")
+    ap.add_argument("--pair", action="append", required=True, help="NAME=FIRST_RUN,SECOND_RUN (repeatable): the same SAEs, two detector variants")
     ap.add_argument("--plot", default="", help="write the budget-curve figure here (PNG)")
+    ap.add_argument("--labels", default="ema,hmm", help="names of the two runs of each pair (e.g. token,row for "
+                    "--detector_fpr_unit)")
     args = ap.parse_args(argv)
     try:
         pairs = [parse_pair(p) for p in args.pair]
+        labels = tuple(args.labels.split(","))
+        if len(labels) != 2 or len(set(labels)) != 2:
+            raise ex.UsageError(f"--labels {args.labels!r}: expected two different names A,B")
         drawn = []
         for name, ema, hmm in pairs:
-            drawn.append((name, budget_table(name, ema, hmm)))
-            measure_table(name, ema, hmm)
+            drawn.append((name, budget_table(name, ema, hmm, labels)))
+            measure_table(name, ema, hmm, labels)
         if args.plot:
-            plot(drawn, Path(args.plot))
+            plot(drawn, Path(args.plot), labels)
     except (ex.UsageError, json.JSONDecodeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -256,6 +256,26 @@ def test_batchtopk_tsae_run_end_to_end(tmp_path, model, tok):
     assert torch.allclose(again.encode(x, valid), sae.encode(x, valid), atol=1e-5)
 
 
+def test_row_threshold_run_bounds_the_calibration_rows_that_fire(tmp_path, model, tok):
+    """--detector_fpr_unit row through the whole pipeline: at most --detector_fpr of the calibration retain
+    rows fire (per token far fewer), the horizon study says which unit it used, the guard's threshold is
+    the stricter one."""
+    out = tmp_path / "run"
+    flags = [f for f in tiny_flags(out, "unused", "--detector_fpr_unit=row", "--detector_fpr=0.25",
+                                   "--strategies=standard,pattern", "--no-generate") if not f.startswith("--model")]
+    results = ex.run(ex.parse_config(flags), model=model, tok=tok)
+    det = results["detection_learned"]["means"]
+    assert 0 < det["cal_fire_rows_retain"] <= 0.25 and det["cal_fire_rate_retain"] < det["cal_fire_rows_retain"]
+    assert json.loads((out / "detection_horizon.json").read_text())["fpr_unit"] == "row"
+    assert json.loads((out / "config.json").read_text())["detector_fpr_unit"] == "row"
+    # the same run per token: same SAE and detector weights, a lower threshold, more calibration rows firing
+    flags_tok = [f for f in flags if not f.startswith("--detector_fpr_unit")]
+    flags_tok[0] = f"--out_dir={tmp_path / 'tok'}"
+    tok_det = ex.run(ex.parse_config(flags_tok), model=model, tok=tok)["detection_learned"]["means"]
+    row_thr, tok_thr = (json.loads((d / "guard.json").read_text())["learned"]["threshold"] for d in (out, tmp_path / "tok"))
+    assert row_thr > tok_thr and tok_det["cal_fire_rows_retain"] > det["cal_fire_rows_retain"]
+
+
 def test_seeds_run_once_each_and_aggregate(tmp_path, model, tok):
     flags = [f for f in tiny_flags(tmp_path / "run", "unused", "--seeds=0,1", "--strategies=standard,pattern")
              if not f.startswith("--model")]

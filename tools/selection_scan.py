@@ -4,11 +4,13 @@ training document, never used to fit a detector) instead of held-out ones.
 
     python tools/selection_scan.py --sae_dir run_1/seed_0 [--forget_corpus F --retain_corpus R]
         [--gated 25@0.001,50@0.001,100@0.001] [--evidence ema:2,hmm:0.01:0.25] [--rank cover,attribution]
+        [--calibrate token:0.01,row:0.05]
 
 The evaluation rows are calibration rows of both domains, the spliced documents are built from
 calibration documents, and the question sets are cut to a few questions (their numbers are not
-read here). For each evidence accumulator (`ema:H`, or `hmm:SWITCH:SCALE`, its threshold re-set at
---detector_fpr on the calibration retain rows) it prints the detector's measures (token and passage
+read here). For each evidence accumulator (`ema:H`, or `hmm:SWITCH:SCALE`) and each threshold rule
+(--calibrate `token:FPR`, that fraction of the calibration retain tokens fire, or `row:FPR`, of the
+calibration retain rows any token fires; re-set on the calibration retain rows) it prints the detector's measures (token and passage
 AUROC, median delay at a passage's start and tokens to stop after it, retain fire rate per token
 and per row) and, for `pattern` and `dsg`, the frontier measures with SAEBench's selections alone
 and with each gated selection (`N@THRESHOLD`) added: precision AUROC at +0.5, retain-KL and

@@ -269,8 +269,8 @@ def test_row_threshold_run_bounds_the_calibration_rows_that_fire(tmp_path, model
     assert json.loads((out / "detection_horizon.json").read_text())["fpr_unit"] == "row"
     assert json.loads((out / "config.json").read_text())["detector_fpr_unit"] == "row"
     # the same run per token: same SAE and detector weights, a lower threshold, more calibration rows firing
-    flags_tok = [f for f in flags if not f.startswith("--detector_fpr_unit")]
-    flags_tok[0] = f"--out_dir={tmp_path / 'tok'}"
+    flags_tok = [f"--out_dir={tmp_path / 'tok'}" if f.startswith("--out_dir") else f
+                 for f in flags if not f.startswith("--detector_fpr_unit")]
     tok_det = ex.run(ex.parse_config(flags_tok), model=model, tok=tok)["detection_learned"]["means"]
     row_thr, tok_thr = (json.loads((d / "guard.json").read_text())["learned"]["threshold"] for d in (out, tmp_path / "tok"))
     assert row_thr > tok_thr and tok_det["cal_fire_rows_retain"] > det["cal_fire_rows_retain"]

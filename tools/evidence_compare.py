@@ -86,10 +86,10 @@ def seed_wins(a: np.ndarray, b: np.ndarray) -> str:
     return f" ({int((a > b + 1e-9).sum())}/{int((a < b - 1e-9).sum())})"
 
 
-def budget_table(name: str, ema: Path, hmm: Path, labels=("ema", "hmm")) -> dict:
+def budget_table(name: str, first: Path, second: Path, labels=("ema", "hmm")) -> dict:
     """Print the budget table of one pair; return {label: (seeds, budgets) array} for the figure."""
-    runs = {labels[0]: bc.curves(ema), labels[1]: bc.curves(hmm)}
-    print(f"\n### {name}: forget-CE increase (nats) within a retain-KL budget ({ema} / {hmm})\n")
+    runs = {labels[0]: bc.curves(first), labels[1]: bc.curves(second)}
+    print(f"\n### {name}: forget-CE increase (nats) within a retain-KL budget ({first} / {second})\n")
     print("| strategy, accumulator | " + " | ".join(f"KL {b:g}" for b in BUDGETS) + " |")
     print("|---|" + "---|" * len(BUDGETS))
     cols = [bc.BUDGETS.index(b) for b in BUDGETS]
@@ -109,8 +109,8 @@ def budget_table(name: str, ema: Path, hmm: Path, labels=("ema", "hmm")) -> dict
     return curves
 
 
-def measure_table(name: str, ema: Path, hmm: Path, labels=("ema", "hmm")):
-    a_inf, b_inf = seed_infos(ema), seed_infos(hmm)
+def measure_table(name: str, first: Path, second: Path, labels=("ema", "hmm")):
+    a_inf, b_inf = seed_infos(first), seed_infos(second)
     print(f"\n### {name}: detector and clamp (mean ± stderr over seeds; in brackets, where the means are "
           f"within two stderrs, the seeds where {labels[1]} is higher / lower)\n")
     print(f"| measure | {labels[0]} | {labels[1]} |")
@@ -174,9 +174,9 @@ def main(argv=None) -> int:
         if len(labels) != 2 or len(set(labels)) != 2:
             raise ex.UsageError(f"--labels {args.labels!r}: expected two different names A,B")
         drawn = []
-        for name, ema, hmm in pairs:
-            drawn.append((name, budget_table(name, ema, hmm, labels)))
-            measure_table(name, ema, hmm, labels)
+        for name, first, second in pairs:
+            drawn.append((name, budget_table(name, first, second, labels)))
+            measure_table(name, first, second, labels)
         if args.plot:
             plot(drawn, Path(args.plot), labels)
     except (ex.UsageError, json.JSONDecodeError) as e:

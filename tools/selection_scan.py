@@ -9,10 +9,10 @@ training document, never used to fit a detector) instead of held-out ones.
 The evaluation rows are calibration rows of both domains, the spliced documents are built from
 calibration documents, and the question sets are cut to a few questions (their numbers are not
 read here). For each evidence accumulator (`ema:H`, or `hmm:SWITCH:SCALE`) and each threshold rule
-(--calibrate `token:FPR`, that fraction of the calibration retain tokens fire, or `row:FPR`, of the
-calibration retain rows any token fires; re-set on the calibration retain rows) it prints the detector's measures (token and passage
-AUROC, median delay at a passage's start and tokens to stop after it, retain fire rate per token
-and per row) and, for `pattern` and `dsg`, the frontier measures with SAEBench's selections alone
+(--calibrate `token:FPR`, that fraction of the calibration retain tokens fire, or `row:FPR`, that
+fraction of the calibration retain rows fire anywhere; set on the calibration retain rows) it prints
+the detector's measures (token and passage AUROC, median delay at a passage's start and tokens to
+stop after it, retain fire rate per token and per row) and, for `pattern` and `dsg`, the frontier measures with SAEBench's selections alone
 and with each gated selection (`N@THRESHOLD`) added: precision AUROC at +0.5, retain-KL and
 after-passage-KL ratios to `standard` at +0.5, and the forget-CE increase within retain KL 0.001 /
 0.005 / 0.01 / 0.05. Held-out and spliced evaluation documents are never read.
@@ -151,14 +151,14 @@ def main():
         det = parse_evidence(spec, dets.learned)
         unit, fpr = cal.split(":")
         det = det._replace(threshold=ex.calibrate(det, sae, d.retain, float(fpr), unit=unit))
-        spec = spec if cal == "token:0.01" else f"{spec} {cal}"
+        spec_name = spec if cal == "token:0.01" else f"{spec} {cal}"  # the harness's default threshold: no suffix
         dets_v = dets._replace(learned=det)
-        print(detector_line(f"detector {spec}", det, sae, d), flush=True)
+        print(detector_line(f"detector {spec_name}", det, sae, d), flush=True)
         if args.detector_only:
             continue
         pat = dataclasses.replace(cfg, strategies=("pattern",))
         mine, _ = ex.run_sweep(pat, model, sae, sels, dets_v, d, False)
-        print(frontier_line(f"pattern {spec} saebench", mine, standard), flush=True)
+        print(frontier_line(f"pattern {spec_name} saebench", mine, standard), flush=True)
         ranks = {r: rank_key(r, args, model, cfg, sae, det, d) for r in args.rank.split(",")}
         for g, rank in ((g, r) for g in args.gated.split(",") for r in ranks):
             n, thr = g.split("@")
@@ -168,16 +168,18 @@ def main():
             pts, _ = ex.run_sweep(gcfg, model, sae, gsel, dets_v, d, False)
             cover = coverage(sae, gsel[0].latents, det, d) if gsel else float("nan")
             name = f"{g}" + (f" {rank}" if rank != "cover" else "")
-            print(frontier_line(f"pattern {spec} +gated {name}", mine + [p for p in pts if p["strategy"] == "pattern"],
+            print(frontier_line(f"pattern {spec_name} +gated {name}", mine + [p for p in pts if p["strategy"] == "pattern"],
                                 standard) + f"  clamp_cover {cover:.3f}", flush=True)
             gated_pattern = [p for p in pts if p["strategy"] == "pattern"]
-            print(frontier_line(f"pattern {spec} gated {name} alone", gated_pattern, standard), flush=True)
+            print(frontier_line(f"pattern {spec_name} gated {name} alone", gated_pattern, standard), flush=True)
             if args.points:
                 for p in mine + gated_pattern:
                     print(f"    {p['selection']:8s} {p['retain_threshold']:<6g} x{p['multiplier']:<6g} forget_ce "
                           f"{p['forget_ce_increase']:6.3f} retain_kl {p['retain_kl']:.4f} precision {p['precision_auroc']:.3f} "
                           f"inside {p['spliced_kl_inside']:.3f} after {p['spliced_kl_after']:.3f}", flush=True)
-            if spec == args.evidence.split(",")[0]:  # dsg does not read the detector: once
+            # dsg's gated selection is made where this detector fires: printed once, for the first accumulator
+            # at the default threshold
+            if spec_name == args.evidence.split(",")[0]:
                 dsg = [p for p in ref if p["strategy"] == "dsg"] + [p for p in pts if p["strategy"] == "dsg"]
                 print(frontier_line(f"dsg  +gated {g}", dsg, standard), flush=True)
 

@@ -78,8 +78,8 @@ def test_evidence_compare_tables_and_figure(tmp_path, capsys):
     assert "| pattern, hmm | 0.25 ± 0.05 | 1.25 ± 0.25 | 2.50 ± 0.50 | 2.50 ± 0.50 |" in out
     assert "| dsg, hmm | 1.50 ± 0.00 |" in out
     # fire rows: ema 0.3 ± 0.1, hmm 0.2 ± 0.1: within two stderrs, so the seeds are counted (hmm higher on 1, lower on 1)
-    assert "| retain rows with a fire (held-out) | 0.300 ± 0.100 | 0.200 ± 0.100 (1/1) |" in out
-    assert "| spliced AUROC | - | - |" in out  # not in these final_infos: shown as missing, not as 0
+    assert "| detector retain rows with a fire | 0.300 ± 0.100 | 0.200 ± 0.100 (1/1) |" in out
+    assert "| detection spliced AUROC | - | - |" in out  # not in these final_infos: shown as missing, not as 0
     assert fig.is_file() and fig.stat().st_size > 0
     assert evidence_compare.main(["--pair", pair, "--labels", "token,row"]) == 0
     out = capsys.readouterr().out

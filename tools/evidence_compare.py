@@ -36,23 +36,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import budget_curve as bc  # noqa: E402
+import doc_tables as dt  # noqa: E402
 import experiment as ex  # noqa: E402
 
 BUDGETS = (0.001, 0.005, 0.01, 0.05)
 VERSUS = ("dsg", "dsg_causal")
-# (final_info entry, measure, label); each is read per seed from seed_<k>/final_info.json
-MEASURES = [("detection_learned", "token_auroc", "detection token AUROC"),
-            ("detection_learned", "spliced_auroc", "spliced AUROC"),
-            ("detection_learned", "delay_tokens_median", "median delay at passage start (tokens)"),
-            ("detection_learned", "stop_tokens_median", "median tokens to stop after the passage"),
-            ("detection_learned", "fire_rate_retain", "retain fire rate per token (held-out)"),
-            ("detection_learned", "fire_rows_retain", "retain rows with a fire (held-out)"),
-            ("detection_learned", "cal_fire_rate_retain", "retain fire rate per token (calibration)"),
-            ("detection_learned", "cal_fire_rows_retain", "retain rows with a fire (calibration)"),
-            ("detection_pattern", "fire_rows_retain", "retain rows where pattern clamps (held-out)"),
-            ("detection_pattern", "token_recall", "forget tokens where pattern clamps"),
-            ("frontier_pattern", "precision_auroc_at_ce_0.5", "pattern precision AUROC at +0.5"),
-            ("frontier_pattern", "retain_kl_ratio_at_ce_0.5", "pattern retain-KL ratio to standard at +0.5")]
+# (final_info entry, measure, label, decimals), read per seed from seed_<k>/final_info.json: the detector and clamp rows
+# of the docs' evidence table (its forget-CE rows are this tool's budget table)
+MEASURES = [(e, k, title, d) for title, e, k, d, _ in dt.EVIDENCE_MEASURES if not k.startswith("forget_ce_within")]
 
 
 def seed_infos(run: Path) -> list[dict]:
@@ -90,7 +81,7 @@ def budget_table(name: str, first: Path, second: Path, labels=("ema", "hmm")) ->
     """Print the budget table of one pair; return {label: (seeds, budgets) array} for the figure."""
     runs = {labels[0]: bc.curves(first), labels[1]: bc.curves(second)}
     print(f"\n### {name}: forget-CE increase (nats) within a retain-KL budget ({first} / {second})\n")
-    print("| strategy, accumulator | " + " | ".join(f"KL {b:g}" for b in BUDGETS) + " |")
+    print("| strategy, variant | " + " | ".join(f"KL {b:g}" for b in BUDGETS) + " |")
     print("|---|" + "---|" * len(BUDGETS))
     cols = [bc.BUDGETS.index(b) for b in BUDGETS]
     curves = {}
@@ -115,10 +106,10 @@ def measure_table(name: str, first: Path, second: Path, labels=("ema", "hmm")):
           f"within two stderrs, the seeds where {labels[1]} is higher / lower)\n")
     print(f"| measure | {labels[0]} | {labels[1]} |")
     print("|---|---|---|")
-    for entry, key, label in MEASURES:
+    for entry, key, label, d in MEASURES:
         a, b = per_seed(a_inf, entry, key), per_seed(b_inf, entry, key)
         wins = seed_wins(b, a) if a is not None and b is not None else ""
-        print(f"| {label} | {fmt(a)} | {fmt(b)}{wins} |")
+        print(f"| {label} | {fmt(a, d)} | {fmt(b, d)}{wins} |")
 
 
 def plot(pairs: list[tuple[str, dict]], path: Path, labels=("ema", "hmm")):

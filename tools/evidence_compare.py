@@ -117,7 +117,11 @@ def plot(pairs: list[tuple[str, dict]], path: Path, labels=("ema", "hmm")):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     colors = {"pattern": "tab:orange", "dsg": "tab:purple", "dsg_causal": "tab:pink"}
-    fig, axes = plt.subplots(1, len(pairs), figsize=(6.2 * len(pairs), 4.0), squeeze=False)
+    ncol = len(pairs) if len(pairs) <= 2 else 2  # more than two pairs: two panels a row
+    nrow = -(-len(pairs) // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(6.2 * ncol, 4.0 * nrow), squeeze=False)
+    for ax in axes.flat[len(pairs):]:
+        ax.set_visible(False)
     x = np.array(bc.BUDGETS)
     for ax, (name, curves) in zip(axes.flat, pairs):
         for label, arr in curves.items():

@@ -12,8 +12,8 @@ read here). For each evidence accumulator (`ema:H`, or `hmm:SWITCH:SCALE`) and e
 (--calibrate `token:FPR`, that fraction of the calibration retain tokens fire, or `row:FPR`, that
 fraction of the calibration retain rows fire anywhere; set on the calibration retain rows) it prints
 the detector's measures (token and passage AUROC, median delay at a passage's start and tokens to
-stop after it, retain fire rate per token and per row) and, for `pattern` and `dsg`, the frontier measures with SAEBench's selections alone
-and with each gated selection (`N@THRESHOLD`) added: precision AUROC at +0.5, retain-KL and
+stop after it, retain fire rate per token and per row) and, for `pattern` and `dsg`, the frontier
+measures with SAEBench's selections alone and with each gated selection (`N@THRESHOLD`) added: precision AUROC at +0.5, retain-KL and
 after-passage-KL ratios to `standard` at +0.5, and the forget-CE increase within retain KL 0.001 /
 0.005 / 0.01 / 0.05. Held-out and spliced evaluation documents are never read.
 

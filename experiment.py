@@ -144,14 +144,17 @@ class Config:
     # detectors
     detector: Literal["learned", "templates"] = opt("learned", "the detector pattern / hybrid gate on")
     detector_window: int = opt(4, "tokens a detector reads at once: t and its predecessors (independent of --window)")
-    evidence: Literal["ema", "hmm"] = opt("ema", "how the learned detector carries evidence from token to token: ema "
-                                                 "(average over --horizon tokens) | hmm (two-state forward filter: "
-                                                 "--switch_prob, --evidence_scale)")
+    evidence: Literal["ema", "hmm", "cusum"] = opt("ema", "how the learned detector carries evidence from token to "
+                                                          "token: ema (average over --horizon tokens) | hmm (two-state "
+                                                          "forward filter: --switch_prob, --evidence_scale) | cusum "
+                                                          "(Page's CUSUM of the log-odds, capped at --cusum_cap)")
     horizon: float = opt(2.0, "tokens over which detector evidence is pooled causally (EMA; 1 = none); the default "
                               "was chosen on calibration documents (tools/detector_scan.py, tools/precision_ceiling.py)")
     switch_prob: float = opt(0.01, "hmm evidence: probability that the domain changes between two tokens")
     evidence_scale: float = opt(0.25, "hmm evidence: weight of one token's log-odds (neighbouring tokens are not "
                                       "independent evidence)")
+    cusum_cap: float = opt(10.0, "cusum evidence: the largest value the statistic keeps (log-odds; bounds the "
+                                     "tokens it takes to stop after a passage)")
     detector_fpr: float = opt(0.01, "detector threshold: this fraction of the retain calibration tokens (or rows, "
                                     "--detector_fpr_unit) fire")
     detector_fpr_unit: Literal["token", "row"] = opt("token", "what --detector_fpr counts: retain calibration tokens "
@@ -165,6 +168,9 @@ class Config:
                                "guard at its +1.0 point, of held-out forget / retain prefixes and spliced documents "
                                "cut inside the passage (generation_<strategy> entries, generations.jsonl)")
     generate_prompts: int = opt(6, "prompts per set for the generation stage")
+    guard_refine: int = opt(3, "bisection steps that lower each guard's multiplier from its sweep point toward the "
+                               "least that still reaches the +1.0 level on the evaluation rows (the sweep's grid "
+                               "steps x3.3 and can overshoot the level twofold); 0 = the sweep point as it is")
     prompt_tokens: int = opt(32, "tokens of a document prefix (after BOS) a continuation starts from")
     generate_tokens: int = opt(48, "tokens each continuation runs")
     generate_from: str = opt("", "run only the generation stage on this finished run (a run folder, its seed_<k>/ "
@@ -208,6 +214,8 @@ class Config:
             (self.detector_window >= 1 and self.horizon >= 1 and self.detector_latents >= 1,
              "--detector_window, --horizon, --detector_latents must be >= 1"),
             (0 < self.switch_prob < 0.5 and self.evidence_scale > 0, "--switch_prob in (0, 0.5), --evidence_scale > 0"),
+            (self.cusum_cap > 0, "--cusum_cap > 0"),
+            (self.guard_refine >= 0, "--guard_refine >= 0"),
             (self.generate_prompts >= 1 and self.prompt_tokens >= 1 and self.generate_tokens >= 4,
              "--generate_prompts >= 1, --prompt_tokens >= 1, --generate_tokens >= 4"),
             (len(set(self.seeds)) == len(self.seeds), "--seeds must be distinct"),
@@ -843,6 +851,23 @@ def hmm_filter(llr_BT: torch.Tensor, tm: Time, switch: float) -> torch.Tensor:
         before = torch.where(has_prev, L.gather(1, tm.prev.clamp_min(0)), torch.zeros_like(L))
         L = torch.where(at, torch.where(tm.valid, llr_BT + g(before), before), L)
     return L
+
+
+def cusum(llr_BT: torch.Tensor, tm: Time, cap: float) -> torch.Tensor:
+    """Sequential evidence: Page's (1954) CUSUM along each position's predecessors,
+    S_t = min(cap, max(0, S_prev(t) + llr_t)), from S = 0 at a row's start. At 0 it forgets the retain
+    text before a change, so a passage's first tokens need not outweigh what preceded them (an EMA
+    averages them with it; the HMM filter's floor lies log((1-q)/q) / scale below even odds). For
+    i.i.d. log-likelihood ratios it is the rule with the least worst-case delay at a given false-alarm
+    rate (Lorden 1971, Moustakides 1986). The cap bounds how long it takes to fall back after a
+    passage. One number per sequence of state; invalid positions (BOS, pads) pass it on unchanged."""
+    S = torch.zeros_like(llr_BT)
+    has_prev = tm.prev >= 0
+    for d in range(int(tm.depth.max()) + 1 if tm.depth.numel() else 0):
+        at = tm.depth == d
+        before = torch.where(has_prev, S.gather(1, tm.prev.clamp_min(0)), torch.zeros_like(S))
+        S = torch.where(at, torch.where(tm.valid, (before + llr_BT).clamp(0.0, cap), before), S)
+    return S
 
 
 def affected(tm: Time, changed_BT: torch.Tensor) -> torch.Tensor:
@@ -1969,12 +1994,16 @@ class LagDetector(NamedTuple):
     evidence: str = "ema"     # ema | hmm
     switch: float = 0.01      # hmm: probability that the domain changes between two tokens
     scale: float = 1.0        # hmm: weight of one token's log-odds (neighbouring tokens are not independent)
+    cap: float = math.inf     # cusum: the largest value the statistic keeps (log-odds)
 
 
 def pool(det, s_BT: torch.Tensor, tm: Time) -> torch.Tensor:
     """A detector's per-token evidence carried along time, the quantity its threshold applies to."""
-    if getattr(det, "evidence", "ema") == "hmm":
+    kind = getattr(det, "evidence", "ema")
+    if kind == "hmm":
         return hmm_filter(s_BT * det.scale, tm, det.switch)
+    if kind == "cusum":
+        return cusum(s_BT, tm, det.cap)
     return ema(s_BT, tm, det.horizon)
 
 
@@ -3003,7 +3032,7 @@ def fit_lag_detector(cfg, sae, idx, forget: Corpus, retain: Corpus, max_tokens: 
     del X
     w = lr.w / lr.sd
     det = LagDetector(idx, w.view(cfg.detector_window, -1).T.contiguous(), float(lr.b - (lr.mu * w).sum()),
-                      cfg.horizon, math.nan, cfg.evidence, cfg.switch_prob, cfg.evidence_scale)
+                      cfg.horizon, math.nan, cfg.evidence, cfg.switch_prob, cfg.evidence_scale, cfg.cusum_cap)
     return det._replace(threshold=calibrate(det, sae, retain, cfg.detector_fpr, unit=cfg.detector_fpr_unit))
 
 
@@ -3589,7 +3618,8 @@ def save_guard_state(out: Path, cfg: Config, sels: list[Selection], dets: "Detec
     meta = {"layer": cfg.layer, "detector": cfg.detector, "lags": cfg.detector_window,
             "selections": [{"rule": x.rule, "threshold": x.threshold, "n": x.n, "rho_tau": x.rho_tau} for x in sels],
             "learned": {"bias": det.bias, "horizon": det.horizon, "threshold": det.threshold,
-                        "evidence": det.evidence, "switch": det.switch, "scale": det.scale}}
+                        "evidence": det.evidence, "switch": det.switch, "scale": det.scale,
+                        "cap": None if math.isinf(det.cap) else det.cap}}
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     atomic_write_json(out / "guard.json", meta)
     atomic_write(out / "guard.safetensors", lambda p: save_file(tensors, p))
@@ -3637,7 +3667,7 @@ def load_guard(run_dir, strategy: str = "pattern", point: int | None = None, lev
 def guard_detector(meta: dict, t: dict) -> LagDetector:
     L = meta["learned"]
     return LagDetector(t["detector.idx"], t["detector.weight"], L["bias"], L["horizon"], L["threshold"],
-                       L["evidence"], L["switch"], L["scale"])
+                       L["evidence"], L["switch"], L["scale"], math.inf if L.get("cap") is None else L["cap"])
 
 
 class Guard:
@@ -3745,6 +3775,9 @@ class Guard:
             prev = st["L"]
             g = torch.logaddexp(l1q + prev, torch.full_like(prev, lq)) - torch.logaddexp(lq + prev, torch.full_like(prev, l1q))
             st["L"] = torch.where(valid, d.scale * s + g, prev)
+            ev = st["L"]
+        elif d.evidence == "cusum":
+            st["L"] = torch.where(valid, (st["L"] + s).clamp(0.0, d.cap), st["L"])
             ev = st["L"]
         else:
             lam = 1.0 if math.isinf(d.horizon) else 1.0 - 1.0 / d.horizon
@@ -3922,7 +3955,8 @@ def run_generation(cfg, model, tok, sae, guards: dict, det, d: EvalData) -> tupl
         st = continuation_stats(model, cfg.layer, sae, det, pr, ps, out)
         first = first_difference(out, clean)
         res[s] = {"tokens_per_s": (speed_g, 0.0)}
-        res[s].update({f"point_{k}": (float(guard.point[k]), 0.0) for k in ("multiplier", "forget_ce_increase", "retain_kl")})
+        res[s].update({f"point_{k}": (float(guard.point.get(k, guard.point["multiplier"])), 0.0)
+                       for k in ("multiplier", "sweep_multiplier", "forget_ce_increase", "retain_kl")})
         for name, rows in where.items():
             res[s].update(set_measures(name, st, rows, out))
             res[s].update({f"{name}_identical": mean_err((first[rows] == G).float()),
@@ -3931,14 +3965,54 @@ def run_generation(cfg, model, tok, sae, guards: dict, det, d: EvalData) -> tupl
     return {f"generation_{k}": entry(v) for k, v in res.items()}, records
 
 
+def level_at(model, layer: int, fn: Intervention, d: EvalData) -> tuple[float, float]:
+    """Forget-CE increase and retain KL of one intervention on the evaluation rows (measures()' own
+    figures, without the spliced documents and the questions)."""
+    ce_f = text_stats(model, layer, d.ts_f, edits_of(fn, d.ts_f.batches), kl=False)[0][0]
+    kl_r = text_stats(model, layer, d.ts_r, edits_of(fn, d.ts_r.batches))[0][1]
+    sf, sr = scored(d.ts_f.rows.attn), scored(d.ts_r.rows.attn)
+    return float((ce_f - d.ts_f.clean_ce)[sf].mean()), float(kl_r[sr].mean())
+
+
+def refine_point(p: dict, points: list[dict], steps: int, measure: Callable[[float], tuple[float, float]],
+                 level: float = GUARD_LEVEL) -> dict:
+    """Sweep point p (reaching `level`) with its multiplier bisected, geometrically (linearly down from
+    the smallest swept one), between the largest multiplier of the same strategy and selection whose
+    sweep point stays below `level` and p's own; the least that reaches `level` is kept. measure(m) ->
+    (forget-CE increase, retain KL) at multiplier m. The sweep's grid steps x3.3, so a sweep point can
+    forget twice the level: matched forgetting is then not matched, and a clamp stronger than the level
+    asks for writes loops. The point returned carries what was measured at its multiplier and the
+    sweep's multiplier as sweep_multiplier."""
+    below = [x["multiplier"] for x in points if x["strategy"] == p["strategy"] and point_key(x) == point_key(p)
+             and x["multiplier"] < p["multiplier"] and x["forget_ce_increase"] < level]
+    lo, hi, at_hi = max(below, default=0.0), p["multiplier"], (p["forget_ce_increase"], p["retain_kl"])
+    for _ in range(steps):
+        mid = math.sqrt(lo * hi) if lo > 0 else hi / 2
+        got = measure(mid)
+        if got[0] >= level:
+            hi, at_hi = mid, got
+        else:
+            lo = mid
+    return dict(p, multiplier=hi, forget_ce_increase=at_hi[0], retain_kl=at_hi[1], sweep_multiplier=p["multiplier"])
+
+
+def refine_guard(model, guard: "Guard", points: list[dict], d: EvalData, steps: int) -> "Guard":
+    """The guard at refine_point's multiplier, measured on the evaluation rows of d."""
+    c = guard.clamp
+    measure = lambda m: level_at(model, guard.layer, clamp_fn(guard.sae, c._replace(multiplier=m)), d)
+    q = refine_point(guard.point, points, steps, measure)
+    return Guard(guard.sae, guard.layer, c._replace(multiplier=q["multiplier"]), q)
+
+
 def stage_generation(cfg, model, tok, sae, sels, dets, points, d: EvalData, out: Path) -> dict:
-    """The generation stage of a run: every causal strategy's guard at its GUARD_LEVEL point."""
+    """The generation stage of a run: every causal strategy's guard at its GUARD_LEVEL point, refined."""
     guards = {}
     for s in CAUSAL_STRATEGIES:
         p = guard_point([x for x in points if x["strategy"] == s]) if s in cfg.strategies else None
         if p is None:
             continue
-        guards[s] = Guard(sae, cfg.layer, make_clamp(cfg, selection_of(sels, p), dets, s, p["multiplier"]), p)
+        g = Guard(sae, cfg.layer, make_clamp(cfg, selection_of(sels, p), dets, s, p["multiplier"]), p)
+        guards[s] = refine_guard(model, g, points, d, cfg.guard_refine)
     entries, records = run_generation(cfg, model, tok, sae, guards, dets.learned, d)
     atomic_write_jsonl(out / "generations.jsonl", records)
     return entries
@@ -4525,6 +4599,7 @@ def generate_existing(cli: Config) -> str:
     # sae_path is dropped too: a --sae_path run's folder holds its own copy of the SAE, read from there
     keep = {x.name for x in dataclasses.fields(Config)} - {"out_dir", "seeds", "generate_from", "overwrite", "progress",
                                                          "generate_prompts", "prompt_tokens", "generate_tokens",
+                                                         "guard_refine",
                                                          "sae_path"}
     run_cfg = read_json(folders[0] / "config.json", "run config")
     cfg = dataclasses.replace(cli, **{k: (tuple(v) if isinstance(v, list) else v) for k, v in run_cfg.items() if k in keep})
@@ -4533,17 +4608,19 @@ def generate_existing(cli: Config) -> str:
     corpora, _ = load_inputs(cfg)
     forget, retain = (build_corpus(model, tok, cfg, corpora[x], x, False) for x in ("forget", "retain"))
     spl_rows = spliced_rows(tok, run_spliced(cfg, forget, retain), 2 * cfg.context_length)
-    d = EvalData(forget, retain, None, None, None, None, None, None, None, spl_rows, None)
+    ts_f, ts_r = (prepare_text(model, cfg.layer, head_rows(c.held, cfg.eval_rows), cfg.batch_rows, keep_clean=k)
+                  for c, k in ((forget, False), (retain, True)))  # the run's evaluation rows, for refine_guard
+    d = EvalData(forget, retain, ts_f, ts_r, None, None, None, None, None, spl_rows, None)
     infos = []
     for f in folders:
         seed_cfg = dataclasses.replace(cfg, seed=read_json(f / "config.json", "run config")["seed"])
         sae = load_sae(f, model.device)
         if not (f / "guard.json").is_file():
             rebuild_guard_state(seed_cfg, sae, forget, retain, f)
-        guards = {}
+        guards, points = {}, read_json(f / "sweep.json", "sweep")["points"]
         for s_ in CAUSAL_STRATEGIES:
             with contextlib.suppress(UsageError):  # no point at GUARD_LEVEL (or not swept): no guard
-                guards[s_] = load_guard(f, s_)
+                guards[s_] = refine_guard(model, load_guard(f, s_), points, d, cli.guard_refine)
         det = guard_detector(read_json(f / "guard.json", "guard state"), _read_tensors(f / "guard.safetensors"))
         t0 = time.perf_counter()
         entries, records = run_generation(seed_cfg, model, tok, sae, guards, det, d)

@@ -2,6 +2,7 @@
 logits of one guarded forward over the final sequence and of the harness's own clamp (clamp_fn) on
 it; one SAE encode per new position; bad input is one line."""
 import json
+import math
 
 import pytest
 import torch
@@ -32,6 +33,8 @@ def tiny_guard(model, strategy, evidence="ema"):
     with torch.no_grad():
         sae.b_enc.fill_(0.05)
     det = ex.LagDetector(torch.arange(20, 36), 0.5 * torch.randn(16, 3), 0.0, 2.0, 0.0, evidence, 0.05, 0.5)
+    if evidence == "cusum":  # the statistic is >= 0: a threshold above 0 and a cap above that
+        det = det._replace(threshold=0.5, cap=2.0)
     c = ex.Clamp(strategy, torch.tensor([1, 5, 9, 17]), 8.0, 3, det, torch.full((4,), 0.3), 0.3)
     return ex.Guard(sae, LAYER, c)
 
@@ -53,7 +56,7 @@ UNPADDED = ["Cells divide by mitosis and the", "Cells divide by mitosis and a"] 
 
 
 @pytest.mark.parametrize("strategy,evidence,texts", [(s, "ema", PADDED) for s in ex.CAUSAL_STRATEGIES] +
-                         [("pattern", "hmm", PADDED), ("pattern", "ema", UNPADDED), ("standard", "ema", UNPADDED)])
+                         [("pattern", "hmm", PADDED), ("pattern", "cusum", PADDED), ("pattern", "ema", UNPADDED), ("standard", "ema", UNPADDED)])
 def test_generation_with_the_cache_equals_one_guarded_forward(model, tok, strategy, evidence, texts):
     guard = tiny_guard(model, strategy, evidence)
     ids, mask = prompts(tok, texts, pad_id=1)
@@ -91,6 +94,18 @@ def test_state_is_per_sequence_and_bounded(model, tok):
     assert sizes["x"] == (2, 3, D) and sizes["z"] == (2, 2, 3) and sizes["on"] == (2, 2)
 
 
+def test_a_cusum_run_folder_gives_a_cusum_guard(tmp_path, model, tok):
+    """guard.json carries the accumulator and its cap (an infinite cap is stored as null)."""
+    flags = [f for f in tiny_flags(tmp_path / "run", "unused", "--strategies=standard,pattern", "--evidence=cusum",
+                                   "--cusum_cap=5") if not f.startswith("--model")]
+    ex.run(ex.parse_config(flags), model=model, tok=tok)
+    det = ex.load_guard(tmp_path / "run", "pattern", level=0.0).clamp.detector
+    assert det.evidence == "cusum" and det.cap == 5.0 and det.threshold >= 0.0
+    meta = json.loads((tmp_path / "run" / "guard.json").read_text())
+    meta["learned"]["cap"] = None
+    assert ex.guard_detector(meta, {"detector.idx": det.idx, "detector.weight": det.weight}).cap == math.inf
+
+
 def test_a_tiny_run_folder_gives_a_guard(tmp_path, model, tok):
     flags = [f for f in tiny_flags(tmp_path / "run", "unused", "--strategies=standard,dsg,pattern")
              if not f.startswith("--model")]
@@ -125,6 +140,28 @@ def test_first_difference_and_repeated_ngrams_by_hand():
     assert ex.first_difference(a, b).tolist() == [4.0, 1.0, 0.0]
     assert ex.repeated_ngram_rate([1, 2, 3, 4, 1, 2, 3, 4, 1], n=4) == pytest.approx(2 / 6)  # (1234)(2341)(3412)(4123)(1234)(2341)
     assert ex.repeated_ngram_rate([1, 2, 3, 4, 5, 6], n=4) == 0.0 and ex.repeated_ngram_rate([7, 7, 7], n=4) == 0.0
+
+
+def test_refine_point_bisects_toward_the_least_multiplier_that_reaches_the_level():
+    """Between the largest swept multiplier below the level (same strategy and selection) and the
+    point's own: geometric steps, the least that reaches the level kept with what was measured there."""
+    sel = {"selection": "saebench", "retain_threshold": 0.01, "n_features": 10}
+    pt = lambda m, ce, s="pattern", **k: {"strategy": s, "multiplier": m, "forget_ce_increase": ce, "retain_kl": 0.0,
+                                          **sel, **k}
+    points = [pt(10.0, 0.4), pt(30.0, 0.8), pt(100.0, 2.0), pt(50.0, 0.1, "standard"), pt(60.0, 0.1, n_features=20)]
+    seen = []
+    measure = lambda m: seen.append(m) or (m / 50.0, m / 1000.0)  # reaches 1.0 from m = 50
+    q = ex.refine_point(points[2], points, 3, measure, level=1.0)
+    m1 = math.sqrt(30 * 100)     # 54.8 reaches 1.0: the new upper end
+    m2 = math.sqrt(30 * m1)      # 40.5 does not: the new lower end
+    assert seen == pytest.approx([m1, m2, math.sqrt(m2 * m1)])
+    assert q["multiplier"] == pytest.approx(m1) and q["forget_ce_increase"] == pytest.approx(m1 / 50)
+    assert q["retain_kl"] == pytest.approx(m1 / 1000) and q["sweep_multiplier"] == 100.0
+    assert ex.refine_point(points[2], points, 0, measure, level=1.0)["multiplier"] == 100.0
+    # the smallest swept multiplier already reaches the level: halve toward 0
+    seen.clear()
+    assert ex.refine_point(pt(10.0, 3.0), [pt(10.0, 3.0)], 2, measure, level=0.1)["multiplier"] == 5.0  # 2.5 falls short
+    assert seen == [5.0, 2.5]
 
 
 def test_generation_stage_on_the_tiny_model(tmp_path, model, tok):

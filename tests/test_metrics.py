@@ -348,6 +348,19 @@ def test_hmm_filter_follows_predecessors_in_a_tree():
     assert L[4] == pytest.approx(-5.0 + (L[3] - 5.0).item(), abs=1e-5)
 
 
+def test_cusum_by_hand():
+    """S_t = min(cap, max(0, S_prev + llr_t)) from 0; BOS and pads pass the state on; in a tree each
+    branch starts from its own predecessor's state."""
+    llr = torch.tensor([[9.0, 1.0, 2.0, -4.0, 7.0, 5.0, 3.0, -1.0]])
+    valid = torch.tensor([[False, True, True, True, False, True, True, True]])
+    S = ex.cusum(llr, plain(valid), 6.0)[0].tolist()
+    assert S == [0.0, 1.0, 3.0, 0.0, 0.0, 5.0, 6.0, 5.0]  # floor at 0 after -4, cap at 6, a pad keeps 0
+    assert ex.cusum(llr, plain(valid), math.inf)[0, -1] == 7.0
+    prev = torch.tensor([[-1, 0, 1, 2, 3, 4, 5, 5]])  # positions 6 and 7 both follow 5
+    tree = ex.cusum(llr, ex.make_time(valid, prev), 6.0)[0].tolist()
+    assert tree[:7] == S[:7] and tree[7] == 4.0  # 5 - 1, not 6 - 1
+
+
 def test_pool_dispatches_on_the_detectors_evidence():
     s = torch.tensor([[0.0, 4.0, -1.0, 2.0]])
     tm = plain(torch.tensor([[False, True, True, True]]))
@@ -355,6 +368,8 @@ def test_pool_dispatches_on_the_detectors_evidence():
     hmm_det = ema_det._replace(evidence="hmm", switch=0.02, scale=0.5)
     assert torch.equal(ex.pool(ema_det, s, tm), ex.ema(s, tm, 2.0))
     assert torch.equal(ex.pool(hmm_det, s, tm), ex.hmm_filter(s * 0.5, tm, 0.02))
+    cusum_det = ema_det._replace(evidence="cusum", cap=3.0)
+    assert torch.equal(ex.pool(cusum_det, s, tm), ex.cusum(s, tm, 3.0))
 
 
 def test_stop_delay_by_hand():

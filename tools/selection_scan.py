@@ -93,6 +93,8 @@ def parse_evidence(spec: str, det: ex.LagDetector) -> ex.LagDetector:
     kind, *args = spec.split(":")
     if kind == "ema":
         return det._replace(evidence="ema", horizon=float(args[0]))
+    if kind == "cusum":
+        return det._replace(evidence="cusum", cap=float(args[0]))
     return det._replace(evidence="hmm", switch=float(args[0]), scale=float(args[1]))
 
 
@@ -121,7 +123,7 @@ def main():
     ap.add_argument("--rows", type=int, default=12, help="calibration rows per domain for CE and KL")
     ap.add_argument("--spliced", type=int, default=6, help="calibration spliced documents for the precision measure")
     ap.add_argument("--gated", default="25@0.001,50@0.001,100@0.001", help="gated selections N@THRESHOLD")
-    ap.add_argument("--evidence", default="ema:2,hmm:0.01:0.25", help="accumulators ema:H | hmm:SWITCH:SCALE")
+    ap.add_argument("--evidence", default="ema:2,hmm:0.01:0.25", help="accumulators ema:H | hmm:SWITCH:SCALE | cusum:CAP")
     ap.add_argument("--calibrate", default="token:0.01", help="detector thresholds UNIT:FPR, unit token (a fraction of "
                     "the calibration retain tokens fire) or row (of the calibration retain rows, any fire)")
     ap.add_argument("--rank", default="cover", help="gated ranking(s): cover (the harness's) | attribution")

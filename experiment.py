@@ -153,8 +153,8 @@ class Config:
     switch_prob: float = opt(0.01, "hmm evidence: probability that the domain changes between two tokens")
     evidence_scale: float = opt(0.25, "hmm evidence: weight of one token's log-odds (neighbouring tokens are not "
                                       "independent evidence)")
-    cusum_cap: float = opt(10.0, "cusum evidence: the largest value the statistic keeps (log-odds; bounds the "
-                                     "tokens it takes to stop after a passage)")
+    cusum_cap: float = opt(30.0, "cusum evidence: the largest value the statistic keeps (log-odds; bounds the "
+                                     "tokens it takes to stop after a passage; it must exceed the threshold)")
     detector_fpr: float = opt(0.01, "detector threshold: this fraction of the retain calibration tokens (or rows, "
                                     "--detector_fpr_unit) fire")
     detector_fpr_unit: Literal["token", "row"] = opt("token", "what --detector_fpr counts: retain calibration tokens "
@@ -3033,7 +3033,11 @@ def fit_lag_detector(cfg, sae, idx, forget: Corpus, retain: Corpus, max_tokens: 
     w = lr.w / lr.sd
     det = LagDetector(idx, w.view(cfg.detector_window, -1).T.contiguous(), float(lr.b - (lr.mu * w).sum()),
                       cfg.horizon, math.nan, cfg.evidence, cfg.switch_prob, cfg.evidence_scale, cfg.cusum_cap)
-    return det._replace(threshold=calibrate(det, sae, retain, cfg.detector_fpr, unit=cfg.detector_fpr_unit))
+    thr = calibrate(det, sae, retain, cfg.detector_fpr, unit=cfg.detector_fpr_unit)
+    if det.evidence == "cusum" and thr >= det.cap:  # the statistic never exceeds its cap: a gate that never fires
+        raise UsageError(f"--cusum_cap {det.cap:g}: more than --detector_fpr {cfg.detector_fpr:g} of the calibration "
+                         f"retain {cfg.detector_fpr_unit}s reach the cap, so no threshold below it exists; raise --cusum_cap")
+    return det._replace(threshold=thr)
 
 
 def detector_features(sae, idx, acts_NTD, mask_NT, rows: int = 64) -> torch.Tensor:
@@ -4617,14 +4621,16 @@ def generate_existing(cli: Config) -> str:
         sae = load_sae(f, model.device)
         if not (f / "guard.json").is_file():
             rebuild_guard_state(seed_cfg, sae, forget, retain, f)
+        t0 = time.perf_counter()
         guards, points = {}, read_json(f / "sweep.json", "sweep")["points"]
         for s_ in CAUSAL_STRATEGIES:
             with contextlib.suppress(UsageError):  # no point at GUARD_LEVEL (or not swept): no guard
                 guards[s_] = refine_guard(model, load_guard(f, s_), points, d, cli.guard_refine)
         det = guard_detector(read_json(f / "guard.json", "guard state"), _read_tensors(f / "guard.safetensors"))
-        t0 = time.perf_counter()
+        t1 = time.perf_counter()
         entries, records = run_generation(seed_cfg, model, tok, sae, guards, det, d)
-        print(f"[{f}] generation stage {time.perf_counter() - t0:.1f}s", flush=True)
+        print(f"[{f}] generation stage {time.perf_counter() - t0:.1f}s (refining the guards' points "
+              f"{t1 - t0:.1f}s)", flush=True)
         info = {k: v for k, v in read_json(f / "final_info.json", "results").items() if not k.startswith("generation_")}
         info.update(entries)
         atomic_write_jsonl(f / "generations.jsonl", records)

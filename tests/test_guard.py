@@ -97,13 +97,19 @@ def test_state_is_per_sequence_and_bounded(model, tok):
 def test_a_cusum_run_folder_gives_a_cusum_guard(tmp_path, model, tok):
     """guard.json carries the accumulator and its cap (an infinite cap is stored as null)."""
     flags = [f for f in tiny_flags(tmp_path / "run", "unused", "--strategies=standard,pattern", "--evidence=cusum",
-                                   "--cusum_cap=5") if not f.startswith("--model")]
+                                   "--cusum_cap=1000") if not f.startswith("--model")]
     ex.run(ex.parse_config(flags), model=model, tok=tok)
     det = ex.load_guard(tmp_path / "run", "pattern", level=0.0).clamp.detector
-    assert det.evidence == "cusum" and det.cap == 5.0 and det.threshold >= 0.0
+    assert det.evidence == "cusum" and det.cap == 1000.0 and 0.0 <= det.threshold < 1000.0
     meta = json.loads((tmp_path / "run" / "guard.json").read_text())
     meta["learned"]["cap"] = None
     assert ex.guard_detector(meta, {"detector.idx": det.idx, "detector.weight": det.weight}).cap == math.inf
+    # a cap below what the calibration rows reach leaves no threshold under it: refused, no results
+    low = [f for f in tiny_flags(tmp_path / "low", "unused", "--strategies=standard,pattern", "--evidence=cusum",
+                                 "--cusum_cap=1e-6") if not f.startswith("--model")]
+    with pytest.raises(ex.UsageError, match="raise --cusum_cap"):
+        ex.run(ex.parse_config(low), model=model, tok=tok)
+    assert not list((tmp_path / "low").rglob("final_info.json"))
 
 
 def test_a_tiny_run_folder_gives_a_guard(tmp_path, model, tok):

@@ -201,7 +201,8 @@ def t_machine(doc: str, *runs: str) -> list[str]:
 
 def t_generation(doc: str, run: str) -> list[str]:
     """The --generate stage of one run: per causal strategy (guard at its +1.0 point), what greedy
-    continuations keep and change; the clean model's rows for reference."""
+    continuations keep and change; the clean model's rows for reference. The point's forget-CE
+    increase is shown where the stage refined it (--guard_refine; "–" for runs made before)."""
     def cell(run_, entry: str, key: str, decimals: int) -> str:  # "–" where the row has no such measure (clean)
         return fmt(value(run_, entry, key) if key in final_info(run_)[entry]["means"] else None, decimals)
 
@@ -211,7 +212,10 @@ def t_generation(doc: str, run: str) -> list[str]:
         v = value(run, entry, key)
         return fmt((None if v[0] is None else 1 - v[0], v[1]), 2)
 
-    cols = [("retain identical", lambda e: cell(run, e, "retain_identical", 2)),
+    cols = [("forget-CE increase at its refined point",
+             lambda e: cell(run, e, "point_forget_ce_increase", 2) if "point_sweep_multiplier" in
+             final_info(run)[e]["means"] else "–"),
+            ("retain identical", lambda e: cell(run, e, "retain_identical", 2)),
             ("forget changed", lambda e: changed(e, "forget_identical")),
             ("spliced changed", lambda e: changed(e, "spliced_identical")),
             ("forget: first difference (tokens)", lambda e: cell(run, e, "forget_first_difference", 1)),
@@ -224,7 +228,7 @@ def t_generation(doc: str, run: str) -> list[str]:
     names = ["clean"] + [s for s in STRATEGIES if f"generation_{s}" in info]
     rows = [[f"`{n}`"] + [fn(f"generation_{n}") for _, fn in cols] for n in names]
     true = value(run, "generation_clean", "forget_ce_true")
-    rows.append(["true held-out text"] + ["–"] * 5 + [fmt(true, 2), "–", "–"])
+    rows.append(["true held-out text"] + ["–"] * 6 + [fmt(true, 2), "–", "–"])
     return table([f"guard ({link(run, doc)})"] + [c[0] for c in cols], rows)
 
 

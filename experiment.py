@@ -168,9 +168,10 @@ class Config:
                                "guard at its +1.0 point, of held-out forget / retain prefixes and spliced documents "
                                "cut inside the passage (generation_<strategy> entries, generations.jsonl)")
     generate_prompts: int = opt(6, "prompts per set for the generation stage")
-    guard_refine: int = opt(3, "bisection steps that lower each guard's multiplier from its sweep point toward the "
+    guard_refine: int = opt(0, "bisection steps that lower each guard's multiplier from its sweep point toward the "
                                "least that still reaches the +1.0 level on the evaluation rows (the sweep's grid "
-                               "steps x3.3 and can overshoot the level twofold); 0 = the sweep point as it is")
+                               "steps x3.3 and can overshoot the level twofold; 3 steps cost about 20 s per seed "
+                               "at the defaults); 0 = the sweep point as it is")
     prompt_tokens: int = opt(32, "tokens of a document prefix (after BOS) a continuation starts from")
     generate_tokens: int = opt(48, "tokens each continuation runs")
     generate_from: str = opt("", "run only the generation stage on this finished run (a run folder, its seed_<k>/ "
@@ -3969,43 +3970,51 @@ def run_generation(cfg, model, tok, sae, guards: dict, det, d: EvalData) -> tupl
     return {f"generation_{k}": entry(v) for k, v in res.items()}, records
 
 
-def level_at(model, layer: int, fn: Intervention, d: EvalData) -> tuple[float, float]:
-    """Forget-CE increase and retain KL of one intervention on the evaluation rows (measures()' own
-    figures, without the spliced documents and the questions)."""
+def level_at(model, layer: int, fn: Intervention, d: EvalData, retain: bool = True) -> tuple[float, float | None]:
+    """Forget-CE increase and (unless retain is False) retain KL of one intervention on the evaluation
+    rows: measures()' own figures, without the spliced documents and the questions."""
     ce_f = text_stats(model, layer, d.ts_f, edits_of(fn, d.ts_f.batches), kl=False)[0][0]
+    sf = scored(d.ts_f.rows.attn)
+    if not retain:
+        return float((ce_f - d.ts_f.clean_ce)[sf].mean()), None
     kl_r = text_stats(model, layer, d.ts_r, edits_of(fn, d.ts_r.batches))[0][1]
-    sf, sr = scored(d.ts_f.rows.attn), scored(d.ts_r.rows.attn)
-    return float((ce_f - d.ts_f.clean_ce)[sf].mean()), float(kl_r[sr].mean())
+    return float((ce_f - d.ts_f.clean_ce)[sf].mean()), float(kl_r[scored(d.ts_r.rows.attn)].mean())
 
 
-def refine_point(p: dict, points: list[dict], steps: int, measure: Callable[[float], tuple[float, float]],
+def refine_point(p: dict, points: list[dict], steps: int, forget_ce: Callable[[float], float],
                  level: float = GUARD_LEVEL) -> dict:
     """Sweep point p (reaching `level`) with its multiplier bisected, geometrically (linearly down from
     the smallest swept one), between the largest multiplier of the same strategy and selection whose
-    sweep point stays below `level` and p's own; the least that reaches `level` is kept. measure(m) ->
-    (forget-CE increase, retain KL) at multiplier m. The sweep's grid steps x3.3, so a sweep point can
-    forget twice the level: matched forgetting is then not matched, and a clamp stronger than the level
-    asks for writes loops. The point returned carries what was measured at its multiplier and the
-    sweep's multiplier as sweep_multiplier."""
+    sweep point stays below `level` and p's own; the least that reaches `level` is kept. forget_ce(m):
+    the forget-CE increase at multiplier m. The sweep's grid steps x3.3, so a sweep point can forget
+    twice the level, and strategies are then not compared at matched forgetting. The point returned
+    carries the forget-CE increase measured at its multiplier, the sweep's multiplier as
+    sweep_multiplier, and retain_kl None where the multiplier moved (not measured here)."""
     below = [x["multiplier"] for x in points if x["strategy"] == p["strategy"] and point_key(x) == point_key(p)
              and x["multiplier"] < p["multiplier"] and x["forget_ce_increase"] < level]
-    lo, hi, at_hi = max(below, default=0.0), p["multiplier"], (p["forget_ce_increase"], p["retain_kl"])
+    lo, hi, at_hi = max(below, default=0.0), p["multiplier"], p["forget_ce_increase"]
     for _ in range(steps):
         mid = math.sqrt(lo * hi) if lo > 0 else hi / 2
-        got = measure(mid)
-        if got[0] >= level:
+        got = forget_ce(mid)
+        if got >= level:
             hi, at_hi = mid, got
         else:
             lo = mid
-    return dict(p, multiplier=hi, forget_ce_increase=at_hi[0], retain_kl=at_hi[1], sweep_multiplier=p["multiplier"])
+    moved = hi != p["multiplier"]
+    return dict(p, multiplier=hi, forget_ce_increase=at_hi, retain_kl=None if moved else p["retain_kl"],
+                sweep_multiplier=p["multiplier"])
 
 
-def refine_guard(model, guard: "Guard", points: list[dict], d: EvalData, steps: int) -> "Guard":
-    """The guard at refine_point's multiplier, measured on the evaluation rows of d."""
-    c = guard.clamp
-    measure = lambda m: level_at(model, guard.layer, clamp_fn(guard.sae, c._replace(multiplier=m)), d)
-    q = refine_point(guard.point, points, steps, measure)
-    return Guard(guard.sae, guard.layer, c._replace(multiplier=q["multiplier"]), q)
+def refine_guard(model, guard: "Guard", points: list[dict], d: EvalData, steps: int,
+                 level: float = GUARD_LEVEL) -> "Guard":
+    """The guard at refine_point's multiplier, measured on the evaluation rows of d (forget CE at each
+    step, retain KL once at the multiplier kept)."""
+    at = lambda m: clamp_fn(guard.sae, guard.clamp._replace(multiplier=m))
+    q = refine_point(guard.point, points, steps, lambda m: level_at(model, guard.layer, at(m), d, retain=False)[0],
+                     level)
+    if q["retain_kl"] is None:
+        q["retain_kl"] = level_at(model, guard.layer, at(q["multiplier"]), d)[1]
+    return Guard(guard.sae, guard.layer, guard.clamp._replace(multiplier=q["multiplier"]), q)
 
 
 def stage_generation(cfg, model, tok, sae, sels, dets, points, d: EvalData, out: Path) -> dict:

@@ -140,6 +140,27 @@ def test_a_tiny_run_folder_gives_a_guard(tmp_path, model, tok):
         ex.load_guard(run, "pattern")
 
 
+def test_refine_guard_measures_on_the_evaluation_rows(tmp_path, model, tok):
+    """refine_guard's point carries the forget-CE increase and retain KL that level_at measures at the
+    multiplier it keeps, which reaches the level and is no larger than the sweep point's."""
+    cfg = ex.parse_config([f for f in tiny_flags(tmp_path / "run", "unused") if not f.startswith("--model")])
+    corpora, questions = ex.load_inputs(cfg)
+    d = ex.prepare_data(cfg, model, tok, corpora, questions, ex.Stages(), False)
+    g = tiny_guard(model, "standard")
+    fn = lambda m: ex.clamp_fn(g.sae, g.clamp._replace(multiplier=m))
+    ce8, kl8 = ex.level_at(model, LAYER, fn(8.0), d)
+    assert kl8 > 0, "the clamp must change the retain rows for this check"
+    g.point = {"strategy": "standard", "multiplier": 8.0, "forget_ce_increase": ce8, "retain_kl": kl8,
+               "selection": "saebench", "retain_threshold": 0.01, "n_features": 4}
+    level = ce8 - 0.5 * abs(ce8)
+    fine = ex.refine_guard(model, g, [g.point], d, 3, level)
+    m = fine.point["multiplier"]
+    assert m < 8.0 and fine.clamp.multiplier == m and fine.point["sweep_multiplier"] == 8.0  # it moved
+    ce, kl = ex.level_at(model, LAYER, fn(m), d)
+    assert fine.point["forget_ce_increase"] == pytest.approx(ce, abs=1e-6) and ce >= level
+    assert fine.point["retain_kl"] == pytest.approx(kl, abs=1e-6)
+
+
 def test_first_difference_and_repeated_ngrams_by_hand():
     a = torch.tensor([[1, 2, 3, 4], [1, 2, 3, 4], [5, 6, 7, 8]])
     b = torch.tensor([[1, 2, 3, 4], [1, 9, 3, 4], [0, 6, 7, 8]])
@@ -152,21 +173,22 @@ def test_refine_point_bisects_toward_the_least_multiplier_that_reaches_the_level
     """Between the largest swept multiplier below the level (same strategy and selection) and the
     point's own: geometric steps, the least that reaches the level kept with what was measured there."""
     sel = {"selection": "saebench", "retain_threshold": 0.01, "n_features": 10}
-    pt = lambda m, ce, s="pattern", **k: {"strategy": s, "multiplier": m, "forget_ce_increase": ce, "retain_kl": 0.0,
+    pt = lambda m, ce, s="pattern", **k: {"strategy": s, "multiplier": m, "forget_ce_increase": ce, "retain_kl": 0.5,
                                           **sel, **k}
     points = [pt(10.0, 0.4), pt(30.0, 0.8), pt(100.0, 2.0), pt(50.0, 0.1, "standard"), pt(60.0, 0.1, n_features=20)]
     seen = []
-    measure = lambda m: seen.append(m) or (m / 50.0, m / 1000.0)  # reaches 1.0 from m = 50
-    q = ex.refine_point(points[2], points, 3, measure, level=1.0)
+    forget_ce = lambda m: seen.append(m) or m / 50.0  # reaches 1.0 from m = 50
+    q = ex.refine_point(points[2], points, 3, forget_ce, level=1.0)
     m1 = math.sqrt(30 * 100)     # 54.8 reaches 1.0: the new upper end
     m2 = math.sqrt(30 * m1)      # 40.5 does not: the new lower end
     assert seen == pytest.approx([m1, m2, math.sqrt(m2 * m1)])
     assert q["multiplier"] == pytest.approx(m1) and q["forget_ce_increase"] == pytest.approx(m1 / 50)
-    assert q["retain_kl"] == pytest.approx(m1 / 1000) and q["sweep_multiplier"] == 100.0
-    assert ex.refine_point(points[2], points, 0, measure, level=1.0)["multiplier"] == 100.0
+    assert q["retain_kl"] is None and q["sweep_multiplier"] == 100.0  # moved: its retain KL is measured by the caller
+    same = ex.refine_point(points[2], points, 0, forget_ce, level=1.0)
+    assert same["multiplier"] == 100.0 and same["retain_kl"] == 0.5
     # the smallest swept multiplier already reaches the level: halve toward 0
     seen.clear()
-    assert ex.refine_point(pt(10.0, 3.0), [pt(10.0, 3.0)], 2, measure, level=0.1)["multiplier"] == 5.0  # 2.5 falls short
+    assert ex.refine_point(pt(10.0, 3.0), [pt(10.0, 3.0)], 2, forget_ce, level=0.1)["multiplier"] == 5.0  # 2.5 falls short
     assert seen == [5.0, 2.5]
 
 

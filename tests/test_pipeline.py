@@ -317,6 +317,7 @@ def test_grouped_sweep_measures_equal_one_point_at_a_time(tmp_path, model, tok):
         # what refine_guard measures at a multiplier is the sweep's own figure there
         fn = ex.clamp_fn(sae, ex.make_clamp(cfg, sels[0], dets, p["strategy"], p["multiplier"]))
         assert ex.level_at(model, cfg.layer, fn, d) == pytest.approx((p["forget_ce_increase"], p["retain_kl"]), abs=1e-6)
+        assert ex.level_at(model, cfg.layer, fn, d, retain=False)[0] == pytest.approx(p["forget_ce_increase"], abs=1e-6)
     # in shares, as ranks sharing a seed under torchrun measure it (3 shares of 2 groups: one is empty),
     # then concatenated: the same points and spliced KL, bit for bit
     _, kl = ex.run_sweep(cfg, model, sae, sels[:1], dets, d, False)

@@ -345,7 +345,8 @@ def t_evidence(doc: str, *runs: str, label: str = "hmm − ema") -> list[str]:
 KINDS = {"generation": t_generation, "machine": t_machine, "readme": t_readme, "sae": t_sae, "frontier": t_frontier, "budget": t_budget, "detection": t_detection,
          "precision": t_precision, "strategies": t_strategies, "versus": t_versus,
          "saes": t_saes, "verdict": t_verdict, "evidence": t_evidence,
-         "threshold": lambda doc, *runs: t_evidence(doc, *runs, label="row − token")}
+         "threshold": lambda doc, *runs: t_evidence(doc, *runs, label="row − token"),
+         "cusum": lambda doc, *runs: t_evidence(doc, *runs, label="cusum − ema")}
 
 
 # ------------------------------------------------------------------------------------------------

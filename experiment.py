@@ -170,7 +170,7 @@ class Config:
     generate_prompts: int = opt(6, "prompts per set for the generation stage")
     guard_refine: int = opt(0, "bisection steps that lower each guard's multiplier from its sweep point toward the "
                                "least that still reaches the +1.0 level on the evaluation rows (the sweep's grid "
-                               "steps x3.3 and can overshoot the level twofold; 3 steps cost about 20 s per seed "
+                               "steps x3.3 and can overshoot the level twofold; 3 steps cost about 27 s per seed "
                                "at the defaults); 0 = the sweep point as it is")
     prompt_tokens: int = opt(32, "tokens of a document prefix (after BOS) a continuation starts from")
     generate_tokens: int = opt(48, "tokens each continuation runs")

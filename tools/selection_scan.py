@@ -8,7 +8,7 @@ training document, never used to fit a detector) instead of held-out ones.
 
 The evaluation rows are calibration rows of both domains, the spliced documents are built from
 calibration documents, and the question sets are cut to a few questions (their numbers are not
-read here). For each evidence accumulator (`ema:H`, or `hmm:SWITCH:SCALE`) and each threshold rule
+read here). For each evidence accumulator (`ema:H`, `hmm:SWITCH:SCALE` or `cusum:CAP`) and each threshold rule
 (--calibrate `token:FPR`, that fraction of the calibration retain tokens fire, or `row:FPR`, that
 fraction of the calibration retain rows fire anywhere; set on the calibration retain rows) it prints
 the detector's measures (token and passage AUROC, median delay at a passage's start and tokens to

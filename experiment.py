@@ -834,6 +834,26 @@ def ema(x_BT: torch.Tensor, tm: Time, horizon: float) -> torch.Tensor:
     return torch.where(den > 0, num / den.clamp_min(1e-12), torch.zeros_like(num))
 
 
+def along_predecessors(x_BT: torch.Tensor, tm: Time, step: Callable) -> torch.Tensor:
+    """state_t = step(state at t's predecessor, x_t), from 0 at a row's start, along each position's
+    predecessors (a chain, or a packed tree's branches); invalid positions (BOS, pads) pass the state
+    on unchanged. The recursion of hmm_filter and cusum, whose one-step updates the streaming guard
+    applies token by token."""
+    S = torch.zeros_like(x_BT)
+    has_prev = tm.prev >= 0
+    for d in range(int(tm.depth.max()) + 1 if tm.depth.numel() else 0):
+        at = tm.depth == d
+        before = torch.where(has_prev, S.gather(1, tm.prev.clamp_min(0)), torch.zeros_like(S))
+        S = torch.where(at, torch.where(tm.valid, step(before, x_BT), before), S)
+    return S
+
+
+def hmm_step(L: torch.Tensor, llr: torch.Tensor, switch: float) -> torch.Tensor:
+    """One step of hmm_filter: llr + g(L), g(L) = log(((1 - q) e^L + q) / (q e^L + 1 - q))."""
+    lq, l1q = math.log(switch), math.log1p(-switch)
+    return llr + (torch.logaddexp(l1q + L, torch.full_like(L, lq)) - torch.logaddexp(lq + L, torch.full_like(L, l1q)))
+
+
 def hmm_filter(llr_BT: torch.Tensor, tm: Time, switch: float) -> torch.Tensor:
     """Sequential evidence: the forward filter of a two-state (forget / retain) hidden Markov model
     along each position's predecessors. L_t = llr_t + g(L_prev(t)), with
@@ -843,15 +863,12 @@ def hmm_filter(llr_BT: torch.Tensor, tm: Time, switch: float) -> torch.Tensor:
     so one decision rests on many tokens, and g bounds it by log((1 - q) / q), so it turns within a few
     tokens when the text turns (Rabiner 1989; a two-sided, bounded form of Page's 1954 CUSUM).
     Positions that are not valid (BOS, pads) pass the state on unchanged."""
-    lq, l1q = math.log(switch), math.log1p(-switch)
-    g = lambda L: torch.logaddexp(l1q + L, torch.full_like(L, lq)) - torch.logaddexp(lq + L, torch.full_like(L, l1q))
-    L = torch.zeros_like(llr_BT)
-    has_prev = tm.prev >= 0
-    for d in range(int(tm.depth.max()) + 1 if tm.depth.numel() else 0):
-        at = tm.depth == d
-        before = torch.where(has_prev, L.gather(1, tm.prev.clamp_min(0)), torch.zeros_like(L))
-        L = torch.where(at, torch.where(tm.valid, llr_BT + g(before), before), L)
-    return L
+    return along_predecessors(llr_BT, tm, lambda L, x: hmm_step(L, x, switch))
+
+
+def cusum_step(S: torch.Tensor, llr: torch.Tensor, cap: float) -> torch.Tensor:
+    """One step of cusum: min(cap, max(0, S + llr))."""
+    return (S + llr).clamp(0.0, cap)
 
 
 def cusum(llr_BT: torch.Tensor, tm: Time, cap: float) -> torch.Tensor:
@@ -862,13 +879,7 @@ def cusum(llr_BT: torch.Tensor, tm: Time, cap: float) -> torch.Tensor:
     i.i.d. log-likelihood ratios it is the rule with the least worst-case delay at a given false-alarm
     rate (Lorden 1971, Moustakides 1986). The cap bounds how long it takes to fall back after a
     passage. One number per sequence of state; invalid positions (BOS, pads) pass it on unchanged."""
-    S = torch.zeros_like(llr_BT)
-    has_prev = tm.prev >= 0
-    for d in range(int(tm.depth.max()) + 1 if tm.depth.numel() else 0):
-        at = tm.depth == d
-        before = torch.where(has_prev, S.gather(1, tm.prev.clamp_min(0)), torch.zeros_like(S))
-        S = torch.where(at, torch.where(tm.valid, (before + llr_BT).clamp(0.0, cap), before), S)
-    return S
+    return along_predecessors(llr_BT, tm, lambda S, x: cusum_step(S, x, cap))
 
 
 def affected(tm: Time, changed_BT: torch.Tensor) -> torch.Tensor:
@@ -3679,8 +3690,8 @@ class Guard:
     """A causal clamp as the model writes. `with guard.attached(model): model.generate(...)` edits the
     residual after block `layer` token by token with the ordinary KV cache: per sequence it keeps the
     last w-1 residuals (the SAE's window), the detector's last lags-1 projections and its evidence
-    (EMA numerator and denominator, or the filter's log-odds), and what gate and dsg_causal count, so
-    a new token costs one SAE encode of one position. The first attended token of a sequence is its
+    (EMA numerator and denominator, the filter's log-odds or the CUSUM statistic), and what gate and
+    dsg_causal count, so a new token costs one SAE encode of one position. The first attended token of a sequence is its
     BOS (never encoded, as in every row the harness reads); left padding is read from the attention
     mask, a new sequence from an empty KV cache. Its edits equal clamp_fn's on the whole sequence
     (tests/test_guard.py)."""
@@ -3775,15 +3786,9 @@ class Guard:
         L = W.shape[1]
         s = d.bias + z[:, 0] + sum(st["z"][:, L - 1 - l, l] for l in range(1, L))
         st["z"] = torch.cat([st["z"], z[:, None]], 1)[:, 1:]
-        if d.evidence == "hmm":
-            lq, l1q = math.log(d.switch), math.log1p(-d.switch)
-            prev = st["L"]
-            g = torch.logaddexp(l1q + prev, torch.full_like(prev, lq)) - torch.logaddexp(lq + prev, torch.full_like(prev, l1q))
-            st["L"] = torch.where(valid, d.scale * s + g, prev)
-            ev = st["L"]
-        elif d.evidence == "cusum":
-            st["L"] = torch.where(valid, (st["L"] + s).clamp(0.0, d.cap), st["L"])
-            ev = st["L"]
+        if d.evidence in ("hmm", "cusum"):  # the one-step updates of hmm_filter / cusum
+            nxt = (hmm_step(st["L"], d.scale * s, d.switch) if d.evidence == "hmm" else cusum_step(st["L"], s, d.cap))
+            st["L"] = ev = torch.where(valid, nxt, st["L"])
         else:
             lam = 1.0 if math.isinf(d.horizon) else 1.0 - 1.0 / d.horizon
             st["num"], st["den"] = lam * st["num"] + valid * s, lam * st["den"] + valid.float()
@@ -3960,7 +3965,8 @@ def run_generation(cfg, model, tok, sae, guards: dict, det, d: EvalData) -> tupl
         st = continuation_stats(model, cfg.layer, sae, det, pr, ps, out)
         first = first_difference(out, clean)
         res[s] = {"tokens_per_s": (speed_g, 0.0)}
-        res[s].update({f"point_{k}": (float(guard.point.get(k, guard.point["multiplier"])), 0.0)
+        point = dict(guard.point, sweep_multiplier=guard.point.get("sweep_multiplier", guard.point["multiplier"]))
+        res[s].update({f"point_{k}": (float(point[k]), 0.0)
                        for k in ("multiplier", "sweep_multiplier", "forget_ce_increase", "retain_kl")})
         for name, rows in where.items():
             res[s].update(set_measures(name, st, rows, out))
@@ -3974,11 +3980,11 @@ def level_at(model, layer: int, fn: Intervention, d: EvalData, retain: bool = Tr
     """Forget-CE increase and (unless retain is False) retain KL of one intervention on the evaluation
     rows: measures()' own figures, without the spliced documents and the questions."""
     ce_f = text_stats(model, layer, d.ts_f, edits_of(fn, d.ts_f.batches), kl=False)[0][0]
-    sf = scored(d.ts_f.rows.attn)
+    forget = float((ce_f - d.ts_f.clean_ce)[scored(d.ts_f.rows.attn)].mean())
     if not retain:
-        return float((ce_f - d.ts_f.clean_ce)[sf].mean()), None
+        return forget, None
     kl_r = text_stats(model, layer, d.ts_r, edits_of(fn, d.ts_r.batches))[0][1]
-    return float((ce_f - d.ts_f.clean_ce)[sf].mean()), float(kl_r[scored(d.ts_r.rows.attn)].mean())
+    return forget, float(kl_r[scored(d.ts_r.rows.attn)].mean())
 
 
 def refine_point(p: dict, points: list[dict], steps: int, forget_ce: Callable[[float], float],
@@ -4018,7 +4024,8 @@ def refine_guard(model, guard: "Guard", points: list[dict], d: EvalData, steps: 
 
 
 def stage_generation(cfg, model, tok, sae, sels, dets, points, d: EvalData, out: Path) -> dict:
-    """The generation stage of a run: every causal strategy's guard at its GUARD_LEVEL point, refined."""
+    """The generation stage of a run: every causal strategy's guard at its GUARD_LEVEL point, refined by
+    --guard_refine bisection steps (none by default)."""
     guards = {}
     for s in CAUSAL_STRATEGIES:
         p = guard_point([x for x in points if x["strategy"] == s]) if s in cfg.strategies else None

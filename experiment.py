@@ -138,6 +138,10 @@ class Config:
     gated_threshold: float = opt(0.003, "gated selection: drop latents active on >= this fraction of the retain "
                                         "training tokens where the detector fires; rank the rest by the forget tokens "
                                         "they cover where it fires")
+    pattern_clamp: Literal["active", "all"] = opt("active", "what pattern and hybrid clamp where the detector fires: "
+                                                          "active (the selected latents that are on, SAEBench's clamp) "
+                                                          "| all (every selected latent, on or not: DSG's rule, a steer "
+                                                          "that covers the detected passage)")
     retain_gate: float = opt(0.99, "retain accuracy a sweep point must keep (SAEBench)")
     hybrid_quantile: float = opt(0.99, "hybrid clamps off-pattern where a latent exceeds this retain quantile")
     dsg_quantile: float = opt(0.95, "dsg clamps rows whose active fraction exceeds this retain quantile (DSG)")
@@ -2122,6 +2126,7 @@ class Clamp(NamedTuple):
     detector: "LagDetector | Templates | None"  # pattern, hybrid
     hi: torch.Tensor | None    # hybrid: (k,) retain-domain level per latent
     rho_tau: float             # dsg, dsg_causal: the retain 95th percentile of rho
+    dense: bool = False        # pattern, hybrid: where the detector fires, clamp all k latents, not only active ones
 
 
 def clamp_where(c: Clamp, sae, resid_BTD, tm: Time, f_BTk: torch.Tensor) -> torch.Tensor:
@@ -2141,10 +2146,20 @@ def clamp_where(c: Clamp, sae, resid_BTD, tm: Time, f_BTk: torch.Tensor) -> torc
             rho = ema(on.to(resid_BTD.dtype), tm, math.inf)
         return (on & (rho > c.rho_tau)).unsqueeze(-1).expand_as(active)
     fires = detector_fires(c.detector, sae, resid_BTD, tm, f_BTk).unsqueeze(-1)
+    return pattern_where(c, active, fires, f_BTk)
+
+
+def pattern_where(c: Clamp, active: torch.Tensor, fires: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """(..., k) pattern's and hybrid's rule from the selected latents' activity `active` (..., k), the
+    detector's verdict `fires` (..., 1) and their values `f` (..., k); shared with the streaming guard.
+    dense (--pattern_clamp all): where the detector fires every selected latent is set to -multiplier,
+    active or not (a steer along the selection's decoder directions, as DSG clamps all k latents where it
+    fires), so the clamp covers the passage wherever it is detected instead of only where a rare latent is on."""
+    on_pattern = fires.expand_as(active) if c.dense else active & fires
     if c.strategy == "pattern":
-        return active & fires
+        return on_pattern
     if c.strategy == "hybrid":  # off-pattern, a latent far above its retain level is clamped too
-        return active & (fires | (f_BTk > c.hi.to(f_BTk.device)))
+        return on_pattern | (active & (f > c.hi.to(f.device)))
     raise ValueError(c.strategy)
 
 
@@ -3099,7 +3114,8 @@ def fit_detectors(cfg, sae, forget: Corpus, retain: Corpus, sp_f, sp_r) -> Detec
 
 def make_clamp(cfg, sel: Selection, dets: Detectors, strategy: str, multiplier: float) -> Clamp:
     det = sel.templates if cfg.detector == "templates" else dets.learned
-    return Clamp(strategy, sel.latents, multiplier, cfg.detector_window, det, sel.hi, sel.rho_tau)
+    return Clamp(strategy, sel.latents, multiplier, cfg.detector_window, det, sel.hi, sel.rho_tau,
+                 cfg.pattern_clamp == "all")
 
 
 def eval_batches(d: EvalData) -> dict:
@@ -3631,7 +3647,7 @@ def save_guard_state(out: Path, cfg: Config, sels: list[Selection], dets: "Detec
     tensors = {"detector.idx": det.idx, "detector.weight": det.weight}
     for i, sel in enumerate(sels):
         tensors[f"selection.{i}.latents"], tensors[f"selection.{i}.hi"] = sel.latents, sel.hi
-    meta = {"layer": cfg.layer, "detector": cfg.detector, "lags": cfg.detector_window,
+    meta = {"layer": cfg.layer, "detector": cfg.detector, "lags": cfg.detector_window, "pattern_clamp": cfg.pattern_clamp,
             "selections": [{"rule": x.rule, "threshold": x.threshold, "n": x.n, "rho_tau": x.rho_tau} for x in sels],
             "learned": {"bias": det.bias, "horizon": det.horizon, "threshold": det.threshold,
                         "evidence": det.evidence, "switch": det.switch, "scale": det.scale,
@@ -3676,7 +3692,7 @@ def load_guard(run_dir, strategy: str = "pattern", point: int | None = None, lev
                                                                        if p is None else f" at index {point}"))
     i = next(i for i, x in enumerate(meta["selections"]) if (x["rule"], x["threshold"], x["n"]) == point_key(p))
     clamp = Clamp(strategy, t[f"selection.{i}.latents"], p["multiplier"], meta["lags"], guard_detector(meta, t),
-                  t[f"selection.{i}.hi"], meta["selections"][i]["rho_tau"])
+                  t[f"selection.{i}.hi"], meta["selections"][i]["rho_tau"], meta.get("pattern_clamp") == "all")
     return Guard(sae, meta["layer"], clamp, p)
 
 
@@ -3774,9 +3790,7 @@ class Guard:
             rho = st["cum_on"] / st["cum_valid"].clamp_min(1)  # 0 before the first valid token, as ema's
             return (on & (rho > c.rho_tau))[:, None].expand_as(active)
         fires = self.detector_step(st, f[:, len(c.latents):], valid)
-        if c.strategy == "pattern":
-            return active & fires[:, None]
-        return active & (fires[:, None] | (f_sel > c.hi.to(f_sel.device)))
+        return pattern_where(c, active, fires[:, None], f_sel)
 
     def detector_step(self, st: dict, g_raw: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """lag_logit and pool at one position from the buffered projections of the previous lags-1."""

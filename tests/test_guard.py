@@ -24,7 +24,7 @@ def prompts(tok, texts, pad_id):
     return ids, mask
 
 
-def tiny_guard(model, strategy, evidence="ema"):
+def tiny_guard(model, strategy, evidence="ema", dense=False):
     """A w=4 SAE and a learned detector on random weights, with latents that fire and a detector that
     fires on part of the text, so every rule clamps somewhere and spares somewhere."""
     torch.manual_seed(0)
@@ -35,7 +35,7 @@ def tiny_guard(model, strategy, evidence="ema"):
     det = ex.LagDetector(torch.arange(20, 36), 0.5 * torch.randn(16, 3), 0.0, 2.0, 0.0, evidence, 0.05, 0.5)
     if evidence == "cusum":  # the statistic is >= 0: a threshold above 0 and a cap above that
         det = det._replace(threshold=0.5, cap=2.0)
-    c = ex.Clamp(strategy, torch.tensor([1, 5, 9, 17]), 8.0, 3, det, torch.full((4,), 0.3), 0.3)
+    c = ex.Clamp(strategy, torch.tensor([1, 5, 9, 17]), 8.0, 3, det, torch.full((4,), 0.3), 0.3, dense)
     return ex.Guard(sae, LAYER, c)
 
 
@@ -55,10 +55,12 @@ PADDED = ["Cells divide by mitosis and the", "The river"]
 UNPADDED = ["Cells divide by mitosis and the", "Cells divide by mitosis and a"]  # one length: generate() drops the mask
 
 
-@pytest.mark.parametrize("strategy,evidence,texts", [(s, "ema", PADDED) for s in ex.CAUSAL_STRATEGIES] +
-                         [("pattern", "hmm", PADDED), ("pattern", "cusum", PADDED), ("pattern", "ema", UNPADDED), ("standard", "ema", UNPADDED)])
-def test_generation_with_the_cache_equals_one_guarded_forward(model, tok, strategy, evidence, texts):
-    guard = tiny_guard(model, strategy, evidence)
+@pytest.mark.parametrize("strategy,evidence,texts,dense", [(s, "ema", PADDED, False) for s in ex.CAUSAL_STRATEGIES] +
+                         [("pattern", "hmm", PADDED, False), ("pattern", "cusum", PADDED, False),
+                          ("pattern", "ema", UNPADDED, False), ("standard", "ema", UNPADDED, False),
+                          ("pattern", "ema", PADDED, True), ("hybrid", "ema", PADDED, True)])
+def test_generation_with_the_cache_equals_one_guarded_forward(model, tok, strategy, evidence, texts, dense):
+    guard = tiny_guard(model, strategy, evidence, dense)
     ids, mask = prompts(tok, texts, pad_id=1)
     new = 10
     with guard.attached(model):
@@ -121,6 +123,7 @@ def test_a_tiny_run_folder_gives_a_guard(tmp_path, model, tok):
     points = json.loads((run / "sweep.json").read_text())["points"]
     assert guard.point in points and guard.point["strategy"] == "pattern"
     assert guard.clamp.multiplier == guard.point["multiplier"] and guard.layer == 1
+    assert not guard.clamp.dense
     at = points.index(next(p for p in points if p["strategy"] == "standard"))
     assert ex.load_guard(run, "standard", point=at).clamp.strategy == "standard"
     with pytest.raises(ex.UsageError, match="dsg reads the whole sequence"):
@@ -138,6 +141,15 @@ def test_a_tiny_run_folder_gives_a_guard(tmp_path, model, tok):
     (run / "guard.json").unlink()
     with pytest.raises(ex.UsageError, match="no guard.json"):
         ex.load_guard(run, "pattern")
+
+
+def test_a_pattern_clamp_all_run_gives_a_dense_guard(tmp_path, model, tok):
+    """guard.json carries --pattern_clamp, so the guard clamps what the sweep clamped."""
+    flags = [f for f in tiny_flags(tmp_path / "run", "unused", "--strategies=standard,pattern,hybrid",
+                                   "--pattern_clamp=all") if not f.startswith("--model")]
+    ex.run(ex.parse_config(flags), model=model, tok=tok)
+    for s in ("pattern", "hybrid"):
+        assert ex.load_guard(tmp_path / "run", s, level=0.0).clamp.dense
 
 
 def test_refine_guard_measures_on_the_evaluation_rows(tmp_path, model, tok):

@@ -168,6 +168,24 @@ def test_dsg_rho_by_hand():
     assert where("dsg_causal", 0.6).any(-1)[0].tolist() == [False, True, False, False, False]
 
 
+def test_pattern_clamp_dense_takes_every_selected_latent_where_the_detector_fires():
+    """--pattern_clamp all: where the detector fires, all k latents (on or off) are clamped; where it
+    does not, pattern clamps nothing and hybrid only its far-above-retain latents. active: only those on."""
+    f = torch.zeros(1, 4, 3)
+    f[0, 1, 0] = 1.0
+    f[0, 3, 2] = 0.9  # off-pattern but above hi (0.5): hybrid's second rule
+    fires = torch.tensor([[False, True, True, False]]).unsqueeze(-1)
+    active = f > 0
+    c = ex.Clamp("pattern", torch.tensor([0, 1, 2]), 1.0, 4, None, torch.full((3,), 0.5), 0.0)
+    assert ex.pattern_where(c, active, fires, f).sum().item() == 1  # t=1, latent 0 only
+    dense = ex.pattern_where(c._replace(dense=True), active, fires, f)
+    assert dense[0].tolist() == [[False] * 3, [True] * 3, [True] * 3, [False] * 3]
+    hyb = ex.pattern_where(c._replace(strategy="hybrid", dense=True), active, fires, f)
+    assert hyb[0].tolist() == [[False] * 3, [True] * 3, [True] * 3, [False, False, True]]
+    assert ex.pattern_where(c._replace(strategy="hybrid"), active, fires, f)[0].tolist() == \
+        [[False] * 3, [True, False, False], [False] * 3, [False, False, True]]
+
+
 def test_ema_pools_over_predecessors_only():
     x = torch.tensor([[0.0, 4.0, 0.0, 0.0, 8.0]])
     valid = torch.tensor([[False, True, True, True, True]])

@@ -4,7 +4,7 @@ training document, never used to fit a detector) instead of held-out ones.
 
     python tools/selection_scan.py --sae_dir run_1/seed_0 [--forget_corpus F --retain_corpus R]
         [--gated 25@0.001,50@0.001,100@0.001] [--evidence ema:2,hmm:0.01:0.25] [--rank cover,attribution]
-        [--calibrate token:0.01,row:0.05]
+        [--calibrate token:0.01,row:0.05] [--pattern_clamp active|all] [--multipliers 1,3,10]
 
 The evaluation rows are calibration rows of both domains, the spliced documents are built from
 calibration documents, and the question sets are cut to a few questions (their numbers are not
@@ -128,12 +128,18 @@ def main():
                     "the calibration retain tokens fire) or row (of the calibration retain rows, any fire)")
     ap.add_argument("--rank", default="cover", help="gated ranking(s): cover (the harness's) | attribution")
     ap.add_argument("--attribution_rows", type=int, default=64, help="forget training rows for --rank attribution")
+    ap.add_argument("--pattern_clamp", default="active", choices=("active", "all"),
+                    help="what pattern clamps where the detector fires (experiment.py's --pattern_clamp)")
+    ap.add_argument("--multipliers", default="", help="comma-separated clamp values (default: experiment.py's)")
     ap.add_argument("--points", action="store_true", help="also print pattern's sweep points")
     ap.add_argument("--detector_only", action="store_true", help="the detector's measures only, no sweep")
     args = ap.parse_args()
     run_cfg = ex.read_json(Path(args.sae_dir) / "config.json", "run config")
     cfg = dataclasses.replace(ex.Config(), layer=run_cfg["layer"], context_length=run_cfg["context_length"],
-                              forget_corpus=args.forget_corpus, retain_corpus=args.retain_corpus, gated_features=())
+                              forget_corpus=args.forget_corpus, retain_corpus=args.retain_corpus, gated_features=(),
+                              pattern_clamp=args.pattern_clamp)
+    if args.multipliers:
+        cfg = dataclasses.replace(cfg, multipliers=tuple(float(m) for m in args.multipliers.split(",")))
     model, tok = ex.load_model(cfg, torch.device("cpu"))
     sae = ex.load_sae(Path(args.sae_dir))
     d = calibration_data(cfg, model, tok, args.rows, args.spliced)
@@ -168,7 +174,7 @@ def main():
                                        strategies=("dsg", "pattern"))
             gsel = gated_by(gcfg, sae, dets_v, d, ranks[rank])
             pts, _ = ex.run_sweep(gcfg, model, sae, gsel, dets_v, d, False)
-            cover = coverage(sae, gsel[0].latents, det, d) if gsel else float("nan")
+            cover = coverage(sae, gsel[0].latents, det, d, cfg.pattern_clamp == "all") if gsel else float("nan")
             name = f"{g}" + (f" {rank}" if rank != "cover" else "")
             print(frontier_line(f"pattern {spec_name} +gated {name}", mine + [p for p in pts if p["strategy"] == "pattern"],
                                 standard) + f"  clamp_cover {cover:.3f}", flush=True)
@@ -207,10 +213,10 @@ def gated_by(gcfg, sae, dets, d: ex.EvalData, key: torch.Tensor | None) -> list:
     return [ex.selection_levels(gcfg, sae, d.forget, d.retain, lat, thr, n, "gated")] if len(lat) else []
 
 
-def coverage(sae, lat, det, d: ex.EvalData) -> float:
+def coverage(sae, lat, det, d: ex.EvalData, dense: bool = False) -> float:
     """Fraction of calibration forget tokens where pattern would clamp: the detector fires and a
-    selected latent is active."""
-    c = ex.Clamp("pattern", lat, 0.0, 4, det, None, 0.0)
+    selected latent is active (dense: the detector fires)."""
+    c = ex.Clamp("pattern", lat, 0.0, 4, det, None, 0.0, dense)
     fire, _ = ex.over_rows(lambda x, tm: ex.rule_fire_score(c, sae, x, tm), sae, d.forget.acts_held, d.forget.held.mask)
     return float(fire[d.forget.held.mask].float().mean())
 

@@ -319,7 +319,13 @@ EVIDENCE_MEASURES = tuple(_SAE_ROW[t] for t in (
     ("forget tokens where `pattern` clamps", "detection_pattern", "token_recall", 3, 1))
 
 
-def t_evidence(doc: str, *runs: str, label: str = "hmm − ema") -> list[str]:
+# what --pattern_clamp changes beside the evidence measures: the after-passage damage and SAEBench's score
+CLAMP_MEASURES = EVIDENCE_MEASURES + (
+    ("`pattern` after-passage KL ratio to `standard` at +0.5", "frontier_pattern", "spliced_kl_after_ratio_at_ce_0.5", 3, -1),
+    _SAE_ROW["`pattern` SAEBench score"])
+
+
+def t_evidence(doc: str, *runs: str, label: str = "hmm − ema", measures=EVIDENCE_MEASURES) -> list[str]:
     """Pairs of runs of the same SAEs, two detector variants (--evidence ema then hmm; or, as `threshold`,
     --detector_fpr_unit token then row): both, and the second minus the first."""
     if len(runs) % 2:
@@ -337,7 +343,7 @@ def t_evidence(doc: str, *runs: str, label: str = "hmm − ema") -> list[str]:
             return "–"
         return compare(b, a, e, k, sign, d) if sign else compare(b, a, e, k, 1, d).split(":")[0]
     rows = [[title] + [c for a, b in pairs for c in (one(a, e, k, d), one(b, e, k, d), diff(a, b, e, k, d, sign))]
-            for title, e, k, d, sign in EVIDENCE_MEASURES]
+            for title, e, k, d, sign in measures]
     header = ["measure"] + [c for a, b in pairs for c in (link(a, doc), link(b, doc), label)]
     return table(header, rows)
 
@@ -346,7 +352,8 @@ KINDS = {"generation": t_generation, "machine": t_machine, "readme": t_readme, "
          "precision": t_precision, "strategies": t_strategies, "versus": t_versus,
          "saes": t_saes, "verdict": t_verdict, "evidence": t_evidence,
          "threshold": lambda doc, *runs: t_evidence(doc, *runs, label="row − token"),
-         "cusum": lambda doc, *runs: t_evidence(doc, *runs, label="cusum − ema")}
+         "cusum": lambda doc, *runs: t_evidence(doc, *runs, label="cusum − ema"),
+         "clamp": lambda doc, *runs: t_evidence(doc, *runs, label="all − active", measures=CLAMP_MEASURES)}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -142,6 +142,10 @@ class Config:
                                                           "active (the selected latents that are on, SAEBench's clamp) "
                                                           "| all (every selected latent, on or not: DSG's rule, a steer "
                                                           "that covers the detected passage)")
+    pattern_ramp: float = opt(0.0, "pattern, hybrid: scale the clamp's edit with the detector's evidence, from 0 at "
+                                   "its threshold to full at pattern_ramp x the median excess over the threshold of "
+                                   "the calibration forget tokens where it fires (so a weak false alarm steers "
+                                   "little); 0 = full wherever it fires (a hard gate)")
     retain_gate: float = opt(0.99, "retain accuracy a sweep point must keep (SAEBench)")
     hybrid_quantile: float = opt(0.99, "hybrid clamps off-pattern where a latent exceeds this retain quantile")
     dsg_quantile: float = opt(0.95, "dsg clamps rows whose active fraction exceeds this retain quantile (DSG)")
@@ -220,6 +224,7 @@ class Config:
              "--detector_window, --horizon, --detector_latents must be >= 1"),
             (0 < self.switch_prob < 0.5 and self.evidence_scale > 0, "--switch_prob in (0, 0.5), --evidence_scale > 0"),
             (self.cusum_cap > 0, "--cusum_cap > 0"),
+            (self.pattern_ramp >= 0 and math.isfinite(self.pattern_ramp), "--pattern_ramp must be finite and >= 0"),
             (self.guard_refine >= 0, "--guard_refine >= 0"),
             (self.generate_prompts >= 1 and self.prompt_tokens >= 1 and self.generate_tokens >= 4,
              "--generate_prompts >= 1, --prompt_tokens >= 1, --generate_tokens >= 4"),
@@ -2011,6 +2016,7 @@ class LagDetector(NamedTuple):
     switch: float = 0.01      # hmm: probability that the domain changes between two tokens
     scale: float = 1.0        # hmm: weight of one token's log-odds (neighbouring tokens are not independent)
     cap: float = math.inf     # cusum: the largest value the statistic keeps (log-odds)
+    ramp: float = 0.0         # evidence above threshold where a clamp it gates reaches full strength (0: hard gate)
 
 
 def pool(det, s_BT: torch.Tensor, tm: Time) -> torch.Tensor:
@@ -2076,6 +2082,22 @@ def token_score(det, sae, resid_BTD, tm: Time, f_sel_BTk=None) -> torch.Tensor:
 def detector_fires(det, sae, resid_BTD, tm: Time, f_sel_BTk=None) -> torch.Tensor:
     evidence = pool(det, token_score(det, sae, resid_BTD, tm, f_sel_BTk), tm)
     return (evidence >= det.threshold) & tm.valid
+
+
+def evidence_gain(det, ev: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """How much of a gated clamp acts, from pooled evidence: bool where it reaches the threshold (a hard
+    gate, ramp 0), else a float rising linearly from 0 at the threshold to 1 at threshold + ramp. Evidence
+    far above threshold is what a forget passage gives; false alarms on retain text sit just above it,
+    so under a ramp they steer little (--pattern_ramp). Shared with the streaming guard."""
+    ramp = getattr(det, "ramp", 0.0)  # Templates: always a hard gate
+    if not ramp:
+        return (ev >= det.threshold) & valid
+    return ((ev - det.threshold) / ramp).clamp(0.0, 1.0) * valid
+
+
+def detector_gain(det, sae, resid_BTD, tm: Time, f_sel_BTk=None) -> torch.Tensor:
+    """(B, T) evidence_gain of the detector's pooled evidence: where and how strongly pattern may clamp."""
+    return evidence_gain(det, pool(det, token_score(det, sae, resid_BTD, tm, f_sel_BTk), tm), tm.valid)
 
 
 def fit_templates(win_NK: torch.Tensor, n: int, seed: int, iters: int = 25) -> torch.Tensor:
@@ -2145,7 +2167,7 @@ def clamp_where(c: Clamp, sae, resid_BTD, tm: Time, f_BTk: torch.Tensor) -> torc
         else:  # rho_t over the prefix <= t
             rho = ema(on.to(resid_BTD.dtype), tm, math.inf)
         return (on & (rho > c.rho_tau)).unsqueeze(-1).expand_as(active)
-    fires = detector_fires(c.detector, sae, resid_BTD, tm, f_BTk).unsqueeze(-1)
+    fires = detector_gain(c.detector, sae, resid_BTD, tm, f_BTk).unsqueeze(-1)
     return pattern_where(c, active, fires, f_BTk)
 
 
@@ -2154,19 +2176,25 @@ def pattern_where(c: Clamp, active: torch.Tensor, fires: torch.Tensor, f: torch.
     detector's verdict `fires` (..., 1) and their values `f` (..., k); shared with the streaming guard.
     dense (--pattern_clamp all): where the detector fires every selected latent is set to -multiplier,
     active or not (a steer along the selection's decoder directions, as DSG clamps all k latents where it
-    fires), so the clamp covers the passage wherever it is detected instead of only where a rare latent is on."""
-    on_pattern = fires.expand_as(active) if c.dense else active & fires
+    fires), so the clamp covers the passage wherever it is detected instead of only where a rare latent is on.
+    A float `fires` (a detector with a ramp: evidence_gain) gives a float result, the fraction of each
+    latent's clamp edit to apply; hybrid's off-pattern rule always applies in full."""
+    if fires.dtype == torch.bool:
+        on_pattern = fires.expand_as(active) if c.dense else active & fires
+    else:
+        on_pattern = fires.expand_as(active) if c.dense else active * fires
     if c.strategy == "pattern":
         return on_pattern
     if c.strategy == "hybrid":  # off-pattern, a latent far above its retain level is clamped too
-        return on_pattern | (active & (f > c.hi.to(f.device)))
+        off = active & (f > c.hi.to(f.device))
+        return on_pattern | off if fires.dtype == torch.bool else torch.maximum(on_pattern, off.to(on_pattern.dtype))
     raise ValueError(c.strategy)
 
 
 class Plan(NamedTuple):
     """Where one strategy clamps on one batch, and the clean values of the selected latents there.
     It does not depend on the multiplier: the sweep makes it once per selection and strategy."""
-    where: torch.Tensor  # (B, T, k) bool
+    where: torch.Tensor  # (B, T, k) bool, or float in [0, 1] under a ramp (the fraction of the edit)
     f: torch.Tensor      # (B, T, k) clean latents
 
 
@@ -2178,8 +2206,16 @@ def clamp_plan(c: Clamp, sae: TemporalSAE, resid_BTD, tm: Time) -> Plan:
 def apply_plan(sae: TemporalSAE, latents, plan: Plan, multiplier: float, resid_BTD) -> torch.Tensor:
     """resid' = resid + decode(f') - decode(f): only the clamped latents' change is added, so the
     SAE's error term is kept (SAEBench's intervention). Rows with nothing to clamp stay bit-identical."""
-    delta_BTk = torch.where(plan.where, -multiplier - plan.f, torch.zeros_like(plan.f))
+    delta_BTk = clamp_delta(plan.where, plan.f, multiplier)
     return resid_BTD + (delta_BTk @ sae.W_dec[latents.to(resid_BTD.device)]) / sae.scale
+
+
+def clamp_delta(where: torch.Tensor, f: torch.Tensor, multiplier: float) -> torch.Tensor:
+    """(..., k) the change of the selected latents: -multiplier - f where clamped; a float `where` (a
+    ramp) scales it, moving the latent that fraction of the way to -multiplier."""
+    if where.dtype == torch.bool:
+        return torch.where(where, -multiplier - f, torch.zeros_like(f))
+    return where.to(f.dtype) * (-multiplier - f)
 
 
 def clamp_fn(sae: TemporalSAE, c: Clamp) -> Intervention:
@@ -3064,7 +3100,24 @@ def fit_lag_detector(cfg, sae, idx, forget: Corpus, retain: Corpus, max_tokens: 
     if det.evidence == "cusum" and thr >= det.cap:  # the statistic never exceeds its cap: a gate that never fires
         raise UsageError(f"--cusum_cap {det.cap:g}: more than --detector_fpr {cfg.detector_fpr:g} of the calibration "
                          f"retain {cfg.detector_fpr_unit}s reach the cap, so no threshold below it exists; raise --cusum_cap")
-    return det._replace(threshold=thr)
+    det = det._replace(threshold=thr)
+    return det._replace(ramp=ramp_width(det, sae, forget, cfg.pattern_ramp))
+
+
+def ramp_width(det, sae, forget: Corpus, ramp: float) -> float:
+    """--pattern_ramp in evidence units: ramp x the median excess over the threshold of the calibration
+    forget tokens where the detector fires (training documents held back from fitting), so full strength
+    is reached where a typical detected forget token's evidence is; 0 (a hard gate) when ramp is 0."""
+    if ramp == 0:
+        return 0.0
+    cal = calibration_rows(forget.train)
+    s, tm = plain_scores(det, sae, forget.acts_train[cal], forget.train.mask[cal])
+    ev = pool(det, s, tm)[tm.valid]
+    excess = ev[ev >= det.threshold] - det.threshold
+    if not len(excess) or float(excess.median()) <= 0:
+        raise UsageError(f"--pattern_ramp {ramp:g}: the detector fires on no calibration forget token above its "
+                         "threshold, so the ramp has no scale; use --pattern_ramp 0")
+    return ramp * float(excess.median())
 
 
 def detector_features(sae, idx, acts_NTD, mask_NT, rows: int = 64) -> torch.Tensor:
@@ -3651,7 +3704,7 @@ def save_guard_state(out: Path, cfg: Config, sels: list[Selection], dets: "Detec
             "selections": [{"rule": x.rule, "threshold": x.threshold, "n": x.n, "rho_tau": x.rho_tau} for x in sels],
             "learned": {"bias": det.bias, "horizon": det.horizon, "threshold": det.threshold,
                         "evidence": det.evidence, "switch": det.switch, "scale": det.scale,
-                        "cap": None if math.isinf(det.cap) else det.cap}}
+                        "cap": None if math.isinf(det.cap) else det.cap, "ramp": det.ramp}}
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     atomic_write_json(out / "guard.json", meta)
     atomic_write(out / "guard.safetensors", lambda p: save_file(tensors, p))
@@ -3699,7 +3752,8 @@ def load_guard(run_dir, strategy: str = "pattern", point: int | None = None, lev
 def guard_detector(meta: dict, t: dict) -> LagDetector:
     L = meta["learned"]
     return LagDetector(t["detector.idx"], t["detector.weight"], L["bias"], L["horizon"], L["threshold"],
-                       L["evidence"], L["switch"], L["scale"], math.inf if L.get("cap") is None else L["cap"])
+                       L["evidence"], L["switch"], L["scale"], math.inf if L.get("cap") is None else L["cap"],
+                       L.get("ramp", 0.0))
 
 
 class Guard:
@@ -3775,7 +3829,7 @@ class Guard:
         on = active.any(-1)
         where = self.where(st, c, f, f_sel, active, on, valid)
         st["on"] = torch.cat([st["on"], on[:, None]], 1)[:, 1:]
-        delta = torch.where(where, -c.multiplier - f_sel, torch.zeros_like(f_sel))
+        delta = clamp_delta(where, f_sel, c.multiplier)
         return x_BD + (delta @ sae.W_dec[c.latents.to(x_BD.device)]) / sae.scale
 
     def where(self, st: dict, c: Clamp, f, f_sel, active, on, valid) -> torch.Tensor:
@@ -3807,7 +3861,7 @@ class Guard:
             lam = 1.0 if math.isinf(d.horizon) else 1.0 - 1.0 / d.horizon
             st["num"], st["den"] = lam * st["num"] + valid * s, lam * st["den"] + valid.float()
             ev = torch.where(st["den"] > 0, st["num"] / st["den"].clamp_min(1e-12), torch.zeros_like(s))
-        return (ev >= d.threshold) & valid
+        return evidence_gain(d, ev, valid)
 
 
 # =============================================================================================

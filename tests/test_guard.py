@@ -24,7 +24,7 @@ def prompts(tok, texts, pad_id):
     return ids, mask
 
 
-def tiny_guard(model, strategy, evidence="ema", dense=False):
+def tiny_guard(model, strategy, evidence="ema", dense=False, ramp=0.0):
     """A w=4 SAE and a learned detector on random weights, with latents that fire and a detector that
     fires on part of the text, so every rule clamps somewhere and spares somewhere."""
     torch.manual_seed(0)
@@ -35,6 +35,7 @@ def tiny_guard(model, strategy, evidence="ema", dense=False):
     det = ex.LagDetector(torch.arange(20, 36), 0.5 * torch.randn(16, 3), 0.0, 2.0, 0.0, evidence, 0.05, 0.5)
     if evidence == "cusum":  # the statistic is >= 0: a threshold above 0 and a cap above that
         det = det._replace(threshold=0.5, cap=2.0)
+    det = det._replace(ramp=ramp)
     c = ex.Clamp(strategy, torch.tensor([1, 5, 9, 17]), 8.0, 3, det, torch.full((4,), 0.3), 0.3, dense)
     return ex.Guard(sae, LAYER, c)
 
@@ -55,12 +56,16 @@ PADDED = ["Cells divide by mitosis and the", "The river"]
 UNPADDED = ["Cells divide by mitosis and the", "Cells divide by mitosis and a"]  # one length: generate() drops the mask
 
 
-@pytest.mark.parametrize("strategy,evidence,texts,dense", [(s, "ema", PADDED, False) for s in ex.CAUSAL_STRATEGIES] +
-                         [("pattern", "hmm", PADDED, False), ("pattern", "cusum", PADDED, False),
-                          ("pattern", "ema", UNPADDED, False), ("standard", "ema", UNPADDED, False),
-                          ("pattern", "ema", PADDED, True), ("hybrid", "ema", PADDED, True)])
-def test_generation_with_the_cache_equals_one_guarded_forward(model, tok, strategy, evidence, texts, dense):
-    guard = tiny_guard(model, strategy, evidence, dense)
+@pytest.mark.parametrize("strategy,evidence,texts,dense,ramp", [(s, "ema", PADDED, False, 0.0) for s in ex.CAUSAL_STRATEGIES] +
+                         [("pattern", "hmm", PADDED, False, 0.0), ("pattern", "cusum", PADDED, False, 0.0),
+                          ("pattern", "ema", UNPADDED, False, 0.0), ("standard", "ema", UNPADDED, False, 0.0),
+                          ("pattern", "ema", PADDED, True, 0.0), ("hybrid", "ema", PADDED, True, 0.0),
+                          ("pattern", "ema", PADDED, True, 1.0), ("hybrid", "ema", PADDED, False, 1.0)])
+def test_generation_with_the_cache_equals_one_guarded_forward(model, tok, monkeypatch, strategy, evidence, texts, dense,
+                                                             ramp):
+    guard = tiny_guard(model, strategy, evidence, dense, ramp)
+    gains, gain = [], ex.evidence_gain  # under a ramp, some positions must get a fraction of the clamp
+    monkeypatch.setattr(ex, "evidence_gain", lambda *a: gains.append(gain(*a)) or gains[-1])
     ids, mask = prompts(tok, texts, pad_id=1)
     new = 10
     with guard.attached(model):
@@ -81,6 +86,9 @@ def test_generation_with_the_cache_equals_one_guarded_forward(model, tok, strate
         clean = model(input_ids=seq, attention_mask=full, position_ids=positions(full)).logits
     changed = ((tf - clean).abs().amax(-1) > 1e-3) & real
     assert changed.any(), "the guard never clamped: the test would pass for any guard"
+    if ramp:
+        g = torch.cat([x.flatten() for x in gains])
+        assert ((g > 0) & (g < 1)).any(), "no position between the threshold and full strength"
 
 
 def test_state_is_per_sequence_and_bounded(model, tok):
@@ -150,6 +158,17 @@ def test_a_pattern_clamp_all_run_gives_a_dense_guard(tmp_path, model, tok):
     ex.run(ex.parse_config(flags), model=model, tok=tok)
     for s in ("pattern", "hybrid"):
         assert ex.load_guard(tmp_path / "run", s, level=0.0).clamp.dense
+
+
+def test_a_pattern_ramp_run_gives_a_guard_with_the_ramp(tmp_path, model, tok):
+    """guard.json carries the ramp's scale (evidence units, set on calibration forget rows) and the
+    guard reads it back."""
+    flags = [f for f in tiny_flags(tmp_path / "run", "unused", "--strategies=standard,pattern",
+                                   "--pattern_ramp=1") if not f.startswith("--model")]
+    ex.run(ex.parse_config(flags), model=model, tok=tok)
+    meta = json.loads((tmp_path / "run" / "guard.json").read_text())
+    det = ex.load_guard(tmp_path / "run", "pattern", level=0.0).clamp.detector
+    assert det.ramp == meta["learned"]["ramp"] > 0
 
 
 def test_refine_guard_measures_on_the_evaluation_rows(tmp_path, model, tok):

@@ -186,6 +186,29 @@ def test_pattern_clamp_dense_takes_every_selected_latent_where_the_detector_fire
         [[False] * 3, [True, False, False], [False] * 3, [False, False, True]]
 
 
+def test_a_ramp_scales_the_clamp_with_the_evidence():
+    """--pattern_ramp: the gain rises linearly from 0 at the threshold to 1 at threshold + ramp; ramp 0
+    is the hard gate (bool); pattern_where and clamp_delta carry the fraction, hybrid's off-pattern rule
+    stays whole."""
+    det = ex.LagDetector(None, torch.zeros(1, 1), 0.0, 2.0, 1.0, ramp=2.0)
+    ev = torch.tensor([[0.0, 1.0, 2.0, 3.0, 5.0, 5.0]])
+    valid = torch.tensor([[True] * 5 + [False]])
+    assert ex.evidence_gain(det, ev, valid).tolist() == [[0.0, 0.0, 0.5, 1.0, 1.0, 0.0]]
+    hard = ex.evidence_gain(det._replace(ramp=0.0), ev, valid)
+    assert hard.dtype == torch.bool and hard.tolist() == [[False, True, True, True, True, False]]
+    f = torch.tensor([[[1.0, 0.0], [0.0, 0.9]]])  # (1, 2, 2): latent 0 on at t=0, latent 1 at t=1
+    gain = torch.tensor([[0.5, 0.0]]).unsqueeze(-1)
+    c = ex.Clamp("pattern", torch.tensor([0, 1]), 3.0, 4, None, torch.tensor([1.5, 0.5]), 0.0)
+    assert ex.pattern_where(c, f > 0, gain, f).tolist() == [[[0.5, 0.0], [0.0, 0.0]]]
+    assert ex.pattern_where(c._replace(dense=True), f > 0, gain, f).tolist() == [[[0.5, 0.5], [0.0, 0.0]]]
+    # hybrid: latent 1 at t=1 is above its hi (0.5) off-pattern, clamped in full; latent 0 is below its 1.5
+    assert ex.pattern_where(c._replace(strategy="hybrid"), f > 0, gain, f).tolist() == [[[0.5, 0.0], [0.0, 1.0]]]
+    w = ex.pattern_where(c._replace(dense=True), f > 0, gain, f)
+    # half the way from the clean value to -3: latent 0 from 1 to -1, latent 1 from 0 to -1.5
+    assert ex.clamp_delta(w, f, 3.0).tolist() == [[[-2.0, -1.5], [0.0, 0.0]]]
+    assert torch.equal(ex.clamp_delta(w > 0, f, 3.0), torch.where(w > 0, -3.0 - f, torch.zeros_like(f)))
+
+
 def test_ema_pools_over_predecessors_only():
     x = torch.tensor([[0.0, 4.0, 0.0, 0.0, 8.0]])
     valid = torch.tensor([[False, True, True, True, True]])

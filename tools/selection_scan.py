@@ -4,7 +4,7 @@ training document, never used to fit a detector) instead of held-out ones.
 
     python tools/selection_scan.py --sae_dir run_1/seed_0 [--forget_corpus F --retain_corpus R]
         [--gated 25@0.001,50@0.001,100@0.001] [--evidence ema:2,hmm:0.01:0.25] [--rank cover,attribution]
-        [--calibrate token:0.01,row:0.05] [--pattern_clamp active|all] [--multipliers 1,3,10]
+        [--calibrate token:0.01,row:0.05] [--pattern_clamp active|all] [--pattern_ramp 1] [--multipliers 1,3,10]
 
 The evaluation rows are calibration rows of both domains, the spliced documents are built from
 calibration documents, and the question sets are cut to a few questions (their numbers are not
@@ -130,6 +130,8 @@ def main():
     ap.add_argument("--attribution_rows", type=int, default=64, help="forget training rows for --rank attribution")
     ap.add_argument("--pattern_clamp", default="active", choices=("active", "all"),
                     help="what pattern clamps where the detector fires (experiment.py's --pattern_clamp)")
+    ap.add_argument("--pattern_ramp", type=float, default=0.0,
+                    help="experiment.py's --pattern_ramp (0: a hard gate); its scale is set again at each threshold")
     ap.add_argument("--multipliers", default="", help="comma-separated clamp values (default: experiment.py's)")
     ap.add_argument("--points", action="store_true", help="also print pattern's sweep points")
     ap.add_argument("--detector_only", action="store_true", help="the detector's measures only, no sweep")
@@ -137,7 +139,7 @@ def main():
     run_cfg = ex.read_json(Path(args.sae_dir) / "config.json", "run config")
     cfg = dataclasses.replace(ex.Config(), layer=run_cfg["layer"], context_length=run_cfg["context_length"],
                               forget_corpus=args.forget_corpus, retain_corpus=args.retain_corpus, gated_features=(),
-                              pattern_clamp=args.pattern_clamp)
+                              pattern_clamp=args.pattern_clamp, pattern_ramp=args.pattern_ramp)
     if args.multipliers:
         cfg = dataclasses.replace(cfg, multipliers=tuple(float(m) for m in args.multipliers.split(",")))
     model, tok = ex.load_model(cfg, torch.device("cpu"))
@@ -159,6 +161,7 @@ def main():
         det = parse_evidence(spec, dets.learned)
         unit, fpr = cal.split(":")
         det = det._replace(threshold=ex.calibrate(det, sae, d.retain, float(fpr), unit=unit))
+        det = det._replace(ramp=ex.ramp_width(det, sae, d.forget, args.pattern_ramp))
         spec_name = spec if cal == "token:0.01" else f"{spec} {cal}"  # the harness's default threshold: no suffix
         dets_v = dets._replace(learned=det)
         print(detector_line(f"detector {spec_name}", det, sae, d), flush=True)

@@ -278,3 +278,23 @@ def test_evidence_table_pairs_runs_and_takes_the_difference(docs_root):
     assert doc_tables.KINDS["threshold"]("README.md", "ema", "hmm")[0].endswith("| row − token |")
     with pytest.raises(ValueError, match="pairs"):
         doc_tables.t_evidence("README.md", "ema")
+
+
+def test_budgets_table_reads_each_seeds_sweep(docs_root):
+    """doc_tables.t_budgets: per run and gated strategy, the forget-CE increase within each retain-KL
+    budget along the seed's own front (sweep.json; the clean model at the origin), mean ± stderr over
+    seeds; a strategy a run did not sweep has no row."""
+    def pt(s, ce, kl):
+        return {"strategy": s, "forget_ce_increase": ce, "retain_kl": kl, "forget_ce_increase_stderr": 0.0,
+                "retain_kl_stderr": 0.0}
+    (docs_root / "r").mkdir()
+    (docs_root / "r" / "final_info.json").write_text("{}")
+    for k, top in enumerate((1.0, 3.0)):  # pattern reaches `top` at retain KL 0.01: a line from the origin
+        (docs_root / "r" / f"seed_{k}").mkdir()
+        pts = [pt("standard", 5.0, 1.0), pt("pattern", top, 0.01)]
+        (docs_root / "r" / f"seed_{k}" / "sweep.json").write_text(json.dumps({"points": pts}))
+    lines = doc_tables.t_budgets("README.md", "r")
+    assert lines[0] == "| strategy, run | KL 0.001 | KL 0.005 | KL 0.01 | KL 0.05 |"
+    assert len(lines) == 3 and lines[2].startswith("| `pattern`, [r](")
+    # seeds reach 0.1 / 0.3 within 0.001, 0.5 / 1.5 within 0.005, 1 / 3 within 0.01 and 0.05
+    assert lines[2].endswith("| 0.20 ± 0.10 | 1.00 ± 0.50 | 2.00 ± 1.00 | 2.00 ± 1.00 |")

@@ -22,6 +22,8 @@ import sys
 from functools import lru_cache
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # budget_curve, for the `budgets` kind
+
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ("README.md", "docs/results.md")
 STRATEGIES = ("standard", "gate", "dsg", "dsg_causal", "pattern", "hybrid")
@@ -120,6 +122,24 @@ def t_budget(doc: str, *runs: str) -> list[str]:
         return (f"{cell(r, f, 'forget_ce_within_retain_kl_0.01', 2)} / {cell(r, f, 'forget_ce_within_retain_kl_0.05', 2)}"
                 f"; {cell(r, f'unlearning_{s}', 'unlearning_score', 3)}")
     return table(["strategy"] + [link(r, doc) for r in runs], [[s] + [one(r, s) for r in runs] for s in swept(runs)])
+
+
+BUDGET_COLUMNS = (0.001, 0.005, 0.01, 0.05)
+
+
+def t_budgets(doc: str, *runs: str) -> list[str]:
+    """Forget-CE increase within retain KL 0.001 / 0.005 / 0.01 / 0.05 of each gated strategy a run swept:
+    tools/budget_curve.py's curve from each seed's sweep.json, mean ± stderr over seeds."""
+    import budget_curve as bc  # imports experiment (torch): only tables of this kind need it
+    cols = [bc.BUDGETS.index(b) for b in BUDGET_COLUMNS]
+    rows = []
+    for r in runs:
+        curves = bc.curves(ROOT / r)
+        for s in (x for x in ("pattern", "hybrid", "dsg", "dsg_causal") if x in curves):
+            a = curves[s]
+            rows.append([f"`{s}`, {link(r, doc)}"] + [fmt((float(a[:, j].mean()), bc.ex.stderr(a[:, j]) if len(a) > 1 else 0.0), 2)
+                                                     for j in cols])
+    return table(["strategy, run"] + [f"KL {b:g}" for b in BUDGET_COLUMNS], rows)
 
 
 def t_detection(doc: str, *runs: str) -> list[str]:
@@ -353,7 +373,9 @@ KINDS = {"generation": t_generation, "machine": t_machine, "readme": t_readme, "
          "saes": t_saes, "verdict": t_verdict, "evidence": t_evidence,
          "threshold": lambda doc, *runs: t_evidence(doc, *runs, label="row − token"),
          "cusum": lambda doc, *runs: t_evidence(doc, *runs, label="cusum − ema"),
-         "clamp": lambda doc, *runs: t_evidence(doc, *runs, label="all − active", measures=CLAMP_MEASURES)}
+         "clamp": lambda doc, *runs: t_evidence(doc, *runs, label="all − active", measures=CLAMP_MEASURES),
+         "ramp": lambda doc, *runs: t_evidence(doc, *runs, label="ramp − hard", measures=CLAMP_MEASURES),
+         "budgets": t_budgets}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -160,3 +160,20 @@ def test_selection_scan_attribution_is_the_first_order_ablation_effect(model):
         assert score[i].item() == pytest.approx(numeric, rel=2e-3, abs=1e-4)
     none = selection_scan.attribution_batch(m, 1, sae, b, torch.zeros_like(fires))
     assert torch.equal(none, torch.zeros(48, dtype=none.dtype))
+
+
+def test_after_passage_variants_cut_the_clamp_where_they_say():
+    """tools/after_passage.py: the distance after a row's last passage token, and pattern's clamp with
+    the tokens after the passage switched off, or on the whole passage only (bool and ramp gains)."""
+    import torch
+
+    import after_passage as ap
+    label = torch.tensor([[False, True, True, False, False], [False] * 5])
+    assert ap.distance_after(label).tolist() == [[0, 0, 0, 1, 2], [0] * 5]
+    where = torch.tensor([[[True], [False], [True], [True], [False]], [[True], [False], [False], [False], [True]]])
+    off = ap.variant_where(where, label, "off after the passage")
+    assert off[..., 0].tolist() == [[True, False, True, False, False], [True, False, False, False, True]]
+    assert ap.variant_where(where, label, "the whole passage only")[..., 0].tolist() == label.tolist()
+    gain = where.float() * 0.5
+    assert ap.variant_where(gain, label, "off after the passage")[..., 0].tolist() == [[0.5, 0, 0.5, 0, 0], [0.5, 0, 0, 0, 0.5]]
+    assert ap.variant_where(where, label, "as it is") is where

@@ -99,12 +99,7 @@ def evidence_report(det, sae, d: ex.EvalData, first: int = 4):
 
 @torch.no_grad()
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sae_dir", required=True, help="a run folder holding sae.safetensors, cfg.json and config.json")
-    ap.add_argument("--forget_corpus", default="embedded")
-    ap.add_argument("--retain_corpus", default="embedded")
-    ap.add_argument("--rows", type=int, default=12, help="calibration rows per domain for CE and KL")
-    ap.add_argument("--spliced", type=int, default=6, help="calibration spliced documents for the KL after them")
+    ap = ss.calibration_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]))
     ap.add_argument("--pattern_clamp", default="all", choices=("active", "all"), help="experiment.py's --pattern_clamp")
     ap.add_argument("--pattern_ramp", type=float, default=0.0, help="experiment.py's --pattern_ramp")
     ap.add_argument("--multipliers", default="1,2,3,10,30,100,300,1000", help="comma-separated clamp values")

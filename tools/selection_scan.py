@@ -114,14 +114,19 @@ def detector_line(name: str, det, sae, d: ex.EvalData) -> str:
             f"forget_fire {m['fire_rate_forget']:.3f}  after_fire {m['fire_rate_after']:.3f}")
 
 
-@torch.no_grad()
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def calibration_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The flags every calibration-document tool takes: the SAE, the corpora, the rows it reads."""
     ap.add_argument("--sae_dir", required=True, help="a run folder holding sae.safetensors, cfg.json and config.json")
     ap.add_argument("--forget_corpus", default="embedded")
     ap.add_argument("--retain_corpus", default="embedded")
     ap.add_argument("--rows", type=int, default=12, help="calibration rows per domain for CE and KL")
-    ap.add_argument("--spliced", type=int, default=6, help="calibration spliced documents for the precision measure")
+    ap.add_argument("--spliced", type=int, default=6, help="calibration spliced documents for the KL measures")
+    return ap
+
+
+@torch.no_grad()
+def main():
+    ap = calibration_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]))
     ap.add_argument("--gated", default="25@0.001,50@0.001,100@0.001", help="gated selections N@THRESHOLD")
     ap.add_argument("--evidence", default="ema:2,hmm:0.01:0.25", help="accumulators ema:H | hmm:SWITCH:SCALE | cusum:CAP")
     ap.add_argument("--calibrate", default="token:0.01", help="detector thresholds UNIT:FPR, unit token (a fraction of "

@@ -106,6 +106,14 @@ SCRIPT = re.compile(r"(?:tools/\w+|\bbench|\bplot|\bexperiment)\.py")
 PIP_FLAGS = {"--no-deps"}  # pip's own, on the set-up and test lines
 
 
+def calibration_flags() -> set[str]:
+    """The flags tools/selection_scan.py's calibration_args adds, read from its source."""
+    text = (ROOT / "tools" / "selection_scan.py").read_text()
+    body = text[text.index("def calibration_args"):]
+    body = body[:body.index("\n\n\n")]
+    return set(re.findall(r"add_argument\(\s*\"(--[\w-]+)\"", body))
+
+
 def script_flags() -> dict[str, set[str]]:
     """Flags each script takes: experiment.py's from its own parser, the others' from their
     add_argument calls."""
@@ -115,7 +123,9 @@ def script_flags() -> dict[str, set[str]]:
         found = re.findall(r"add_argument\(\s*\"(--[\w-]+)\"", text)
         # a tool that hands the flags it does not know to experiment.parse_config takes those too
         through = out["experiment.py"] if "parse_known_args" in text and "ex.parse_config(rest" in text else set()
-        out[path.relative_to(ROOT).as_posix()] = set(found) | {"--help", "-h"} | through
+        # a calibration-document tool takes tools/selection_scan.py's shared flags (calibration_args)
+        shared = calibration_flags() if "ss.calibration_args(" in text else set()
+        out[path.relative_to(ROOT).as_posix()] = set(found) | {"--help", "-h"} | through | shared
     return out
 
 

@@ -2179,15 +2179,12 @@ def pattern_where(c: Clamp, active: torch.Tensor, fires: torch.Tensor, f: torch.
     fires), so the clamp covers the passage wherever it is detected instead of only where a rare latent is on.
     A float `fires` (a detector with a ramp: evidence_gain) gives a float result, the fraction of each
     latent's clamp edit to apply; hybrid's off-pattern rule always applies in full."""
-    if fires.dtype == torch.bool:
-        on_pattern = fires.expand_as(active) if c.dense else active & fires
-    else:
-        on_pattern = fires.expand_as(active) if c.dense else active * fires
+    on_pattern = fires.expand_as(active) if c.dense else active * fires  # bool * bool: and
     if c.strategy == "pattern":
         return on_pattern
     if c.strategy == "hybrid":  # off-pattern, a latent far above its retain level is clamped too
         off = active & (f > c.hi.to(f.device))
-        return on_pattern | off if fires.dtype == torch.bool else torch.maximum(on_pattern, off.to(on_pattern.dtype))
+        return torch.maximum(on_pattern, off.to(on_pattern.dtype))  # on bools: or
     raise ValueError(c.strategy)
 
 
@@ -3100,8 +3097,7 @@ def fit_lag_detector(cfg, sae, idx, forget: Corpus, retain: Corpus, max_tokens: 
     if det.evidence == "cusum" and thr >= det.cap:  # the statistic never exceeds its cap: a gate that never fires
         raise UsageError(f"--cusum_cap {det.cap:g}: more than --detector_fpr {cfg.detector_fpr:g} of the calibration "
                          f"retain {cfg.detector_fpr_unit}s reach the cap, so no threshold below it exists; raise --cusum_cap")
-    det = det._replace(threshold=thr)
-    return det._replace(ramp=ramp_width(det, sae, forget, cfg.pattern_ramp))
+    return det._replace(threshold=thr)
 
 
 def ramp_width(det, sae, forget: Corpus, ramp: float) -> float:
@@ -3161,7 +3157,9 @@ class Detectors(NamedTuple):
 
 def fit_detectors(cfg, sae, forget: Corpus, retain: Corpus, sp_f, sp_r) -> Detectors:
     cands = candidate_latents(sp_f, sp_r, cfg.detector_latents)
-    return Detectors(fit_lag_detector(cfg, sae, cands, forget, retain),
+    learned = fit_lag_detector(cfg, sae, cands, forget, retain)
+    # only the learned detector gates a clamp (the residual one is a detection reference): only it gets a ramp
+    return Detectors(learned._replace(ramp=ramp_width(learned, sae, forget, cfg.pattern_ramp)),
                      fit_lag_detector(cfg, sae, None, forget, retain))
 
 
@@ -3249,13 +3247,18 @@ def run_sweep(cfg, model, sae, sels, dets, d: EvalData, progress: bool,
         edits = {n: [{s: apply_plan(sae, sel.latents, p, mult, b.resid) for s, p in bp.items()}
                      for b, bp in zip(eval_batches(d)[n], plans[n])] for n in plans}
         for s, (meas, kl_s) in measure_edits(model, cfg.layer, d, edits).items():
-            p = dict(strategy=s, multiplier=mult, selection=sel.rule, n_features=sel.n, n_selected=len(sel.latents),
-                     retain_threshold=sel.threshold)
-            for k, (v, e) in meas.items():
-                p[k], p[f"{k}_stderr"] = v, e
             kl_docs.append(kl_s[:SPLICED_FIGURE_DOCS])
-            points.append(p)
+            points.append(sweep_point(s, mult, sel, meas))
     return points, kl_docs
+
+
+def sweep_point(strategy: str, multiplier: float, sel: Selection, meas: dict) -> dict:
+    """One sweep.json point: the strategy, multiplier and selection, and each measure with its stderr."""
+    p = dict(strategy=strategy, multiplier=multiplier, selection=sel.rule, n_features=sel.n,
+             n_selected=len(sel.latents), retain_threshold=sel.threshold)
+    for k, (v, e) in meas.items():
+        p[k], p[f"{k}_stderr"] = v, e
+    return p
 
 
 SPLICED_FIGURE_DOCS = 6

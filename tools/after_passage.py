@@ -70,11 +70,7 @@ def sweep_variants(cfg, model, sae, sels, dets, d: ex.EvalData) -> dict[str, lis
             edits["spliced"] = [{v: ex.apply_plan(sae, sel.latents, pv[v], m, b.resid) for v in VARIANTS}
                                 for b, pv in zip(bs["spliced"], spl)]
             for v, (meas, _) in ex.measure_edits(model, cfg.layer, d, edits).items():
-                p = dict(strategy="pattern", multiplier=m, selection=sel.rule, n_features=sel.n,
-                         retain_threshold=sel.threshold)
-                for k, (val, err) in meas.items():
-                    p[k], p[f"{k}_stderr"] = val, err
-                out[v].append(p)
+                out[v].append(ex.sweep_point("pattern", m, sel, meas))
     return out
 
 

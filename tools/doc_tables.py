@@ -137,7 +137,7 @@ def t_budgets(doc: str, *runs: str) -> list[str]:
         curves = bc.curves(ROOT / r)
         for s in (x for x in ("pattern", "hybrid", "dsg", "dsg_causal") if x in curves):
             a = curves[s]
-            rows.append([f"`{s}`, {link(r, doc)}"] + [fmt((float(a[:, j].mean()), bc.ex.stderr(a[:, j]) if len(a) > 1 else 0.0), 2)
+            rows.append([f"`{s}`, {link(r, doc)}"] + [fmt((float(a[:, j].mean()), bc.ex.stderr(a[:, j])), 2)
                                                      for j in cols])
     return table(["strategy, run"] + [f"KL {b:g}" for b in BUDGET_COLUMNS], rows)
 

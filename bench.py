@@ -265,8 +265,8 @@ def bench_sae_step(acts, mask, device, d_sae: int, batch_tokens: int, native_bf1
                         line += f" (target >= {TARGETS[w]}x: {'MET' if ratio >= TARGETS[w] else 'NOT MET'})"
             print(line)
     if not any(autocast for _, autocast in precisions):
-        print(f"  bf16 autocast at this size: skipped, this CPU has no native bf16 (no avx512_bf16 / amx_bf16); "
-              f"the default size is also timed emulated, for the ratios")
+        print("  bf16 autocast at this size: skipped, this CPU has no native bf16 (no avx512_bf16 / amx_bf16); "
+              "the default size is also timed emulated, for the ratios")
 
 
 def bench_crossover(acts, mask, device, d_sae: int, batch_tokens: int, native_bf16: bool, rounds: int = 5):

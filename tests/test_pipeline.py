@@ -196,7 +196,7 @@ def test_tiny_model_end_to_end_meets_the_results_contract(tmp_path, model, tok):
         m = results[f"unlearning_{s}"]["means"]
         assert 0 <= m["forget_acc"] <= 1 and 0 <= m["retain_acc"] <= 1 and 0 <= m["unlearning_score"] <= 1
         assert 0 <= results[f"detection_{s}"]["means"]["token_f1"] <= 1
-        assert f"retain_kl_at_ce_0.5" in results[f"frontier_{s}"]["means"]
+        assert "retain_kl_at_ce_0.5" in results[f"frontier_{s}"]["means"]
     for name in ("learned", "residual", "templates"):
         assert 0 <= results[f"detection_{name}"]["means"]["token_auroc"] <= 1
     sweep = json.loads((out / "sweep.json").read_text())

@@ -69,7 +69,7 @@ def test_evidence_compare_tables_and_figure(tmp_path, capsys):
             write_evidence_seed(tmp_path / acc / f"seed_{k}",
                                 [point("pattern", ce + (acc == "hmm"), 0.01), point("dsg", 1.5, 0.0)], fr)
     fig = tmp_path / "fig" / "evidence.png"
-    pair = f"toy=" + ",".join(str(tmp_path / a) for a in ("ema", "hmm"))
+    pair = "toy=" + ",".join(str(tmp_path / a) for a in ("ema", "hmm"))
     assert evidence_compare.main(["--pair", pair, "--plot", str(fig)]) == 0
     out = capsys.readouterr().out
     # within KL 0.001 each seed's pattern reaches a tenth of its point (ce, 0.01): ema 0.2 and 0.1, hmm 0.3 and 0.2;

@@ -100,18 +100,7 @@ def main():
     ap.add_argument("--pattern_ramp", type=float, default=0.0, help="experiment.py's --pattern_ramp")
     ap.add_argument("--multipliers", default="1,2,3,10,30,100,300,1000", help="comma-separated clamp values")
     args = ap.parse_args()
-    run_cfg = ex.read_json(Path(args.sae_dir) / "config.json", "run config")
-    cfg = dataclasses.replace(ex.Config(), layer=run_cfg["layer"], context_length=run_cfg["context_length"],
-                              forget_corpus=args.forget_corpus, retain_corpus=args.retain_corpus,
-                              pattern_clamp=args.pattern_clamp, pattern_ramp=args.pattern_ramp,
-                              multipliers=tuple(float(m) for m in args.multipliers.split(",")))
-    model, tok = ex.load_model(cfg, torch.device("cpu"))
-    sae = ex.load_sae(Path(args.sae_dir))
-    d = ss.calibration_data(cfg, model, tok, args.rows, args.spliced)
-    sp_f = ex.active_fraction(sae, d.forget.acts_train, d.forget.train.mask)
-    sp_r = ex.active_fraction(sae, d.retain.acts_train, d.retain.train.mask)
-    dets = ex.fit_detectors(cfg, sae, d.forget, d.retain, sp_f, sp_r)
-    sels = ex.make_selections(cfg, sae, d.forget, d.retain, sp_f, sp_r) + ex.gated_selections(cfg, sae, dets, d.forget, d.retain)
+    cfg, model, sae, d, sels, dets = ss.calibration_setup(args)
     print(f"# {args.sae_dir}: {args.rows} calibration rows per domain, {args.spliced} calibration spliced documents, "
           f"--pattern_clamp {args.pattern_clamp} --pattern_ramp {args.pattern_ramp:g}; cpu {ex.cpu_info()[0]}, "
           f"native bf16 {ex.cpu_info()[1]}", flush=True)

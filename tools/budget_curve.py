@@ -7,7 +7,6 @@ two strategies reaches further. It reads results only: no model, no SAE.
     python tools/budget_curve.py run_2 run_2/eval_24 --versus pattern,dsg
 """
 import argparse
-import json
 import sys
 from pathlib import Path
 

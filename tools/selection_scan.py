@@ -124,6 +124,28 @@ def calibration_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return ap
 
 
+def calibration_setup(args, **overrides):
+    """The model, the SAE of --sae_dir (its run's layer and context length), the calibration data, the
+    selections and the fitted detectors. `overrides` are Config fields; --pattern_clamp, --pattern_ramp and
+    --multipliers (empty: experiment.py's grid) are the caller's flags of the same names."""
+    run_cfg = ex.read_json(Path(args.sae_dir) / "config.json", "run config")
+    cfg = dataclasses.replace(ex.Config(), layer=run_cfg["layer"], context_length=run_cfg["context_length"],
+                              forget_corpus=args.forget_corpus, retain_corpus=args.retain_corpus,
+                              pattern_clamp=args.pattern_clamp, pattern_ramp=args.pattern_ramp, **overrides)
+    if args.multipliers:
+        cfg = dataclasses.replace(cfg, multipliers=tuple(float(m) for m in args.multipliers.split(",")))
+    model, tok = ex.load_model(cfg, torch.device("cpu"))
+    sae = ex.load_sae(Path(args.sae_dir))
+    d = calibration_data(cfg, model, tok, args.rows, args.spliced)
+    sp_f = ex.active_fraction(sae, d.forget.acts_train, d.forget.train.mask)
+    sp_r = ex.active_fraction(sae, d.retain.acts_train, d.retain.train.mask)
+    dets = ex.fit_detectors(cfg, sae, d.forget, d.retain, sp_f, sp_r)
+    sels = ex.make_selections(cfg, sae, d.forget, d.retain, sp_f, sp_r)
+    if cfg.gated_features:
+        sels += ex.gated_selections(cfg, sae, dets, d.forget, d.retain)
+    return cfg, model, sae, d, sels, dets
+
+
 @torch.no_grad()
 def main():
     ap = calibration_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]))
@@ -141,19 +163,7 @@ def main():
     ap.add_argument("--points", action="store_true", help="also print pattern's sweep points")
     ap.add_argument("--detector_only", action="store_true", help="the detector's measures only, no sweep")
     args = ap.parse_args()
-    run_cfg = ex.read_json(Path(args.sae_dir) / "config.json", "run config")
-    cfg = dataclasses.replace(ex.Config(), layer=run_cfg["layer"], context_length=run_cfg["context_length"],
-                              forget_corpus=args.forget_corpus, retain_corpus=args.retain_corpus, gated_features=(),
-                              pattern_clamp=args.pattern_clamp, pattern_ramp=args.pattern_ramp)
-    if args.multipliers:
-        cfg = dataclasses.replace(cfg, multipliers=tuple(float(m) for m in args.multipliers.split(",")))
-    model, tok = ex.load_model(cfg, torch.device("cpu"))
-    sae = ex.load_sae(Path(args.sae_dir))
-    d = calibration_data(cfg, model, tok, args.rows, args.spliced)
-    sp_f = ex.active_fraction(sae, d.forget.acts_train, d.forget.train.mask)
-    sp_r = ex.active_fraction(sae, d.retain.acts_train, d.retain.train.mask)
-    sels = ex.make_selections(cfg, sae, d.forget, d.retain, sp_f, sp_r)
-    dets = ex.fit_detectors(cfg, sae, d.forget, d.retain, sp_f, sp_r)
+    cfg, model, sae, d, sels, dets = calibration_setup(args, gated_features=())
     print(f"# {args.sae_dir}: {args.rows} calibration rows per domain, {args.spliced} calibration spliced documents; "
           f"cpu {ex.cpu_info()[0]}, native bf16 {ex.cpu_info()[1]}", flush=True)
     base = dataclasses.replace(cfg, strategies=("standard", "dsg"))

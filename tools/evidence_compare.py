@@ -92,11 +92,13 @@ def budget_table(name: str, first: Path, second: Path, labels=("ema", "hmm")) ->
                 print(f"| {s}, {acc} | " + " | ".join(fmt(c[s][:, j], 2) for j in cols) + " |")
     for acc, c in runs.items():
         for v in VERSUS:
-            if "pattern" in c and v in c:
-                a, b = c["pattern"][:, cols], c[v][:, cols]
+            # a run without v (a variant that changes only pattern) is compared with the other run's v: same SAEs and rows
+            src = acc if v in c else next((a for a, o in runs.items() if v in o), None)
+            if "pattern" in c and src is not None:
+                a, b = c["pattern"][:, cols], runs[src][v][:, cols]
                 wins = "  ".join(f"{bud:g}: {int((a[:, j] > b[:, j] + 1e-9).sum())}/{int((a[:, j] < b[:, j] - 1e-9).sum())}"
                                  for j, bud in enumerate(BUDGETS))
-                print(f"\nseeds where pattern ({acc}) reaches further than {v} ({acc} run) / falls short: {wins}")
+                print(f"\nseeds where pattern ({acc}) reaches further than {v} ({src} run) / falls short: {wins}")
     return curves
 
 

@@ -177,3 +177,33 @@ def test_after_passage_variants_cut_the_clamp_where_they_say():
     gain = where.float() * 0.5
     assert ap.variant_where(gain, label, "off after the passage")[..., 0].tolist() == [[0.5, 0, 0.5, 0, 0], [0.5, 0, 0, 0, 0.5]]
     assert ap.variant_where(where, label, "as it is") is where
+
+
+def test_loop_source_phases_split_the_guards_edit_between_prompt_and_written_tokens(model, tok):
+    """tools/loop_source.py: kept everywhere, the edit is the guard's; kept on the prompt only, the first
+    written token's logits are the guard's and later written positions are left clean; kept on the
+    written tokens only, the first written token's logits are the clean model's. Counted: the repeated-4-gram
+    excess over clean and the changed fraction."""
+    import torch
+
+    import loop_source as ls
+    from test_guard import prompts, tiny_guard
+    g = tiny_guard(model, "standard")
+    ids, mask = prompts(tok, ["Cells divide by mitosis and the", "The river"], pad_id=1)
+
+    def first_logits(guard):
+        ctx = guard.attached(model) if guard is not None else torch.no_grad()
+        with torch.no_grad(), ctx:
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                                 output_logits=True, return_dict_in_generate=True, pad_token_id=1)
+        return torch.stack(out.logits, 1)
+
+    full, clean = first_logits(g), first_logits(None)
+    assert not torch.allclose(full[:, 0], clean[:, 0])  # the guard edits the prompt here
+    assert torch.equal(first_logits(ls.PhaseGuard(g, "everywhere")), full)
+    assert torch.allclose(first_logits(ls.PhaseGuard(g, "prompt only"))[:, 0], full[:, 0], atol=1e-5)
+    assert torch.allclose(first_logits(ls.PhaseGuard(g, "written only"))[:, 0], clean[:, 0], atol=1e-5)
+    a = torch.tensor([[1, 2, 3, 4, 1, 2, 3, 4], [5, 6, 7, 8, 9, 10, 11, 12]])
+    b = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8], [5, 6, 7, 8, 9, 10, 11, 12]])
+    changed, excess = ls.loop_excess(a, b)
+    assert changed == 0.5 and excess == pytest.approx((1 / 5) / 2)  # a's first row repeats 1 of its 5 4-grams

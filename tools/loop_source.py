@@ -12,9 +12,11 @@ prompts (the generation stage's forget set, alone in its batch) with the guard's
   - on the prompt only (the call that reads the prompt; every written token's residual left clean);
   - on the written tokens only (the prompt read clean; the guard's state still follows it).
 
-It prints, per variant, the fraction of continuations that differ from the clean one and the
-repeated-4-gram rate (experiment.repeated_ngram_rate) minus the clean continuations'. Issue 28's loop
-target is at most +0.10 over clean.
+It prints, per variant, the fraction of continuations that differ from the clean one, the
+repeated-4-gram rate (experiment.repeated_ngram_rate) minus the clean continuations' (issue 28's loop
+target is at most +0.10 over clean), and, as the generation stage measures them, the learned
+detector's fire rate on the continuation (how much forget-domain text it still writes) and the clean
+model's CE of it.
 """
 import argparse
 import dataclasses
@@ -83,16 +85,23 @@ def run(argv=None):
     if pr is None:
         raise ex.UsageError(f"{folder}: no held-out forget row is long enough for a prompt and a continuation")
     pad = tok.pad_token_id if tok.pad_token_id is not None else ex.bos_id(tok)
+    guards = {s: guard_as_generated(folder, s) for s in args.strategies.split(",")}
+    det = ex.guard_detector(ex.read_json(folder / "guard.json", "guard state"), ex._read_tensors(folder / "guard.safetensors"))
     clean, _ = ex.greedy(model, pr, cfg.generate_tokens, pad)
+    ps = ex.prompt_state(model, cfg.layer, pr)
+
+    def stats(out):  # the learned detector's fire rate on the continuation, the clean model's CE of it
+        st = ex.continuation_stats(model, cfg.layer, next(iter(guards.values())).sae, det, pr, ps, out)
+        return f"detector fire {st['fires'].float().mean():.2f}  clean CE {st['ce'].mean():.2f}"
     print(f"# {folder}: {len(pr.ids)} forget prompts, {cfg.generate_tokens} tokens; cpu {ex.cpu_info()[0]}, "
           f"native bf16 {ex.cpu_info()[1]}", flush=True)
-    for s in args.strategies.split(","):
-        g = guard_as_generated(folder, s)
+    print(f"{'clean':10s} {'':9s} {'':18s} {'':31s} {stats(clean)}", flush=True)
+    for s, g in guards.items():
         for phase in PHASES:
             out, _ = ex.greedy(model, pr, cfg.generate_tokens, pad, PhaseGuard(g, phase))
             changed, excess = loop_excess(out, clean)
-            print(f"{s:10s} x{g.clamp.multiplier:<8.3g} edit {phase:13s} changed {changed:.2f}  4-gram excess {excess:+.3f}",
-                  flush=True)
+            print(f"{s:10s} x{g.clamp.multiplier:<8.3g} edit {phase:13s} changed {changed:.2f}  4-gram excess {excess:+.3f}  "
+                  f"{stats(out)}", flush=True)
 
 
 def main(argv=None) -> int:

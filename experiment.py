@@ -4675,6 +4675,18 @@ def rebuild_guard_state(cfg: Config, sae, forget: Corpus, retain: Corpus, folder
     save_guard_state(folder, cfg, sels, dets)
 
 
+def run_config(folder: Path, base: Config, own=()) -> Config:
+    """`base` with a finished run's config.json over it, except the fields named in `own` (base's stay)."""
+    keep = {x.name for x in dataclasses.fields(Config)} - set(own)
+    run = read_json(folder / "config.json", "run config")
+    return dataclasses.replace(base, **{k: (tuple(v) if isinstance(v, list) else v) for k, v in run.items() if k in keep})
+
+
+def run_detector(folder: Path) -> LagDetector:
+    """A run folder's learned detector, from its guard state."""
+    return guard_detector(read_json(folder / "guard.json", "guard state"), _read_tensors(folder / "guard.safetensors"))
+
+
 def generate_existing(cli: Config) -> str:
     """--generate_from: the generation stage on a finished run's SAEs, without the rest of the run. Its
     data are prepared as the run's config says; a folder without guard state (a run older than the
@@ -4687,13 +4699,9 @@ def generate_existing(cli: Config) -> str:
             if not (f / name).is_file():
                 raise UsageError(f"--generate_from {f}: no {name} (a finished run folder holds it; sae.safetensors "
                                  "is not committed: rerun the command in command.txt)")
-    # sae_path is dropped too: a --sae_path run's folder holds its own copy of the SAE, read from there
-    keep = {x.name for x in dataclasses.fields(Config)} - {"out_dir", "seeds", "generate_from", "overwrite", "progress",
-                                                         "generate_prompts", "prompt_tokens", "generate_tokens",
-                                                         "guard_refine",
-                                                         "sae_path"}
-    run_cfg = read_json(folders[0] / "config.json", "run config")
-    cfg = dataclasses.replace(cli, **{k: (tuple(v) if isinstance(v, list) else v) for k, v in run_cfg.items() if k in keep})
+    # sae_path is the CLI's too: a --sae_path run's folder holds its own copy of the SAE, read from there
+    cfg = run_config(folders[0], cli, own=("out_dir", "seeds", "generate_from", "overwrite", "progress", "generate_prompts",
+                                           "prompt_tokens", "generate_tokens", "guard_refine", "sae_path"))
     model, tok = load_model(cfg, pick_device(cfg))
     check_layer(model, cfg)
     corpora, _ = load_inputs(cfg)
@@ -4713,7 +4721,7 @@ def generate_existing(cli: Config) -> str:
         for s_ in CAUSAL_STRATEGIES:
             with contextlib.suppress(UsageError):  # no point at GUARD_LEVEL (or not swept): no guard
                 guards[s_] = refine_guard(model, load_guard(f, s_), points, d, cli.guard_refine)
-        det = guard_detector(read_json(f / "guard.json", "guard state"), _read_tensors(f / "guard.safetensors"))
+        det = run_detector(f)
         t1 = time.perf_counter()
         entries, records = run_generation(seed_cfg, model, tok, sae, guards, det, d)
         print(f"[{f}] generation stage {time.perf_counter() - t0:.1f}s (refining the guards' points "

@@ -93,7 +93,7 @@ def budget_table(name: str, first: Path, second: Path, labels=("ema", "hmm")) ->
     for acc, c in runs.items():
         for v in VERSUS:
             # a run without v (a variant that changes only pattern) is compared with the other run's v: same SAEs and rows
-            src = acc if v in c else next((a for a, o in runs.items() if v in o), None)
+            src = acc if v in c else next((other for other, o in runs.items() if v in o), None)
             if "pattern" in c and src is not None:
                 a, b = c["pattern"][:, cols], runs[src][v][:, cols]
                 wins = "  ".join(f"{bud:g}: {int((a[:, j] > b[:, j] + 1e-9).sum())}/{int((a[:, j] < b[:, j] - 1e-9).sum())}"

@@ -19,8 +19,6 @@ detector's fire rate on the continuation (how much forget-domain text it still w
 model's CE of it.
 """
 import argparse
-import dataclasses
-import json
 import sys
 from pathlib import Path
 
@@ -48,17 +46,10 @@ class PhaseGuard(ex.Guard):
         return resid_BTD
 
 
-def run_config(folder: Path) -> ex.Config:
-    """The finished run's config (its own data, layer and generation lengths), on this machine's CPU."""
-    keep = {f.name for f in dataclasses.fields(ex.Config)} - {"out_dir", "seeds", "generate_from", "sae_path", "overwrite"}
-    run = ex.read_json(folder / "config.json", "run config")
-    return dataclasses.replace(ex.Config(), **{k: tuple(v) if isinstance(v, list) else v for k, v in run.items() if k in keep})
-
-
 def guard_as_generated(folder: Path, strategy: str) -> ex.Guard:
     """load_guard's guard, at the multiplier the generation stage recorded for it (refined or not)."""
     g = ex.load_guard(folder, strategy)
-    info = json.loads((folder / "final_info.json").read_text())
+    info = ex.read_json(folder / "final_info.json", "results")
     m = info.get(f"generation_{strategy}", {}).get("means", {}).get("point_multiplier")
     return g if m is None else ex.Guard(g.sae, g.layer, g.clamp._replace(multiplier=float(m)), dict(g.point, multiplier=m))
 
@@ -77,7 +68,8 @@ def run(argv=None):
     ap.add_argument("--prompts", type=int, default=18, help="held-out forget prompts")
     args = ap.parse_args(argv)
     folder = Path(args.run_dir)
-    cfg = run_config(folder)
+    # the run's own data, layer and generation lengths
+    cfg = ex.run_config(folder, ex.Config(), own=("out_dir", "seeds", "generate_from", "sae_path", "overwrite"))
     model, tok = ex.load_model(cfg, torch.device("cpu"))
     corpora, _ = ex.load_inputs(cfg)
     held = ex.make_rows(tok, ex.split_docs(corpora["forget"])[1], cfg.context_length, cfg.max_corpus_tokens, forget=True)
@@ -86,7 +78,7 @@ def run(argv=None):
         raise ex.UsageError(f"{folder}: no held-out forget row is long enough for a prompt and a continuation")
     pad = tok.pad_token_id if tok.pad_token_id is not None else ex.bos_id(tok)
     guards = {s: guard_as_generated(folder, s) for s in args.strategies.split(",")}
-    det = ex.guard_detector(ex.read_json(folder / "guard.json", "guard state"), ex._read_tensors(folder / "guard.safetensors"))
+    det = ex.run_detector(folder)
     clean, _ = ex.greedy(model, pr, cfg.generate_tokens, pad)
     ps = ex.prompt_state(model, cfg.layer, pr)
 

@@ -22,7 +22,6 @@ the calibration retain rows): the choice of the default horizon by this table re
 only.
 """
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 
@@ -58,11 +57,8 @@ def main():
     ap.add_argument("--calibration", action="store_true", help="spliced documents from calibration training documents")
     ap.add_argument("--horizons", default="", help="comma-separated H: pattern with the detector pooled over each")
     args = ap.parse_args()
-    run_cfg = ex.read_json(Path(args.sae_dir) / "config.json", "run config")
-    keep = {f.name for f in dataclasses.fields(ex.Config)} - {"out_dir", "forget_corpus", "retain_corpus", "seeds"}
-    cfg = dataclasses.replace(ex.Config(), **{k: (tuple(v) if isinstance(v, list) else v)
-                                              for k, v in run_cfg.items() if k in keep},
-                              forget_corpus=args.forget_corpus, retain_corpus=args.retain_corpus)
+    cfg = ex.run_config(Path(args.sae_dir), ex.Config(forget_corpus=args.forget_corpus, retain_corpus=args.retain_corpus),
+                        own=("out_dir", "forget_corpus", "retain_corpus", "seeds"))
     model, tok = ex.load_model(cfg, torch.device("cpu"))
     sae = ex.load_sae(Path(args.sae_dir))
     docs = {d: ex.load_corpus(getattr(cfg, f"{d}_corpus"), d) for d in ("forget", "retain")}

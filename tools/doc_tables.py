@@ -342,6 +342,9 @@ EVIDENCE_MEASURES = tuple(_SAE_ROW[t] for t in (
 # what --pattern_clamp changes beside the evidence measures: the after-passage damage and SAEBench's score
 CLAMP_MEASURES = EVIDENCE_MEASURES + (
     ("`pattern` after-passage KL ratio to `standard` at +0.5", "frontier_pattern", "spliced_kl_after_ratio_at_ce_0.5", 3, -1),
+    # the ratio's two sides: on the w=4 SAE standard's own after-passage damage is the smaller one
+    ("`pattern` after-passage KL at +0.5", "frontier_pattern", "spliced_kl_after_at_ce_0.5", 3, -1),
+    ("`standard` after-passage KL at +0.5", "frontier_standard", "spliced_kl_after_at_ce_0.5", 3, 0),
     _SAE_ROW["`pattern` SAEBench score"])
 
 

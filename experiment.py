@@ -3832,8 +3832,13 @@ class Guard:
         on = active.any(-1)
         where = self.where(st, c, f, f_sel, active, on, valid)
         st["on"] = torch.cat([st["on"], on[:, None]], 1)[:, 1:]
-        delta = clamp_delta(where, f_sel, c.multiplier)
-        return x_BD + (delta @ sae.W_dec[c.latents.to(x_BD.device)]) / sae.scale
+        return self.apply(sae, x_BD, where, f_sel)
+
+    def apply(self, sae, x_BD: torch.Tensor, where: torch.Tensor, f_sel: torch.Tensor) -> torch.Tensor:
+        """The edit at one position of every sequence: apply_plan's, from where (B, k) and the clean
+        selected latents f_sel (B, k). One method, so a tool can try another kind of edit on the same
+        guard state (tools/edit_kind.py)."""
+        return apply_plan(sae, self.clamp.latents, Plan(where, f_sel), self.clamp.multiplier, x_BD)
 
     def where(self, st: dict, c: Clamp, f, f_sel, active, on, valid) -> torch.Tensor:
         """(B, k) which selected latents to clamp at this position: clamp_where's rules, from the state."""
@@ -4058,6 +4063,21 @@ def level_at(model, layer: int, fn: Intervention, d: EvalData, retain: bool = Tr
     return forget, float(kl_r[scored(d.ts_r.rows.attn)].mean())
 
 
+def least_reaching(forget_ce: Callable[[float], float], lo: float, hi: float, at_hi: float, steps: int,
+                   level: float = GUARD_LEVEL, down: float = 2.0) -> tuple[float, float]:
+    """(strength, forget-CE increase): `steps` geometric bisections between lo (below `level`; 0: none
+    known, then the first step divides hi by `down`) and hi (reaching it, at at_hi), keeping the least
+    strength that reaches the level."""
+    for _ in range(steps):
+        mid = math.sqrt(lo * hi) if lo > 0 else hi / down
+        got = forget_ce(mid)
+        if got >= level:
+            hi, at_hi = mid, got
+        else:
+            lo = mid
+    return hi, at_hi
+
+
 def refine_point(p: dict, points: list[dict], steps: int, forget_ce: Callable[[float], float],
                  level: float = GUARD_LEVEL) -> dict:
     """Sweep point p (reaching `level`) with its multiplier bisected, geometrically (linearly down from
@@ -4069,14 +4089,8 @@ def refine_point(p: dict, points: list[dict], steps: int, forget_ce: Callable[[f
     sweep_multiplier, and retain_kl None where the multiplier moved (not measured here)."""
     below = [x["multiplier"] for x in points if x["strategy"] == p["strategy"] and point_key(x) == point_key(p)
              and x["multiplier"] < p["multiplier"] and x["forget_ce_increase"] < level]
-    lo, hi, at_hi = max(below, default=0.0), p["multiplier"], p["forget_ce_increase"]
-    for _ in range(steps):
-        mid = math.sqrt(lo * hi) if lo > 0 else hi / 2
-        got = forget_ce(mid)
-        if got >= level:
-            hi, at_hi = mid, got
-        else:
-            lo = mid
+    hi, at_hi = least_reaching(forget_ce, max(below, default=0.0), p["multiplier"], p["forget_ce_increase"], steps,
+                               level)
     moved = hi != p["multiplier"]
     return dict(p, multiplier=hi, forget_ce_increase=at_hi, retain_kl=None if moved else p["retain_kl"],
                 sweep_multiplier=p["multiplier"])

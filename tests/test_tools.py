@@ -207,3 +207,63 @@ def test_loop_source_phases_split_the_guards_edit_between_prompt_and_written_tok
     b = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8], [5, 6, 7, 8, 9, 10, 11, 12]])
     changed, excess = ls.loop_excess(a, b)
     assert changed == 0.5 and excess == pytest.approx((1 / 5) / 2)  # a's first row repeats 1 of its 5 4-grams
+
+
+def test_edit_kind_edits_and_the_strength_search(model, tok):
+    """tools/edit_kind.py: its clamp is the guard's own edit (generate() gives the same logits); project
+    at strength 1 removes the residual's component in the selected decoder span where the guard clamps
+    and nowhere else; meanproj sets it to the retain mean's; normclamp keeps the clean norm; a streaming
+    guard with another kind equals the same edit on the whole sequence; the strength search returns the
+    least strength it finds reaching the level, or None."""
+    import torch
+
+    import edit_kind as ek
+    from test_guard import LAYER, prompts, tiny_guard
+    import experiment as ex
+    g = tiny_guard(model, "standard")
+    sae, lat = g.sae, g.clamp.latents
+    torch.manual_seed(1)
+    x = torch.randn(3, 5, sae.d_in)
+    f = torch.rand(3, 5, len(lat))
+    where = torch.zeros(3, 5, len(lat), dtype=torch.bool)
+    where[0, 1, 2] = where[2, 4, :] = True
+    edited = where.any(-1)
+    assert torch.equal(ek.edit("clamp", sae, lat, where, f, 8.0, x), ex.apply_plan(sae, lat, ex.Plan(where, f), 8.0, x))
+    Q = torch.linalg.qr(sae.W_dec[lat].T)[0]
+    y = ek.edit("project", sae, lat, where, f, 1.0, x)
+    assert torch.equal(y[~edited], x[~edited])
+    assert (y[edited] @ Q).abs().max() < 1e-5 and not torch.allclose(y[edited], x[edited])
+    mu = torch.randn(sae.d_in)
+    y = ek.edit("meanproj", sae, lat, where, f, 1.0, x, mu)
+    assert torch.allclose(y[edited] @ Q, (mu @ Q).expand(int(edited.sum()), -1), atol=1e-5)
+    y = ek.edit("normclamp", sae, lat, where, f, 8.0, x)
+    assert torch.allclose(y.norm(dim=-1), x.norm(dim=-1), atol=1e-4) and not torch.allclose(y[edited], x[edited])
+
+    ids, mask = prompts(tok, ["Cells divide by mitosis and the", "The river"], pad_id=1)
+
+    def generated(guard):
+        with torch.no_grad(), guard.attached(model):
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, min_new_tokens=4,
+                                 do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=1)
+        return out.sequences, torch.stack(out.logits, 1)
+
+    assert torch.equal(generated(ek.KindGuard(g, "clamp", 8.0))[1], generated(g)[1])
+    kg = ek.KindGuard(g, "project", 1.0)
+    seq, logits = generated(kg)
+    full_mask = torch.cat([mask, torch.ones(2, 4, dtype=mask.dtype)], 1)
+    valid = full_mask.bool() & (ex.left_positions(full_mask) > 0)
+    fn = ek.teacher_forced(g, "project", 1.0)
+    with torch.no_grad(), ex.intervene(model, LAYER, lambda r: fn(r, ex.make_time(valid))):
+        whole = model(input_ids=seq, attention_mask=full_mask, position_ids=ex.left_positions(full_mask)).logits
+    P = ids.shape[1]
+    assert (logits - whole[:, P - 1:-1]).abs().max() < 1e-4
+    assert not torch.allclose(logits, generated(g)[1])  # the kind changes what is written
+
+    calls = []
+
+    def ce(m):
+        calls.append(m)
+        return m / 10  # reaches the level (1.0) from strength 10
+    m, got = ek.least_strength(ce, 2.0)
+    assert 10 <= m < 10 * 1.1 and got >= 1.0 and calls[:3] == [2.0, 6.0, 18.0]
+    assert ek.least_strength(lambda m: 0.0, 1.0) is None

@@ -96,13 +96,18 @@ def run(argv=None):
                   f"{stats(out)}", flush=True)
 
 
-def main(argv=None) -> int:
+def one_line_errors(run, argv=None) -> int:
+    """A tool's exit status: run(argv); bad input (UsageError) is one line on stderr and status 1."""
     try:
         run(argv)
     except ex.UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def main(argv=None) -> int:
+    return one_line_errors(run, argv)
 
 
 if __name__ == "__main__":

@@ -267,3 +267,5 @@ def test_edit_kind_edits_and_the_strength_search(model, tok):
     m, got = ek.least_strength(ce, 2.0)
     assert 10 <= m < 10 * 1.1 and got >= 1.0 and calls[:3] == [2.0, 6.0, 18.0]
     assert ek.least_strength(lambda m: 0.0, 1.0) is None
+    assert ek.main(["--run_dir", "nowhere", "--kinds", "clamp,rotate"]) == 1  # one line, before any model loads
+    assert ek.main(["--run_dir", "nowhere"]) == 1  # no sweep.json there

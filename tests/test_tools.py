@@ -236,6 +236,9 @@ def test_edit_kind_edits_and_the_strength_search(model, tok):
     mu = torch.randn(sae.d_in)
     y = ek.edit("meanproj", sae, lat, where, f, 1.0, x, mu)
     assert torch.allclose(y[edited] @ Q, (mu @ Q).expand(int(edited.sum()), -1), atol=1e-5)
+    R = torch.linalg.qr(torch.randn(sae.d_in, len(lat), generator=torch.Generator().manual_seed(0)))[0]
+    y = ek.edit("randproj", sae, lat, where, f, 1.0, x)  # the control: a random span of the same size
+    assert (y[edited] @ R).abs().max() < 1e-5 and torch.equal(y[~edited], x[~edited])
     y = ek.edit("normclamp", sae, lat, where, f, 8.0, x)
     assert torch.allclose(y.norm(dim=-1), x.norm(dim=-1), atol=1e-4) and not torch.allclose(y[edited], x[edited])
 

@@ -13,7 +13,9 @@ Kinds, each applied where the guard clamps (a ramp's fraction scales it), at str
   - project: the residual's component in the span of the selected decoder directions removed s times
     (s = 1: removed; directional ablation);
   - meanproj: the same for the residual minus the calibration retain mean (s = 1: that component set to
-    the retain mean's).
+    the retain mean's);
+  - randproj (a control, not in the default list): project's removal in a random span of the same
+    dimension (fixed seed): does any edit that forgets as much at the same places loop as much?
 
 Calibration documents only (every 4th training document, the rows the detector's threshold is set on;
 never the held-out ones the committed generation figures use). For each strategy's guard (load_guard:
@@ -35,6 +37,7 @@ import experiment as ex  # noqa: E402
 from loop_source import loop_excess, one_line_errors  # noqa: E402
 
 KINDS = ("clamp", "normclamp", "project", "meanproj")
+CONTROLS = ("randproj",)
 LEVEL = ex.GUARD_LEVEL
 
 
@@ -47,10 +50,13 @@ def edit(kind: str, sae, latents, where, f, s: float, x, mu=None):
             return y
         edited = (where.float().amax(-1, keepdim=True) > 0)
         return torch.where(edited, y * x.norm(dim=-1, keepdim=True) / y.norm(dim=-1, keepdim=True).clamp_min(1e-6), y)
-    if kind not in ("project", "meanproj"):
-        raise ex.UsageError(f"unknown kind {kind!r}: one of {', '.join(KINDS)}")
-    Q = torch.linalg.qr(sae.W_dec[latents.to(x.device)].T.to(x.dtype))[0]  # (D, k) orthonormal: the span
-    base = x if kind == "project" else x - mu.to(x)
+    if kind not in ("project", "meanproj", "randproj"):
+        raise ex.UsageError(f"unknown kind {kind!r}: one of {', '.join(KINDS + CONTROLS)}")
+    span_DK = sae.W_dec[latents.to(x.device)].T.to(x.dtype)
+    if kind == "randproj":
+        span_DK = torch.randn(span_DK.shape, generator=torch.Generator().manual_seed(0)).to(x)
+    Q = torch.linalg.qr(span_DK)[0]  # (D, k) orthonormal: the span
+    base = x - mu.to(x) if kind == "meanproj" else x
     u = where.float().amax(-1, keepdim=True).to(x.dtype)  # the guard's fraction at the position (0 or 1 without a ramp)
     return x - s * u * ((base @ Q) @ Q.T)
 
@@ -105,8 +111,8 @@ def run(argv=None):
     ap.add_argument("--prompts", type=int, default=18, help="calibration forget prompts")
     args = ap.parse_args(argv)
     kinds = args.kinds.split(",")
-    if bad := [k for k in kinds if k not in KINDS]:
-        raise ex.UsageError(f"unknown kind {bad[0]!r}: one of {', '.join(KINDS)}")
+    if bad := [k for k in kinds if k not in KINDS + CONTROLS]:
+        raise ex.UsageError(f"unknown kind {bad[0]!r}: one of {', '.join(KINDS + CONTROLS)}")
     folder = Path(args.run_dir)
     guards = {s: ex.load_guard(folder, s) for s in args.strategies.split(",")}
     cfg = ex.run_config(folder, ex.Config(), own=("out_dir", "seeds", "generate_from", "sae_path", "overwrite"))

@@ -29,6 +29,7 @@ import argparse
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -133,6 +134,9 @@ def run(argv=None):
     ps = ex.prompt_state(model, cfg.layer, pr)
     print(f"# {folder}: calibration documents, {len(pr.ids)} forget prompts, {cfg.generate_tokens} tokens, "
           f"level +{LEVEL}; cpu {ex.cpu_info()[0]}, native bf16 {ex.cpu_info()[1]}", flush=True)
+    st = ex.continuation_stats(model, cfg.layer, sae, det, pr, ps, clean)
+    print(f"clean: repeated-4-gram rate {np.mean([ex.repeated_ngram_rate(r) for r in clean]):.3f}  "
+          f"detector fire {st['fires'].float().mean():.2f}  clean CE {st['ce'].mean():.2f}", flush=True)
     for s, g in guards.items():
         for kind in kinds:
             at = lambda m: teacher_forced(g, kind, m, mu)

@@ -270,5 +270,9 @@ def test_edit_kind_edits_and_the_strength_search(model, tok):
     m, got = ek.least_strength(ce, 2.0)
     assert 10 <= m < 10 * 1.1 and got >= 1.0 and calls[:3] == [2.0, 6.0, 18.0]
     assert ek.least_strength(lambda m: 0.0, 1.0) is None
+    m = {"forget_ce_increase": (1.234, 0.1), "retain_kl": (0.00012, 0.0), "precision_auroc": (0.9, 0.0),
+         "spliced_kl_after": (0.05, 0.0), "forget_acc": (0.5, 0.1), "retain_acc": (0.96, 0.01)}
+    assert ek.heldout_line(m) == ("forget CE +1.23  retain KL 0.0001  precision 0.900  after-passage KL 0.0500  "
+                                  "forget acc 0.500  retain acc 0.960")
     assert ek.main(["--run_dir", "nowhere", "--kinds", "clamp,rotate"]) == 1  # one line, before any model loads
     assert ek.main(["--run_dir", "nowhere"]) == 1  # no sweep.json there

@@ -96,6 +96,15 @@ def least_strength(forget_ce, start: float, steps: int = 7, grow: int = 6) -> tu
     return ex.least_reaching(forget_ce, lo, hi, got, steps, LEVEL, down=3) if got >= LEVEL else None
 
 
+HELDOUT = (("forget CE +", "forget_ce_increase", 2), ("retain KL", "retain_kl", 4), ("precision", "precision_auroc", 3),
+           ("after-passage KL", "spliced_kl_after", 4), ("forget acc", "forget_acc", 3), ("retain acc", "retain_acc", 3))
+
+
+def heldout_line(m: dict) -> str:
+    """The sweep's measures of one point (measures()' {name: (mean, stderr)}) that the choice of edit turns on."""
+    return "  ".join(f"{t}{'' if t.endswith('+') else ' '}{m[k][0]:.{d}f}" for t, k, d in HELDOUT)
+
+
 def calibration(tok, cfg, docs, forget: bool) -> ex.Rows:
     rows = ex.make_rows(tok, ex.split_docs(docs)[0], cfg.context_length, cfg.max_corpus_tokens, forget=forget)
     keep = ex.calibration_rows(rows)
@@ -110,6 +119,10 @@ def run(argv=None):
     ap.add_argument("--kinds", default=",".join(KINDS), help="kinds of edit, comma-separated")
     ap.add_argument("--rows", type=int, default=24, help="calibration rows per domain for forget CE and retain KL")
     ap.add_argument("--prompts", type=int, default=18, help="calibration forget prompts")
+    ap.add_argument("--heldout", action="store_true",
+                    help="also measure each kind, at the strength found on calibration rows, on the run's own "
+                         "evaluation data as the sweep measures a point: held-out forget CE and retain KL, "
+                         "precision AUROC and after-passage KL on the spliced documents, question accuracy")
     args = ap.parse_args(argv)
     kinds = args.kinds.split(",")
     if bad := [k for k in kinds if k not in KINDS + CONTROLS]:
@@ -118,7 +131,7 @@ def run(argv=None):
     guards = {s: ex.load_guard(folder, s) for s in args.strategies.split(",")}
     cfg = ex.run_config(folder, ex.Config(), own=("out_dir", "seeds", "generate_from", "sae_path", "overwrite"))
     model, tok = ex.load_model(cfg, torch.device("cpu"))
-    corpora, _ = ex.load_inputs(cfg)
+    corpora, questions = ex.load_inputs(cfg)
     cf, cr = calibration(tok, cfg, corpora["forget"], True), calibration(tok, cfg, corpora["retain"], False)
     pr = ex.make_prompts(cf, args.prompts, cfg.prompt_tokens, cfg.generate_tokens)
     if pr is None:
@@ -130,6 +143,7 @@ def run(argv=None):
     mu = ex.harvest(model, cfg.layer, first(cr), cfg.batch_rows)[first(cr).mask].mean(0)
     pad = tok.pad_token_id if tok.pad_token_id is not None else ex.bos_id(tok)
     det, sae = ex.run_detector(folder), next(iter(guards.values())).sae
+    full = ex.prepare_data(cfg, model, tok, corpora, questions, ex.Stages(), False) if args.heldout else None
     clean, _ = ex.greedy(model, pr, cfg.generate_tokens, pad)
     ps = ex.prompt_state(model, cfg.layer, pr)
     print(f"# {folder}: calibration documents, {len(pr.ids)} forget prompts, {cfg.generate_tokens} tokens, "
@@ -153,6 +167,8 @@ def run(argv=None):
             print(f"{s:10s} {kind:9s} x{m:<8.3g} forget +{forget:.2f}  retain KL {kl:.4f}  changed {changed:.2f}  "
                   f"4-gram excess {excess:+.3f}  detector fire {st['fires'].float().mean():.2f}  "
                   f"clean CE {st['ce'].mean():.2f}", flush=True)
+            if full is not None:
+                print(f"{'':20s} held out: {heldout_line(ex.point_measures(model, cfg.layer, at(m), full)[0])}", flush=True)
 
 
 def main(argv=None) -> int:

@@ -29,34 +29,43 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import experiment as ex  # noqa: E402
-from loop_source import loop_excess, one_line_errors  # noqa: E402
+from loop_source import continuation_text, loop_excess, one_line_errors, repeat_rate  # noqa: E402
 
 KINDS = ("clamp", "normclamp", "project", "meanproj")
 CONTROLS = ("randproj",)
 LEVEL = ex.GUARD_LEVEL
 
 
-def edit(kind: str, sae, latents, where, f, s: float, x, mu=None):
+def span(kind: str, sae, latents) -> torch.Tensor | None:
+    """(D, k) orthonormal basis of the span a projecting kind removes (None for the clamps): the selected
+    latents' decoder directions, or for randproj a random span of the same size (fixed seed). Made once
+    per guard, not at every position."""
+    if kind in ("clamp", "normclamp"):
+        return None
+    if kind not in ("project", "meanproj", "randproj"):
+        raise ex.UsageError(f"unknown kind {kind!r}: one of {', '.join(KINDS + CONTROLS)}")
+    span_DK = sae.W_dec[latents].T
+    if kind == "randproj":
+        span_DK = torch.randn(span_DK.shape, generator=torch.Generator().manual_seed(0)).to(span_DK)
+    return torch.linalg.qr(span_DK)[0]
+
+
+def edit(kind: str, sae, latents, where, f, s: float, x, mu=None, Q=None):
     """x (..., D) with one kind of edit at strength s where `where` (..., k: bool, or a ramp's float)
-    says the guard clamps; f (..., k) the clean selected latents; mu (D,) the retain mean (meanproj)."""
+    says the guard clamps; f (..., k) the clean selected latents; mu (D,) the retain mean (meanproj);
+    Q the kind's span (span(); made here when not given)."""
     if kind in ("clamp", "normclamp"):
         y = ex.apply_plan(sae, latents, ex.Plan(where, f), s, x)
         if kind == "clamp":
             return y
         edited = (where.float().amax(-1, keepdim=True) > 0)
         return torch.where(edited, y * x.norm(dim=-1, keepdim=True) / y.norm(dim=-1, keepdim=True).clamp_min(1e-6), y)
-    if kind not in ("project", "meanproj", "randproj"):
-        raise ex.UsageError(f"unknown kind {kind!r}: one of {', '.join(KINDS + CONTROLS)}")
-    span_DK = sae.W_dec[latents.to(x.device)].T.to(x.dtype)
-    if kind == "randproj":
-        span_DK = torch.randn(span_DK.shape, generator=torch.Generator().manual_seed(0)).to(x)
-    Q = torch.linalg.qr(span_DK)[0]  # (D, k) orthonormal: the span
+    Q = (span(kind, sae, latents) if Q is None else Q).to(x)
     base = x - mu.to(x) if kind == "meanproj" else x
     u = where.float().amax(-1, keepdim=True).to(x.dtype)  # the guard's fraction at the position (0 or 1 without a ramp)
     return x - s * u * ((base @ Q) @ Q.T)
@@ -67,19 +76,19 @@ class KindGuard(ex.Guard):
 
     def __init__(self, g: ex.Guard, kind: str, strength: float, mu=None):
         super().__init__(g.sae, g.layer, g.clamp._replace(multiplier=strength), g.point)
-        self.kind, self.mu = kind, mu
+        self.kind, self.mu, self.Q = kind, mu, span(kind, g.sae, g.clamp.latents)
 
     def apply(self, sae, x_BD, where, f_sel):
-        return edit(self.kind, sae, self.clamp.latents, where, f_sel, self.clamp.multiplier, x_BD, self.mu)
+        return edit(self.kind, sae, self.clamp.latents, where, f_sel, self.clamp.multiplier, x_BD, self.mu, self.Q)
 
 
 def teacher_forced(g: ex.Guard, kind: str, strength: float, mu=None) -> ex.Intervention:
     """The same edit on whole rows (clamp_fn's, with another kind of edit)."""
-    c = g.clamp._replace(multiplier=strength)
+    c, Q = g.clamp._replace(multiplier=strength), span(kind, g.sae, g.clamp.latents)
 
     def fn(resid_BTD, tm):
         p = ex.clamp_plan(c, g.sae, resid_BTD, tm)
-        return edit(kind, g.sae, c.latents, p.where, p.f, strength, resid_BTD, mu)
+        return edit(kind, g.sae, c.latents, p.where, p.f, strength, resid_BTD, mu, Q)
     return fn
 
 
@@ -136,11 +145,11 @@ def run(argv=None):
     pr = ex.make_prompts(cf, args.prompts, cfg.prompt_tokens, cfg.generate_tokens)
     if pr is None:
         raise ex.UsageError(f"{folder}: no calibration forget row is long enough for a prompt and a continuation")
-    first = lambda r: ex.Rows(*(t[:args.rows] for t in r))
+    lf, lr = (ex.Rows(*(t[:args.rows] for t in r)) for r in (cf, cr))
     d = ex.EvalData(**{f: None for f in ex.EvalData._fields} | {
-        "ts_f": ex.prepare_text(model, cfg.layer, first(cf), cfg.batch_rows),
-        "ts_r": ex.prepare_text(model, cfg.layer, first(cr), cfg.batch_rows)})
-    mu = ex.harvest(model, cfg.layer, first(cr), cfg.batch_rows)[first(cr).mask].mean(0)
+        "ts_f": ex.prepare_text(model, cfg.layer, lf, cfg.batch_rows),
+        "ts_r": ex.prepare_text(model, cfg.layer, lr, cfg.batch_rows)})
+    mu = ex.harvest(model, cfg.layer, lr, cfg.batch_rows)[lr.mask].mean(0)
     pad = tok.pad_token_id if tok.pad_token_id is not None else ex.bos_id(tok)
     det, sae = ex.run_detector(folder), next(iter(guards.values())).sae
     full = ex.prepare_data(cfg, model, tok, corpora, questions, ex.Stages(), False) if args.heldout else None
@@ -148,9 +157,8 @@ def run(argv=None):
     ps = ex.prompt_state(model, cfg.layer, pr)
     print(f"# {folder}: calibration documents, {len(pr.ids)} forget prompts, {cfg.generate_tokens} tokens, "
           f"level +{LEVEL}; cpu {ex.cpu_info()[0]}, native bf16 {ex.cpu_info()[1]}", flush=True)
-    st = ex.continuation_stats(model, cfg.layer, sae, det, pr, ps, clean)
-    print(f"clean: repeated-4-gram rate {np.mean([ex.repeated_ngram_rate(r) for r in clean]):.3f}  "
-          f"detector fire {st['fires'].float().mean():.2f}  clean CE {st['ce'].mean():.2f}", flush=True)
+    stats = lambda out: continuation_text(model, cfg.layer, sae, det, pr, ps, out)
+    print(f"clean: repeated-4-gram rate {repeat_rate(clean):.3f}  {stats(clean)}", flush=True)
     for s, g in guards.items():
         for kind in kinds:
             at = lambda m: teacher_forced(g, kind, m, mu)
@@ -163,10 +171,8 @@ def run(argv=None):
             forget, kl = ex.level_at(model, cfg.layer, at(m), d)
             out, _ = ex.greedy(model, pr, cfg.generate_tokens, pad, KindGuard(g, kind, m, mu))
             changed, excess = loop_excess(out, clean)
-            st = ex.continuation_stats(model, cfg.layer, sae, det, pr, ps, out)
             print(f"{s:10s} {kind:9s} x{m:<8.3g} forget +{forget:.2f}  retain KL {kl:.4f}  changed {changed:.2f}  "
-                  f"4-gram excess {excess:+.3f}  detector fire {st['fires'].float().mean():.2f}  "
-                  f"clean CE {st['ce'].mean():.2f}", flush=True)
+                  f"4-gram excess {excess:+.3f}  {stats(out)}", flush=True)
             if full is not None:
                 print(f"{'':20s} held out: {heldout_line(ex.point_measures(model, cfg.layer, at(m), full)[0])}", flush=True)
 

@@ -54,10 +54,21 @@ def guard_as_generated(folder: Path, strategy: str) -> ex.Guard:
     return g if m is None else ex.Guard(g.sae, g.layer, g.clamp._replace(multiplier=float(m)), dict(g.point, multiplier=m))
 
 
+def repeat_rate(out_NG: torch.Tensor) -> float:
+    """Mean repeated-4-gram rate of N continuations."""
+    return float(np.mean([ex.repeated_ngram_rate(r) for r in out_NG]))
+
+
 def loop_excess(out_NG: torch.Tensor, clean_NG: torch.Tensor) -> tuple[float, float]:
     """(fraction of continuations that differ from clean, mean repeated-4-gram rate minus clean's)."""
-    rep = lambda x: np.mean([ex.repeated_ngram_rate(r) for r in x])
-    return float((out_NG != clean_NG).any(1).float().mean()), float(rep(out_NG) - rep(clean_NG))
+    return float((out_NG != clean_NG).any(1).float().mean()), repeat_rate(out_NG) - repeat_rate(clean_NG)
+
+
+def continuation_text(model, layer: int, sae, det, pr, ps, out_NG: torch.Tensor) -> str:
+    """The generation stage's two measures of continuations, as printed: the learned detector's fire rate on
+    them (how much forget-domain text is still written) and the clean model's CE of them."""
+    st = ex.continuation_stats(model, layer, sae, det, pr, ps, out_NG)
+    return f"detector fire {st['fires'].float().mean():.2f}  clean CE {st['ce'].mean():.2f}"
 
 
 @torch.no_grad()
@@ -82,9 +93,7 @@ def run(argv=None):
     clean, _ = ex.greedy(model, pr, cfg.generate_tokens, pad)
     ps = ex.prompt_state(model, cfg.layer, pr)
 
-    def stats(out):  # the learned detector's fire rate on the continuation, the clean model's CE of it
-        st = ex.continuation_stats(model, cfg.layer, next(iter(guards.values())).sae, det, pr, ps, out)
-        return f"detector fire {st['fires'].float().mean():.2f}  clean CE {st['ce'].mean():.2f}"
+    stats = lambda out: continuation_text(model, cfg.layer, next(iter(guards.values())).sae, det, pr, ps, out)
     print(f"# {folder}: {len(pr.ids)} forget prompts, {cfg.generate_tokens} tokens; cpu {ex.cpu_info()[0]}, "
           f"native bf16 {ex.cpu_info()[1]}", flush=True)
     print(f"{'clean':10s} {'':9s} {'':18s} {'':31s} {stats(clean)}", flush=True)

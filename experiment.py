@@ -168,6 +168,11 @@ class Config:
     detector_fpr_unit: Literal["token", "row"] = opt("token", "what --detector_fpr counts: retain calibration tokens "
                                                               "that fire, or rows with any fire (DSG's per-row rule "
                                                               "flags 1 in 20 retain rows)")
+    detector_boundary: float = opt(0.0, "learned detector: also fit it on the passage boundaries of spliced training "
+                                        "documents (built from the documents it is fitted on: the first "
+                                        "--detector_window tokens of each passage and after it, the tokens whose window "
+                                        "reads both domains), each weighted this many times; 0 = not (teaches it to "
+                                        "stop at a passage's end)")
     detector_latents: int = opt(256, "candidate latents the learned detector reads (half by the largest rise, half by the largest fall of firing frequency on forget vs retain training text)")
     n_templates: int = opt(8, "templates of the template detector")
     tau: float = opt(0.8, "correlation a window needs with a template to fire (template detector)")
@@ -225,6 +230,8 @@ class Config:
             (0 < self.switch_prob < 0.5 and self.evidence_scale > 0, "--switch_prob in (0, 0.5), --evidence_scale > 0"),
             (self.cusum_cap > 0, "--cusum_cap > 0"),
             (self.pattern_ramp >= 0 and math.isfinite(self.pattern_ramp), "--pattern_ramp must be finite and >= 0"),
+            (self.detector_boundary >= 0 and math.isfinite(self.detector_boundary),
+             "--detector_boundary must be finite and >= 0"),
             (self.guard_refine >= 0, "--guard_refine >= 0"),
             (self.generate_prompts >= 1 and self.prompt_tokens >= 1 and self.generate_tokens >= 4,
              "--generate_prompts >= 1, --prompt_tokens >= 1, --generate_tokens >= 4"),
@@ -1980,12 +1987,13 @@ class Logistic(NamedTuple):
 
 
 def fit_logistic(X: torch.Tensor, y: torch.Tensor, l2: float = 1.0, iters: int = 100,
-                 dtype=torch.float64) -> Logistic:
-    """LBFGS on the summed log-loss + l2/2 |w|^2. Detectors fit tens of thousands of tokens in fp32;
-    probes fit a few hundred rows in fp64."""
+                 dtype=torch.float64, weight: torch.Tensor | None = None) -> Logistic:
+    """LBFGS on the summed log-loss (each row's times `weight`, default 1) + l2/2 |w|^2. Detectors fit tens
+    of thousands of tokens in fp32; probes fit a few hundred rows in fp64."""
     Xd = X.to(dtype)
     mu, sd = Xd.mean(0), Xd.std(0).clamp_min(1e-6)
     Z, yd = (Xd - mu).div_(sd), y.to(dtype)  # in place: a residual detector's X is ~600 MB
+    wd = None if weight is None else weight.to(dtype)
     del Xd
     w = torch.zeros(X.shape[1], dtype=dtype, requires_grad=True)
     b = torch.zeros((), dtype=dtype, requires_grad=True)
@@ -1993,7 +2001,7 @@ def fit_logistic(X: torch.Tensor, y: torch.Tensor, l2: float = 1.0, iters: int =
 
     def closure():
         opt.zero_grad()
-        loss = F.binary_cross_entropy_with_logits(Z @ w + b, yd, reduction="sum") + 0.5 * l2 * w.pow(2).sum()
+        loss = F.binary_cross_entropy_with_logits(Z @ w + b, yd, weight=wd, reduction="sum") + 0.5 * l2 * w.pow(2).sum()
         loss.backward()
         return loss
 
@@ -2809,6 +2817,7 @@ class EvalData(NamedTuple):
     qa_entry: dict
     spl_rows: Rows       # more spliced documents, for detection only (SAE-side: residuals, no LM)
     spl_acts: torch.Tensor  # (N, T, D) their residual after block `layer`
+    boundary: "Boundary | None" = None  # --detector_boundary's spliced training documents
 
 
 def mean_err(x) -> tuple[float, float]:
@@ -3073,22 +3082,67 @@ def pick_positions(mask_NT: torch.Tensor, n: int, g: torch.Generator) -> torch.T
     return pick.view_as(mask_NT)
 
 
-def fit_lag_detector(cfg, sae, idx, forget: Corpus, retain: Corpus, max_tokens: int = 32768) -> LagDetector:
+class Boundary(NamedTuple):
+    """Spliced training documents for --detector_boundary: a passage of one fitting document of the forget
+    domain inside one of the retain domain (build_spliced), never a calibration or held-out document."""
+    rows: Rows
+    acts: torch.Tensor  # (N, T, D) residual after block `layer`
+
+
+BOUNDARY_SPLICES = 600  # ~4,800 boundary tokens at --detector_window 4 on the embedded data (~70 s harvest on 2 CPU cores)
+
+
+def fitting_docs(c: Corpus) -> list[Doc]:
+    """The training documents a detector is fitted on: those with rows, outside the calibration documents."""
+    keep = sorted(set(c.train.doc[~calibration_rows(c.train)].tolist()))
+    return [c.train_docs[i] for i in keep]
+
+
+def boundary_tokens(label_NT: torch.Tensor, mask_NT: torch.Tensor, window: int) -> torch.Tensor:
+    """(N, T) bool: the first `window` tokens of each passage and of the text after it, i.e. the tokens
+    whose detector window (t and its window-1 predecessors) reads both domains."""
+    lab = label_NT.long()
+    change = torch.zeros_like(label_NT)
+    change[:, 1:] = (lab[:, 1:] != lab[:, :-1]) & mask_NT[:, :-1]
+    near = change.clone()
+    for s in range(1, window):
+        near[:, s:] |= change[:, :-s]
+    return near & mask_NT
+
+
+def boundary_splices(cfg, model, tok, forget: Corpus, retain: Corpus) -> Boundary | None:
+    """--detector_boundary's spliced training documents (None when the flag is 0); seed 1, so never the
+    same splices as tools' calibration ones (seed 0, other documents anyway)."""
+    if not cfg.detector_boundary:
+        return None
+    spl = build_spliced(fitting_docs(forget), fitting_docs(retain), BOUNDARY_SPLICES, seed=1)
+    rows = spliced_rows(tok, spl, 2 * cfg.context_length)
+    return Boundary(rows, harvest(model, cfg.layer, rows, cfg.batch_rows))
+
+
+def fit_lag_detector(cfg, sae, idx, forget: Corpus, retain: Corpus, max_tokens: int = 32768,
+                     boundary: "Boundary | None" = None) -> LagDetector:
     """Logistic regression of domain on per-lag features, on training rows of both domains outside
-    the calibration documents; threshold at --detector_fpr (per --detector_fpr_unit) on the calibration
-    retain rows."""
+    the calibration documents (and, under --detector_boundary, the boundary tokens of spliced documents
+    built from them); threshold at --detector_fpr (per --detector_fpr_unit) on the calibration retain rows."""
     g = torch.Generator().manual_seed(cfg.seed)
     keeps = [~calibration_rows(c.train) for c in (forget, retain)]
     picks = [pick_positions(c.train.mask[k], max_tokens, g) for c, k in zip((forget, retain), keeps)]
-    n = [int(p.sum()) for p in picks]
+    sources = [(c.acts_train[k], c.train.mask[k], p) for c, k, p in zip((forget, retain), keeps, picks)]
+    labels = [torch.ones(int(picks[0].sum())), torch.zeros(int(picks[1].sum()))]
+    if boundary is not None:
+        at = boundary_tokens(boundary.rows.label, boundary.rows.mask, cfg.detector_window)
+        sources.append((boundary.acts, boundary.rows.mask, at))
+        labels.append(boundary.rows.label[at].float())
+    n = [len(y_) for y_ in labels]
     n_feat = sae.d_in if idx is None else len(idx)
-    X = torch.empty(sum(n), cfg.detector_window * n_feat)  # filled in place: no per-domain copies
-    for i, (c, keep, pick) in enumerate(zip((forget, retain), keeps, picks)):
-        feats = detector_features(sae, idx, c.acts_train[keep], c.train.mask[keep])
-        lag_design(feats, c.train.mask[keep], cfg.detector_window, pick, X[sum(n[:i]):sum(n[:i + 1])])
+    X = torch.empty(sum(n), cfg.detector_window * n_feat)  # filled in place: no per-source copies
+    for i, (acts, mask, pick) in enumerate(sources):
+        feats = detector_features(sae, idx, acts, mask)
+        lag_design(feats, mask, cfg.detector_window, pick, X[sum(n[:i]):sum(n[:i + 1])])
         del feats
-    y = torch.cat([torch.ones(n[0]), torch.zeros(n[1])])
-    lr = fit_logistic(X, y, dtype=torch.float32)
+    weight = None if boundary is None else torch.cat([torch.ones(n[0] + n[1]), torch.full((n[2],), cfg.detector_boundary)])
+    lr = fit_logistic(X, torch.cat(labels), dtype=torch.float32, weight=weight)
     del X
     w = lr.w / lr.sd
     det = LagDetector(idx, w.view(cfg.detector_window, -1).T.contiguous(), float(lr.b - (lr.mu * w).sum()),
@@ -3155,12 +3209,16 @@ class Detectors(NamedTuple):
     residual: LagDetector  # the same detector on raw residuals: what the SAE adds, if anything
 
 
-def fit_detectors(cfg, sae, forget: Corpus, retain: Corpus, sp_f, sp_r) -> Detectors:
+def fit_detectors(cfg, sae, forget: Corpus, retain: Corpus, sp_f, sp_r, boundary: "Boundary | None" = None) -> Detectors:
+    if cfg.detector_boundary and boundary is None:
+        raise UsageError("--detector_boundary needs the spliced training documents (boundary_splices) to fit the detector")
+    boundary = boundary if cfg.detector_boundary else None
     cands = candidate_latents(sp_f, sp_r, cfg.detector_latents)
-    learned = fit_lag_detector(cfg, sae, cands, forget, retain)
-    # only the learned detector gates a clamp (the residual one is a detection reference): only it gets a ramp
+    learned = fit_lag_detector(cfg, sae, cands, forget, retain, boundary=boundary)
+    # only the learned detector gates a clamp (the residual one is a detection reference): only it gets a ramp.
+    # The residual one gets the same boundary tokens, so the two stay the same detector on different inputs.
     return Detectors(learned._replace(ramp=ramp_width(learned, sae, forget, cfg.pattern_ramp)),
-                     fit_lag_detector(cfg, sae, None, forget, retain))
+                     fit_lag_detector(cfg, sae, None, forget, retain, boundary=boundary))
 
 
 def make_clamp(cfg, sel: Selection, dets: Detectors, strategy: str, multiplier: float) -> Clamp:
@@ -4341,8 +4399,10 @@ def prepare_data(cfg, model, tok, corpora, questions, st: Stages, progress: bool
                       **{f"{d}_measured": (len(qa[d].answer), 0.0) for d in known},
                       **{f"{d}_clean_acc": mean_err([float(x) for x in k]) for d, k in known.items()}})
     spl_acts = harvest(model, cfg.layer, spl_rows, cfg.batch_rows)
+    boundary = boundary_splices(cfg, model, tok, forget, retain)
     st.done("eval_sets")
-    return EvalData(forget, retain, ts_f, ts_r, ts_s, spl, qa["forget"], qa["retain"], qa_entry, spl_rows, spl_acts)
+    return EvalData(forget, retain, ts_f, ts_r, ts_s, spl, qa["forget"], qa["retain"], qa_entry, spl_rows, spl_acts,
+                    boundary)
 
 
 def known_questions(model, tok, cfg, qs: list[Question], pack: bool, progress: bool) -> tuple[QASet, list]:
@@ -4540,7 +4600,8 @@ def experiment(cfg, model, tok, d: EvalData, out: Path, st: Stages, progress: bo
     st.done("sae_metrics")
     sp_f = active_fraction(sae, d.forget.acts_train, d.forget.train.mask)
     sp_r = active_fraction(sae, d.retain.acts_train, d.retain.train.mask)
-    sels, dets = make_selections(cfg, sae, d.forget, d.retain, sp_f, sp_r), fit_detectors(cfg, sae, d.forget, d.retain, sp_f, sp_r)
+    sels = make_selections(cfg, sae, d.forget, d.retain, sp_f, sp_r)
+    dets = fit_detectors(cfg, sae, d.forget, d.retain, sp_f, sp_r, d.boundary)
     sels += gated_selections(cfg, sae, dets, d.forget, d.retain)
     save_guard_state(out, cfg, sels, dets)
     st.done("select")

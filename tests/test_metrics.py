@@ -209,6 +209,36 @@ def test_a_ramp_scales_the_clamp_with_the_evidence():
     assert torch.equal(ex.clamp_delta(w > 0, f, 3.0), torch.where(w > 0, -3.0 - f, torch.zeros_like(f)))
 
 
+def test_boundary_tokens_are_the_windows_that_read_both_domains():
+    """--detector_boundary fits on the first `window` tokens of a passage and of the text after it
+    (their window t-window+1..t reads both domains); BOS and pads never count."""
+    label = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0],
+                          [0, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    mask = torch.ones_like(label)
+    mask[:, 0] = False
+    mask[1, 10:] = False  # pads
+    got = ex.boundary_tokens(label, mask, window=3)
+    assert torch.nonzero(got[0]).flatten().tolist() == [3, 4, 5, 8, 9, 10]
+    # row 1: the passage starts at the first token after BOS (no boundary there: BOS is no text)
+    assert torch.nonzero(got[1]).flatten().tolist() == [7, 8, 9]
+    assert torch.equal(ex.boundary_tokens(label, mask, window=1), got & torch.tensor(
+        [[0, 0, 0, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0]], dtype=torch.bool))
+
+
+def test_weighted_logistic_doubling_every_weight_halves_the_penalty():
+    """fit_logistic's row weights multiply the log-loss: weight 2 everywhere at l2 = 1 is the same
+    objective, up to a factor 2, as weight 1 at l2 = 0.5; weight 1 is no weight."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(200, 5, generator=g)
+    y = (X[:, 0] + 0.5 * torch.randn(200, generator=g) > 0).float()
+    a = ex.fit_logistic(X, y, l2=1.0, weight=torch.full((200,), 2.0))
+    b = ex.fit_logistic(X, y, l2=0.5)
+    assert torch.allclose(a.w, b.w, atol=1e-6) and torch.allclose(a.b, b.b, atol=1e-6)
+    c = ex.fit_logistic(X, y, l2=1.0, weight=torch.ones(200))
+    assert torch.equal(c.w, ex.fit_logistic(X, y, l2=1.0).w)
+    assert not torch.allclose(a.w, c.w, atol=1e-3)
+
+
 def test_ema_pools_over_predecessors_only():
     x = torch.tensor([[0.0, 4.0, 0.0, 0.0, 8.0]])
     valid = torch.tensor([[False, True, True, True, True]])

@@ -276,6 +276,39 @@ def test_row_threshold_run_bounds_the_calibration_rows_that_fire(tmp_path, model
     assert row_thr > tok_thr and tok_det["cal_fire_rows_retain"] > det["cal_fire_rows_retain"]
 
 
+def test_boundary_splices_come_from_fitting_documents_and_change_the_detector(tmp_path, model, tok):
+    """--detector_boundary: the spliced training documents are built from the documents the detector is
+    fitted on (never calibration or held-out ones), their boundary tokens enter the fit, the threshold is
+    still set on the calibration retain tokens, and a run carries the detector into its guard."""
+    out = tmp_path / "run"
+    flags = [f for f in tiny_flags(out, "unused", "--strategies=standard,pattern", "--no-generate",
+                                   "--detector_boundary=4") if not f.startswith("--model")]
+    cfg = ex.parse_config(flags)
+    corpora, questions = ex.load_inputs(cfg)
+    d = ex.prepare_data(cfg, model, tok, corpora, questions, ex.Stages(), False)
+    assert d.boundary is not None and len(d.boundary.rows.mask) == ex.BOUNDARY_SPLICES
+    for c in (d.forget, d.retain):
+        fit = ex.fitting_docs(c)
+        cal = {c.train_docs[i].text for i in set(c.train.doc[ex.calibration_rows(c.train)].tolist())}
+        assert fit and not cal & {x.text for x in fit} and not {x.text for x in c.held_docs} & {x.text for x in fit}
+    assert ex.boundary_tokens(d.boundary.rows.label, d.boundary.rows.mask, cfg.detector_window).sum() > 0
+    sae = ex.TemporalSAE(d.forget.acts_train.shape[-1], 32, 4)
+    sp_f, sp_r = (ex.active_fraction(sae, c.acts_train, c.train.mask) for c in (d.forget, d.retain))
+    with_b = ex.fit_detectors(cfg, sae, d.forget, d.retain, sp_f, sp_r, d.boundary)
+    without = ex.fit_detectors(ex.dataclasses.replace(cfg, detector_boundary=0.0), sae, d.forget, d.retain, sp_f, sp_r)
+    assert not torch.allclose(with_b.learned.weight, without.learned.weight)
+    assert not torch.allclose(with_b.residual.weight, without.residual.weight)
+    with pytest.raises(ex.UsageError, match="--detector_boundary needs"):
+        ex.fit_detectors(cfg, sae, d.forget, d.retain, sp_f, sp_r)
+    results = ex.run(cfg, model=model, tok=tok)
+    assert results["detection_learned"]["means"]["cal_fire_rate_retain"] <= cfg.detector_fpr + 1e-9
+    assert json.loads((out / "config.json").read_text())["detector_boundary"] == 4.0
+    run_sae = ex.load_sae(out)
+    sp_f, sp_r = (ex.active_fraction(run_sae, c.acts_train, c.train.mask) for c in (d.forget, d.retain))
+    refit = ex.fit_detectors(cfg, run_sae, d.forget, d.retain, sp_f, sp_r, d.boundary).learned
+    assert torch.allclose(ex.load_guard(out, "pattern", level=0.0).clamp.detector.weight, refit.weight, atol=1e-6)
+
+
 def test_seeds_run_once_each_and_aggregate(tmp_path, model, tok):
     flags = [f for f in tiny_flags(tmp_path / "run", "unused", "--seeds=0,1", "--strategies=standard,pattern")
              if not f.startswith("--model")]

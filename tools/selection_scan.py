@@ -121,6 +121,9 @@ def calibration_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.add_argument("--retain_corpus", default="embedded")
     ap.add_argument("--rows", type=int, default=12, help="calibration rows per domain for CE and KL")
     ap.add_argument("--spliced", type=int, default=6, help="calibration spliced documents for the KL measures")
+    ap.add_argument("--detector_boundary", type=float, default=0.0,
+                    help="experiment.py's --detector_boundary (its spliced training documents come from the fitting "
+                         "documents, never the calibration ones)")
     return ap
 
 
@@ -131,7 +134,8 @@ def calibration_setup(args, **overrides):
     run_cfg = ex.read_json(Path(args.sae_dir) / "config.json", "run config")
     cfg = dataclasses.replace(ex.Config(), layer=run_cfg["layer"], context_length=run_cfg["context_length"],
                               forget_corpus=args.forget_corpus, retain_corpus=args.retain_corpus,
-                              pattern_clamp=args.pattern_clamp, pattern_ramp=args.pattern_ramp, **overrides)
+                              pattern_clamp=args.pattern_clamp, pattern_ramp=args.pattern_ramp,
+                              detector_boundary=args.detector_boundary, **overrides)
     if args.multipliers:
         cfg = dataclasses.replace(cfg, multipliers=tuple(float(m) for m in args.multipliers.split(",")))
     model, tok = ex.load_model(cfg, torch.device("cpu"))
@@ -139,7 +143,7 @@ def calibration_setup(args, **overrides):
     d = calibration_data(cfg, model, tok, args.rows, args.spliced)
     sp_f = ex.active_fraction(sae, d.forget.acts_train, d.forget.train.mask)
     sp_r = ex.active_fraction(sae, d.retain.acts_train, d.retain.train.mask)
-    dets = ex.fit_detectors(cfg, sae, d.forget, d.retain, sp_f, sp_r)
+    dets = ex.fit_detectors(cfg, sae, d.forget, d.retain, sp_f, sp_r, ex.boundary_splices(cfg, model, tok, d.forget, d.retain))
     sels = ex.make_selections(cfg, sae, d.forget, d.retain, sp_f, sp_r)
     if cfg.gated_features:
         sels += ex.gated_selections(cfg, sae, dets, d.forget, d.retain)

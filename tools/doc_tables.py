@@ -378,6 +378,7 @@ KINDS = {"generation": t_generation, "machine": t_machine, "readme": t_readme, "
          "cusum": lambda doc, *runs: t_evidence(doc, *runs, label="cusum − ema"),
          "clamp": lambda doc, *runs: t_evidence(doc, *runs, label="all − active", measures=CLAMP_MEASURES),
          "ramp": lambda doc, *runs: t_evidence(doc, *runs, label="ramp − hard", measures=CLAMP_MEASURES),
+         "boundary": lambda doc, *runs: t_evidence(doc, *runs, label="boundary − plain fit", measures=CLAMP_MEASURES),
          "budgets": t_budgets}
 
 

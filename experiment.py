@@ -3089,7 +3089,7 @@ class Boundary(NamedTuple):
     acts: torch.Tensor  # (N, T, D) residual after block `layer`
 
 
-BOUNDARY_SPLICES = 600  # ~4,800 boundary tokens at --detector_window 4 on the embedded data (~70 s harvest on 2 CPU cores)
+BOUNDARY_SPLICES = 600  # ~4,800 boundary tokens at --detector_window 4 on the embedded data (~25 s harvest on 2 CPU cores)
 
 
 def fitting_docs(c: Corpus) -> list[Doc]:

@@ -624,12 +624,14 @@ def load_spliced(n: int) -> list[Spliced]:
     return [Spliced(r["text"], tuple(r["span"])) for r in recs[:n]]
 
 
-def build_spliced(forget_docs: list[Doc], retain_docs: list[Doc], n: int, seed: int) -> list[Spliced]:
-    """2-5 sentences of a held-out forget document inserted at a sentence boundary of a retain one."""
+def build_spliced(forget_docs: list[Doc], retain_docs: list[Doc], n: int, seed: int,
+                  what: str = "held-out") -> list[Spliced]:
+    """2-5 sentences of a forget document inserted at a sentence boundary of a retain one; `what` names the
+    documents in the error (held-out ones for evaluation, the detector's fitting ones for --detector_boundary)."""
     rng = np.random.default_rng(seed)
     sentences = lambda t: [s for s in re.split(r"(?<=[.!?])\s+", t.replace("\n", " ")) if s.strip()]
     out = []
-    for i in range(n):
+    for i in range(n if forget_docs and retain_docs else 0):
         f_sent, r_sent = sentences(forget_docs[i % len(forget_docs)].text), sentences(retain_docs[i % len(retain_docs)].text)
         k = int(rng.integers(2, 6))
         if len(f_sent) < k or len(r_sent) < 4:
@@ -640,7 +642,7 @@ def build_spliced(forget_docs: list[Doc], retain_docs: list[Doc], n: int, seed: 
         text = before + passage + " " + " ".join(r_sent[cut:cut + 6])
         out.append(Spliced(text, (len(before), len(before) + len(passage))))
     if len(out) < 2:
-        raise UsageError("held-out corpora too small to build spliced documents")
+        raise UsageError(f"{what} corpora too small to build spliced documents")
     return out
 
 
@@ -3115,7 +3117,7 @@ def boundary_splices(cfg, model, tok, forget: Corpus, retain: Corpus) -> Boundar
     same splices as tools' calibration ones (seed 0, other documents anyway)."""
     if not cfg.detector_boundary:
         return None
-    spl = build_spliced(fitting_docs(forget), fitting_docs(retain), BOUNDARY_SPLICES, seed=1)
+    spl = build_spliced(fitting_docs(forget), fitting_docs(retain), BOUNDARY_SPLICES, seed=1, what="--detector_boundary: fitting")
     rows = spliced_rows(tok, spl, 2 * cfg.context_length)
     return Boundary(rows, harvest(model, cfg.layer, rows, cfg.batch_rows))
 

@@ -155,3 +155,8 @@ def test_built_spliced_documents_have_true_spans():
         passage = s.text[s.span[0]:s.span[1]]
         assert any(passage[:40] in d.text.replace("\n", " ") for d in f)
         assert 2 <= len([x for x in passage.split(". ") if x]) <= 5 + 1
+    # too few (or no) documents: a one-line error naming which documents, not a division by zero
+    with pytest.raises(ex.UsageError, match="^--detector_boundary: fitting corpora too small"):
+        ex.build_spliced([], r, 6, seed=1, what="--detector_boundary: fitting")
+    with pytest.raises(ex.UsageError, match="^held-out corpora too small"):
+        ex.build_spliced(f[:1], r[:1], 1, seed=0)

@@ -32,7 +32,7 @@ def train_only_corpus(model, tok, cfg, domain: str) -> ex.Corpus:
 
 def calibration_spliced(model, tok, cfg, forget: ex.Corpus, retain: ex.Corpus, n: int = 40):
     cal_docs = lambda c: [c.train_docs[i] for i in sorted(set(c.train.doc[ex.calibration_rows(c.train)].tolist()))]
-    spl = ex.build_spliced(cal_docs(forget), cal_docs(retain), n, seed=0)
+    spl = ex.build_spliced(cal_docs(forget), cal_docs(retain), n, seed=0, what="calibration")
     rows = ex.spliced_rows(tok, spl, 2 * cfg.context_length)
     return rows, ex.harvest(model, cfg.layer, rows, cfg.batch_rows)
 

@@ -65,7 +65,7 @@ def main():
     forget, retain = (ex.build_corpus(model, tok, cfg, docs[d], d, False) for d in ("forget", "retain"))
     if args.calibration:
         cal = lambda c: [c.train_docs[i] for i in sorted(set(c.train.doc[ex.calibration_rows(c.train)].tolist()))]
-        spl = ex.build_spliced(cal(forget), cal(retain), args.spliced_docs, seed=0)
+        spl = ex.build_spliced(cal(forget), cal(retain), args.spliced_docs, seed=0, what="calibration")
     elif cfg.forget_corpus == cfg.retain_corpus == "embedded":
         spl = ex.load_spliced(args.spliced_docs)
     else:

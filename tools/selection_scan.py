@@ -51,7 +51,8 @@ def calibration_data(cfg, model, tok, rows: int, spliced: int) -> ex.EvalData:
     ts_f = ex.prepare_text(model, cfg.layer, ex.head_rows(forget.held, rows), cfg.batch_rows)
     ts_r = ex.prepare_text(model, cfg.layer, ex.head_rows(retain.held, rows), cfg.batch_rows, keep_clean=True)
     cal_docs = lambda c: [c.train_docs[i] for i in sorted(set(c.held.doc.tolist()))]
-    spl_all = ex.build_spliced(cal_docs(forget), cal_docs(retain), max(spliced, ex.DETECTION_SPLICED_DOCS), seed=0)
+    spl_all = ex.build_spliced(cal_docs(forget), cal_docs(retain), max(spliced, ex.DETECTION_SPLICED_DOCS), seed=0,
+                               what="calibration")
     spl_rows = ex.spliced_rows(tok, spl_all, 2 * cfg.context_length)
     ts_s = ex.prepare_text(model, cfg.layer, ex.head_rows(spl_rows, spliced), cfg.batch_rows, keep_clean=True)
     qa = {d: ex.prepare_qa(model, tok, cfg.layer, questions[d][:4], cfg.qa_scoring, cfg.batch_rows) for d in questions}

@@ -138,6 +138,11 @@ class Config:
     gated_threshold: float = opt(0.003, "gated selection: drop latents active on >= this fraction of the retain "
                                         "training tokens where the detector fires; rank the rest by the forget tokens "
                                         "they cover where it fires")
+    random_control: bool = opt(False, "also sweep, beside every selection, a control of the same size drawn at random "
+                                      "among the latents active on forget training text, each matched to a selected "
+                                      "latent's forget firing frequency (<strategy>_random points and frontier_<strategy>"
+                                      "_random entries, never on a strategy's own frontier): what the selection adds over "
+                                      "random latents clamped at the same places; doubles the sweep")
     pattern_clamp: Literal["active", "all"] = opt("active", "what pattern and hybrid clamp where the detector fires: "
                                                           "active (the selected latents that are on, SAEBench's clamp) "
                                                           "| all (every selected latent, on or not: DSG's rule, a steer "
@@ -3223,6 +3228,39 @@ def fit_detectors(cfg, sae, forget: Corpus, retain: Corpus, sp_f, sp_r, boundary
                      fit_lag_detector(cfg, sae, None, forget, retain, boundary=boundary))
 
 
+RANDOM_POOL = 20  # a control latent is drawn among the 20 unselected latents nearest in forget firing frequency
+
+
+def matched_random(sp_f: torch.Tensor, chosen: torch.Tensor, g: torch.Generator, pool: int = RANDOM_POOL) -> torch.Tensor:
+    """(k,) latents drawn without replacement, one per chosen latent, uniformly among the `pool` latents
+    not chosen and not yet drawn that are nearest to it in log forget firing frequency (sp_f, (F,)), among
+    those active on forget text at all. A random latent clamped where the chosen one is clamped would act
+    as often on forget text; a control drawn from all latents would mostly be dead or rare ones."""
+    free = (sp_f > 0).clone()
+    free[chosen] = False
+    log_f = torch.log(sp_f.double().clamp_min(1e-12))
+    out = []
+    for j in chosen.tolist():
+        cand = free.nonzero().squeeze(1)
+        if len(cand) == 0:
+            break
+        near = cand[torch.argsort((log_f[cand] - log_f[j]).abs(), stable=True)[:pool]]
+        pick = near[torch.randint(len(near), (1,), generator=g)]
+        free[pick] = False
+        out.append(pick)
+    return torch.cat(out) if out else chosen[:0]
+
+
+def random_selections(cfg, sae, sels: list[Selection], forget: Corpus, retain: Corpus, sp_f) -> list[Selection]:
+    """--random_control: per selection, a twin of the same size from matched_random (rule random_<rule>),
+    with its own levels from training rows. Swept by the strategies that sweep the original; its points
+    are <strategy>_random's, so no frontier of a strategy ever takes them."""
+    g = torch.Generator().manual_seed(cfg.seed + 7919)
+    twins = [(sel, matched_random(sp_f, sel.latents, g)) for sel in sels]
+    return [selection_levels(cfg, sae, forget, retain, lat, sel.threshold, sel.n, f"random_{sel.rule}")
+            for sel, lat in twins if len(lat)]
+
+
 def make_clamp(cfg, sel: Selection, dets: Detectors, strategy: str, multiplier: float) -> Clamp:
     det = sel.templates if cfg.detector == "templates" else dets.learned
     return Clamp(strategy, sel.latents, multiplier, cfg.detector_window, det, sel.hi, sel.rho_tau,
@@ -3282,7 +3320,8 @@ def selection_of(sels: list[Selection], p: dict) -> Selection:
 def sweeps(cfg, sel: Selection) -> tuple[str, ...]:
     """The strategies that sweep a selection: all on SAEBench's, the gated ones on the gated one
     (standard keeps SAEBench's rule, so its comparison with SAEBench stays as published)."""
-    return tuple(s for s in cfg.strategies if sel.rule == "saebench" or s in GATED_STRATEGIES)
+    base = sel.rule.removeprefix("random_")  # a random control is swept as the selection it copies
+    return tuple(s for s in cfg.strategies if base == "saebench" or s in GATED_STRATEGIES)
 
 
 def run_sweep(cfg, model, sae, sels, dets, d: EvalData, progress: bool,
@@ -3314,6 +3353,8 @@ def run_sweep(cfg, model, sae, sels, dets, d: EvalData, progress: bool,
 
 def sweep_point(strategy: str, multiplier: float, sel: Selection, meas: dict) -> dict:
     """One sweep.json point: the strategy, multiplier and selection, and each measure with its stderr."""
+    if sel.rule.startswith("random_"):
+        strategy += "_random"  # the control's points are its own strategy's: no frontier of `strategy` takes them
     p = dict(strategy=strategy, multiplier=multiplier, selection=sel.rule, n_features=sel.n,
              n_selected=len(sel.latents), retain_threshold=sel.threshold)
     for k, (v, e) in meas.items():
@@ -3326,6 +3367,11 @@ CONSISTENCY_ROWS = 64             # held-out rows per domain for temporal consis
 DETECTION_SPLICED_DOCS = 40       # spliced documents for detection (cheap: no LM forward past `layer`)
 FRONTIER_CE = (0.25, 0.5, 1.0)    # matched forget-CE increases (nats/token)
 FRONTIER_BUDGETS = (0.01, 0.05)   # retain-KL / after-passage-KL budgets (nats/token)
+
+
+def is_gated(p: dict) -> bool:
+    """A point of the gated selection (or of its random control)."""
+    return p.get("selection", "saebench") in ("gated", "random_gated")
 
 
 def frontier_entry(mine: list[dict], standard: list[dict]) -> dict:
@@ -3346,8 +3392,7 @@ def frontier_entry(mine: list[dict], standard: list[dict]) -> dict:
         for budget in FRONTIER_BUDGETS:
             out[f"forget_ce_within_{y}_{budget}"] = (frontier_within(fronts[0], budget), 0.0)
     # which selection the retain-KL front is made of at each matched level (1 = the gated one only)
-    gated = {(p["forget_ce_increase"], p["retain_kl"], p["retain_kl_stderr"]): float(p.get("selection") == "gated")
-             for p in mine}
+    gated = {(p["forget_ce_increase"], p["retain_kl"], p["retain_kl_stderr"]): float(is_gated(p)) for p in mine}
     front = sweep_front(mine, "retain_kl")
     for x in FRONTIER_CE:
         share = front_share(front, gated, x)
@@ -3357,7 +3402,7 @@ def frontier_entry(mine: list[dict], standard: list[dict]) -> dict:
     # point nearest the matched level, not to whichever comes first in the sweep
     best = min(reach, key=lambda p: (p["retain_kl"], p["forget_ce_increase"])) if reach else None
     out["precision_auroc_at_ce_0.5"] = (best["precision_auroc"], 0.0) if best else (None, None)
-    out["precision_point_gated"] = (float(best.get("selection") == "gated"), 0.0) if best else (None, None)
+    out["precision_point_gated"] = (float(is_gated(best)), 0.0) if best else (None, None)
     return entry(out)
 
 
@@ -3384,7 +3429,7 @@ def saebench_point(mine: list[dict], gate: float) -> tuple[float, dict, bool]:
 def unlearning_entry(p: dict, score: float, passed: bool) -> dict:
     skip = {"strategy", "selection"}
     pairs = {k: (v, p.get(f"{k}_stderr", 0.0)) for k, v in p.items() if k not in skip and not k.endswith("_stderr")}
-    pairs["selection_gated"] = (float(p.get("selection") == "gated"), 0.0)
+    pairs["selection_gated"] = (float(is_gated(p)), 0.0)
     pairs["unlearning_score"] = (score, p["forget_acc_stderr"] if passed else 0.0)
     pairs["passed_retain_gate"] = (float(passed), 0.0)
     return entry(pairs)
@@ -4605,6 +4650,8 @@ def experiment(cfg, model, tok, d: EvalData, out: Path, st: Stages, progress: bo
     sels = make_selections(cfg, sae, d.forget, d.retain, sp_f, sp_r)
     dets = fit_detectors(cfg, sae, d.forget, d.retain, sp_f, sp_r, d.boundary)
     sels += gated_selections(cfg, sae, dets, d.forget, d.retain)
+    if cfg.random_control:
+        sels += random_selections(cfg, sae, sels, d.forget, d.retain, sp_f)
     save_guard_state(out, cfg, sels, dets)
     st.done("select")
     if team is None:
@@ -4647,6 +4694,11 @@ def strategy_entries(cfg, sae, sels, dets, points, kl_docs, d: EvalData, out: Pa
         c = make_clamp(cfg, selection_of(sels, chosen), dets, s, chosen["multiplier"])
         res[f"detection_{s}"] = detection_entry(lambda x, tm: rule_fire_score(c, sae, x, tm), sae, d)
         kl_fig[s] = kl_docs[points.index(chosen)]
+        ctrl = [p for p in points if p["strategy"] == f"{s}_random"]
+        if ctrl:  # --random_control: the same strategy on random latents, against the same standard
+            score, chosen, passed = saebench_point(ctrl, cfg.retain_gate)
+            res[f"unlearning_{s}_random"] = unlearning_entry(chosen, score, passed)
+            res[f"frontier_{s}_random"] = frontier_entry(ctrl, standard or ctrl)
     for name, det, lat in (("learned", dets.learned, None), ("residual", dets.residual, None),
                            ("templates", sels[0].templates, sels[0].latents)):
         res[f"detection_{name}"] = detection_entry(lambda x, tm: detector_fire_score(det, sae, x, tm, lat), sae, d)
@@ -4743,6 +4795,8 @@ def rebuild_guard_state(cfg: Config, sae, forget: Corpus, retain: Corpus, folder
     sp_f, sp_r = (active_fraction(sae, c.acts_train, c.train.mask) for c in (forget, retain))
     sels, dets = make_selections(cfg, sae, forget, retain, sp_f, sp_r), fit_detectors(cfg, sae, forget, retain, sp_f, sp_r)
     sels += gated_selections(cfg, sae, dets, forget, retain)
+    if cfg.random_control:
+        sels += random_selections(cfg, sae, sels, forget, retain, sp_f)
     sizes = {(x.rule, x.threshold, x.n): len(x.latents) for x in sels}
     for p in read_json(folder / "sweep.json", "sweep")["points"]:
         key = point_key(p)

@@ -459,6 +459,32 @@ def test_gated_selection_ranks_cover_among_latents_that_spare_gated_retain():
     assert ex.select_gated(cover, touch, 9, 0.001).tolist() == [2, 1, 4]  # cover 0 is never selected
 
 
+def test_random_control_is_frequency_matched_disjoint_and_seeded():
+    """matched_random: one latent per chosen one, never a chosen, dead or repeated latent, each among the
+    RANDOM_POOL unchosen latents nearest in log forget frequency; the same generator seed, the same draw."""
+    g = torch.Generator().manual_seed(0)
+    sp = torch.rand(200, generator=g) ** 4
+    sp[::7] = 0.0  # dead on forget text
+    chosen = torch.tensor([3, 50, 51, 120, 199])
+    draw = lambda seed: ex.matched_random(sp, chosen, torch.Generator().manual_seed(seed), pool=10)
+    a = draw(1)
+    assert len(a) == len(chosen) and len(set(a.tolist())) == len(a)
+    assert not set(a.tolist()) & set(chosen.tolist()) and (sp[a] > 0).all()
+    free = (sp > 0) & ~torch.isin(torch.arange(200), chosen)
+    taken = set()
+    for j, r in zip(chosen.tolist(), a.tolist()):
+        cand = [c for c in free.nonzero().squeeze(1).tolist() if c not in taken]
+        dist = sorted(abs(math.log(sp[c]) - math.log(sp[j])) for c in cand)
+        assert abs(math.log(sp[r]) - math.log(sp[j])) <= dist[9] + 1e-12
+        taken.add(r)
+    assert torch.equal(a, draw(1)) and not torch.equal(a, draw(2))
+    # fewer live latents than asked: as many as there are
+    few = torch.zeros(200)
+    few[[0, 1, 2]] = 0.5
+    assert sorted(ex.matched_random(few, torch.tensor([0]), torch.Generator().manual_seed(0), pool=5).tolist()) in ([1], [2])
+    assert len(ex.matched_random(few, torch.tensor([0, 1, 2, 5]), torch.Generator().manual_seed(0))) == 0
+
+
 def test_front_share_follows_the_interpolation():
     front = ex.pareto_front([(0.4, 0.02, 0.0), (1.0, 0.10, 0.0)])
     flag = {(0.4, 0.02, 0.0): 0.0, (1.0, 0.10, 0.0): 1.0}

@@ -309,6 +309,36 @@ def test_boundary_splices_come_from_fitting_documents_and_change_the_detector(tm
     assert torch.allclose(ex.load_guard(out, "pattern", level=0.0).clamp.detector.weight, refit.weight, atol=1e-6)
 
 
+def test_random_control_is_swept_beside_each_selection_and_kept_off_the_frontiers(tmp_path, model, tok):
+    """--random_control: a twin of each selection, the same size, swept by the same strategies as
+    <strategy>_random points with entries of their own; the strategies' own points, frontiers and guard
+    are those of the same run without it."""
+    flags = [f for f in tiny_flags(tmp_path / "ctrl", "unused", "--strategies=standard,pattern", "--no-generate",
+                                   "--random_control") if not f.startswith("--model")]
+    res = ex.run(ex.parse_config(flags), model=model, tok=tok)
+    plain_flags = [f"--out_dir={tmp_path / 'plain'}" if f.startswith("--out_dir") else f
+                   for f in flags if f != "--random_control"]
+    plain = ex.run(ex.parse_config(plain_flags), model=model, tok=tok)
+    pts = json.loads((tmp_path / "ctrl" / "sweep.json").read_text())["points"]
+    own = [p for p in pts if not p["strategy"].endswith("_random")]
+    assert own == json.loads((tmp_path / "plain" / "sweep.json").read_text())["points"]
+    ctrl = [p for p in pts if p["strategy"].endswith("_random")]
+    assert {(p["strategy"], p["selection"]) for p in ctrl} == {
+        ("standard_random", "random_saebench"), ("pattern_random", "random_saebench"), ("pattern_random", "random_gated")}
+    size = {(p["selection"], p["n_features"]): p["n_selected"] for p in own}
+    assert all(p["n_selected"] == size[(p["selection"][len("random_"):], p["n_features"])] for p in ctrl)
+    meta = json.loads((tmp_path / "ctrl" / "guard.json").read_text())
+    tensors = ex._read_tensors(tmp_path / "ctrl" / "guard.safetensors")
+    lat = {x["rule"]: set(tensors[f"selection.{i}.latents"].tolist()) for i, x in enumerate(meta["selections"])}
+    assert not lat["saebench"] & lat["random_saebench"] and not lat["gated"] & lat["random_gated"]
+    for s in ("standard", "pattern"):
+        assert res[f"frontier_{s}"] == plain[f"frontier_{s}"] and res[f"unlearning_{s}"] == plain[f"unlearning_{s}"]
+        assert "forget_ce_within_retain_kl_0.01" in res[f"frontier_{s}_random"]["means"]
+        assert 0 <= res[f"unlearning_{s}_random"]["means"]["unlearning_score"] <= 1
+    assert "frontier_pattern_random" not in plain
+    assert ex.load_guard(tmp_path / "ctrl", "pattern", level=0.0).point == ex.load_guard(tmp_path / "plain", "pattern", level=0.0).point
+
+
 def test_seeds_run_once_each_and_aggregate(tmp_path, model, tok):
     flags = [f for f in tiny_flags(tmp_path / "run", "unused", "--seeds=0,1", "--strategies=standard,pattern")
              if not f.startswith("--model")]

@@ -308,3 +308,28 @@ def test_budgets_table_reads_each_seeds_sweep(docs_root):
     assert len(lines) == 3 and lines[2].startswith("| `pattern`, [r](")
     # seeds reach 0.1 / 0.3 within 0.001, 0.5 / 1.5 within 0.005, 1 / 3 within 0.01 and 0.05
     assert lines[2].endswith("| 0.20 ± 0.10 | 1.00 ± 0.50 | 2.00 ± 1.00 | 2.00 ± 1.00 |")
+
+
+def test_control_table_sets_each_strategy_against_its_random_latents(docs_root):
+    """doc_tables.t_control: per strategy with a --random_control entry, the selections' value, the random
+    twins' and their difference judged in the measure's direction (lower retain KL is better); strategies
+    without a control have no rows, a run without one gives `–`."""
+    def entry(ce, kl, se):
+        means = {key: 0.5 for _, _, key, _, _ in doc_tables.CONTROL_MEASURES}
+        means.update({"forget_ce_within_retain_kl_0.01": ce, "retain_kl_at_ce_0.5": kl})
+        errs = dict.fromkeys(means, 0.0)
+        errs.update({"forget_ce_within_retain_kl_0.01": se, "retain_kl_at_ce_0.5": 0.0001})
+        return {"means": means, "stderrs": errs}
+    (docs_root / "c").mkdir()
+    info = {"frontier_pattern": entry(5.0, 0.0010, 0.1), "frontier_pattern_random": entry(4.0, 0.0020, 0.1),
+            "frontier_standard": entry(0.1, 0.4, 0.0), "unlearning_pattern": entry(0, 0, 0),
+            "unlearning_pattern_random": entry(0, 0, 0)}
+    (docs_root / "c" / "final_info.json").write_text(json.dumps(info))
+    (docs_root / "p").mkdir()
+    (docs_root / "p" / "final_info.json").write_text(json.dumps({"frontier_pattern": entry(5.0, 0.001, 0.1)}))
+    lines = doc_tables.t_control("README.md", "c", "p")
+    rows = {l.split(" | ")[0].lstrip("| "): l for l in lines[2:]}
+    assert set(rows) == {f"`pattern`: {t}" for t, *_ in doc_tables.CONTROL_MEASURES}
+    assert rows["`pattern`: forget CE within retain KL 0.01"].endswith(
+        "| 5.00 ± 0.10 | 4.00 ± 0.10 | +1.00 ± 0.14: **better** | – | – | – |")
+    assert "| 0.0010 ± 0.0001 | 0.0020 ± 0.0001 | -0.0010 ± 0.0001: **better** |" in rows["`pattern`: retain KL at +0.5"]

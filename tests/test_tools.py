@@ -39,6 +39,17 @@ def test_curves_over_seeds_and_wins(tmp_path, capsys):
     assert "0.01: 1/1" in out  # each strategy reaches further on one seed at budget 0.01
 
 
+def test_random_control_curves_and_plot(tmp_path, capsys):
+    """A --random_control sweep: <strategy>_random is a curve of its own, compared seed by seed, drawn."""
+    for k, (a, b) in enumerate(((2.0, 1.0), (3.0, 0.5))):
+        write_seed(tmp_path / "run" / f"seed_{k}", [point("pattern", a, 0.001), point("pattern_random", b, 0.001)])
+    assert budget_curve.main([str(tmp_path / "run"), "--versus", "pattern,pattern_random",
+                              "--plot", str(tmp_path / "c.png")]) == 0
+    out = capsys.readouterr().out
+    assert "| pattern_random | 0.75 ± 0.25 |" in out and "0.001: 2/0" in out
+    assert (tmp_path / "c.png").stat().st_size > 0
+
+
 def test_missing_sweep_is_one_line_error(tmp_path, capsys):
     (tmp_path / "run" / "seed_0").mkdir(parents=True)
     assert budget_curve.main([str(tmp_path / "run")]) == 1

@@ -5,6 +5,10 @@ budgets (0.01, 0.05); this prints the whole curve, mean ± stderr over seeds, an
 two strategies reaches further. It reads results only: no model, no SAE.
 
     python tools/budget_curve.py run_2 run_2/eval_24 --versus pattern,dsg
+    python tools/budget_curve.py run_1/control_ramp --versus pattern,pattern_random --plot plots/control.png
+
+With --plot it also draws each run's curves, one panel per run: a strategy and its --random_control twin
+(<strategy>_random, dashed) in one colour.
 """
 import argparse
 import sys
@@ -69,10 +73,48 @@ def report(run: Path, versus: tuple[str, str] | None):
               + "  ".join(f"{b_:g}: {w}/{l}" for b_, w, l in zip(BUDGETS, wins, losses)))
 
 
+COLORS = {"standard": "tab:blue", "gate": "tab:green", "dsg": "tab:purple", "dsg_causal": "tab:pink",
+          "pattern": "tab:orange", "hybrid": "tab:brown"}
+
+
+def plot(runs: list[Path], path: Path):
+    """One panel per run: every strategy's curve, mean with a stderr band over seeds."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ncol = min(len(runs), 3)
+    nrow = -(-len(runs) // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(5.4 * ncol, 4.0 * nrow), squeeze=False)
+    for ax in axes.flat[len(runs):]:
+        ax.set_visible(False)
+    x = np.array(BUDGETS)
+    for ax, run in zip(axes.flat, runs):
+        for s, a in curves(run).items():
+            base = s.removesuffix("_random")
+            m = a.mean(0)
+            e = a.std(0, ddof=1) / np.sqrt(len(a)) if len(a) > 1 else np.zeros_like(m)
+            ax.plot(x, m, color=COLORS.get(base, "grey"), ls="--" if s != base else "-", marker="o", ms=3,
+                    label=s.replace("_random", ", random latents"))
+            ax.fill_between(x, m - e, m + e, color=COLORS.get(base, "grey"), alpha=0.12, lw=0)
+        ax.set_xscale("log")
+        ax.set_xlabel("retain-KL budget (nats/token, log)")
+        ax.set_ylabel("forget-CE increase reached (nats/token)")
+        ax.set_title(str(run), fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left")
+    fig.suptitle("Forgetting within a retain-damage budget (band: stderr over seeds)", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"\nwrote {path}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", help="run folders (with seed_k/ subfolders or one sweep.json)")
     ap.add_argument("--versus", default="pattern,dsg", help="two strategies to compare seed by seed")
+    ap.add_argument("--plot", default="", help="also draw every run's curves into this PNG, one panel per run")
     args = ap.parse_args(argv)
     versus = tuple(args.versus.split(",")) if args.versus else None
     if versus and len(versus) != 2:
@@ -81,6 +123,8 @@ def main(argv=None) -> int:
     try:
         for r in args.runs:
             report(Path(r), versus)
+        if args.plot:
+            plot([Path(r) for r in args.runs], Path(args.plot))
     except ex.UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -135,7 +135,7 @@ def t_budgets(doc: str, *runs: str) -> list[str]:
     rows = []
     for r in runs:
         curves = bc.curves(ROOT / r)
-        for s in (x for x in ("pattern", "hybrid", "dsg", "dsg_causal") if x in curves):
+        for s in (x for x in ("pattern", "pattern_random", "hybrid", "dsg", "dsg_causal") if x in curves):
             a = curves[s]
             rows.append([f"`{s}`, {link(r, doc)}"] + [fmt((float(a[:, j].mean()), bc.ex.stderr(a[:, j])), 2)
                                                      for j in cols])
@@ -300,14 +300,19 @@ def compare(run: str, ref: str, entry: str, key: str, sign: int, decimals: int) 
     """`run` against `ref` on one measure: the difference of means with its stderr (the two runs'
     stderrs combined), `better` / `worse` where it exceeds two stderrs, otherwise `within 2 se` and the
     seeds where `run` is better, paired by seed number (same data order, not the same SAE)."""
-    a, b = value(run, entry, key), value(ref, entry, key)
+    return compare_entries(run, entry, ref, entry, key, sign, decimals)
+
+
+def compare_entries(run: str, entry: str, ref: str, ref_entry: str, key: str, sign: int, decimals: int) -> str:
+    """compare(), for two entries that may differ (a strategy against its random control in one run)."""
+    a, b = value(run, entry, key), value(ref, ref_entry, key)
     if a is None or b is None or a[0] is None or b[0] is None:
         return "n.r."
     diff, se = a[0] - b[0], ((a[1] or 0) ** 2 + (b[1] or 0) ** 2) ** 0.5
     text = f"{diff:+.{decimals}f} ± {se:.{decimals}f}"
     if abs(diff) > 2 * se:
         return f"{text}: **{'better' if diff * sign > 0 else 'worse'}**"
-    pairs = [(x, y) for x, y in zip(seed_values(run, entry, key), seed_values(ref, entry, key))
+    pairs = [(x, y) for x, y in zip(seed_values(run, entry, key), seed_values(ref, ref_entry, key))
              if x is not None and y is not None]
     wins = sum((x - y) * sign > 0 for x, y in pairs)
     return f"{text}: within 2 se, better on {wins}/{len(pairs)} seeds"
@@ -371,7 +376,37 @@ def t_evidence(doc: str, *runs: str, label: str = "hmm − ema", measures=EVIDEN
     return table(header, rows)
 
 
-KINDS = {"generation": t_generation, "machine": t_machine, "readme": t_readme, "sae": t_sae, "frontier": t_frontier, "budget": t_budget, "detection": t_detection,
+# --random_control: a strategy on its selections against the same strategy on random latents of the same
+# sizes (title, entry prefix, key, decimals, sign as in SAE_MEASURES)
+CONTROL_MEASURES = (("forget CE within retain KL 0.01", "frontier", "forget_ce_within_retain_kl_0.01", 2, 1),
+                    ("forget CE within retain KL 0.05", "frontier", "forget_ce_within_retain_kl_0.05", 2, 1),
+                    ("retain KL at +0.5", "frontier", "retain_kl_at_ce_0.5", 4, -1),
+                    ("retain KL at +1.0", "frontier", "retain_kl_at_ce_1.0", 4, -1),
+                    ("precision AUROC at +0.5", "frontier", "precision_auroc_at_ce_0.5", 3, 1),
+                    ("after-passage KL at +0.5", "frontier", "spliced_kl_after_at_ce_0.5", 3, -1),
+                    ("SAEBench score", "unlearning", "unlearning_score", 3, 1))
+
+
+def t_control(doc: str, *runs: str) -> list[str]:
+    """Each strategy a run swept with --random_control: on its selections, on the random twins, and the
+    difference (selections − random; `better` where the selections win beyond two stderrs)."""
+    rows = []
+    for s in STRATEGIES:
+        for title, pre, key, d, sign in CONTROL_MEASURES:
+            cells = []
+            for r in runs:
+                mine, ctrl = f"{pre}_{s}", f"{pre}_{s}_random"
+                if ctrl not in final_info(r):
+                    cells += ["–"] * 3
+                    continue
+                cells += [cell(r, mine, key, d), cell(r, ctrl, key, d), compare_entries(r, mine, r, ctrl, key, sign, d)]
+            if any(c != "–" for c in cells):
+                rows.append([f"`{s}`: {title}"] + cells)
+    header = ["measure"] + [c for r in runs for c in (f"selections ({link(r, doc)})", "random latents", "selections − random")]
+    return table(header, rows)
+
+
+KINDS = {"control": t_control, "generation": t_generation, "machine": t_machine, "readme": t_readme, "sae": t_sae, "frontier": t_frontier, "budget": t_budget, "detection": t_detection,
          "precision": t_precision, "strategies": t_strategies, "versus": t_versus,
          "saes": t_saes, "verdict": t_verdict, "evidence": t_evidence,
          "threshold": lambda doc, *runs: t_evidence(doc, *runs, label="row − token"),

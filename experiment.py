@@ -4696,8 +4696,8 @@ def strategy_entries(cfg, sae, sels, dets, points, kl_docs, d: EvalData, out: Pa
         kl_fig[s] = kl_docs[points.index(chosen)]
         ctrl = [p for p in points if p["strategy"] == f"{s}_random"]
         if ctrl:  # --random_control: the same strategy on random latents, against the same standard
-            score, chosen, passed = saebench_point(ctrl, cfg.retain_gate)
-            res[f"unlearning_{s}_random"] = unlearning_entry(chosen, score, passed)
+            c_score, c_point, c_passed = saebench_point(ctrl, cfg.retain_gate)
+            res[f"unlearning_{s}_random"] = unlearning_entry(c_point, c_score, c_passed)
             res[f"frontier_{s}_random"] = frontier_entry(ctrl, standard or ctrl)
     for name, det, lat in (("learned", dets.learned, None), ("residual", dets.residual, None),
                            ("templates", sels[0].templates, sels[0].latents)):

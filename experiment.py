@@ -3236,7 +3236,7 @@ def matched_random(sp_f: torch.Tensor, chosen: torch.Tensor, g: torch.Generator,
     not chosen and not yet drawn that are nearest to it in log forget firing frequency (sp_f, (F,)), among
     those active on forget text at all. A random latent clamped where the chosen one is clamped would act
     as often on forget text; a control drawn from all latents would mostly be dead or rare ones."""
-    free = (sp_f > 0).clone()
+    free = sp_f > 0
     free[chosen] = False
     log_f = torch.log(sp_f.double().clamp_min(1e-12))
     out = []
@@ -3259,6 +3259,16 @@ def random_selections(cfg, sae, sels: list[Selection], forget: Corpus, retain: C
     twins = [(sel, matched_random(sp_f, sel.latents, g)) for sel in sels]
     return [selection_levels(cfg, sae, forget, retain, lat, sel.threshold, sel.n, f"random_{sel.rule}")
             for sel, lat in twins if len(lat)]
+
+
+def run_selections(cfg, sae, dets: Detectors, forget: Corpus, retain: Corpus, sp_f, sp_r) -> list[Selection]:
+    """Every selection a run sweeps, in the order guard.json records them: SAEBench's, the gated one, and
+    with --random_control their random twins (the run and rebuild_guard_state make them alike)."""
+    sels = make_selections(cfg, sae, forget, retain, sp_f, sp_r)
+    sels += gated_selections(cfg, sae, dets, forget, retain)
+    if cfg.random_control:
+        sels += random_selections(cfg, sae, sels, forget, retain, sp_f)
+    return sels
 
 
 def make_clamp(cfg, sel: Selection, dets: Detectors, strategy: str, multiplier: float) -> Clamp:
@@ -4647,11 +4657,8 @@ def experiment(cfg, model, tok, d: EvalData, out: Path, st: Stages, progress: bo
     st.done("sae_metrics")
     sp_f = active_fraction(sae, d.forget.acts_train, d.forget.train.mask)
     sp_r = active_fraction(sae, d.retain.acts_train, d.retain.train.mask)
-    sels = make_selections(cfg, sae, d.forget, d.retain, sp_f, sp_r)
     dets = fit_detectors(cfg, sae, d.forget, d.retain, sp_f, sp_r, d.boundary)
-    sels += gated_selections(cfg, sae, dets, d.forget, d.retain)
-    if cfg.random_control:
-        sels += random_selections(cfg, sae, sels, d.forget, d.retain, sp_f)
+    sels = run_selections(cfg, sae, dets, d.forget, d.retain, sp_f, sp_r)
     save_guard_state(out, cfg, sels, dets)
     st.done("select")
     if team is None:
@@ -4793,10 +4800,8 @@ def rebuild_guard_state(cfg: Config, sae, forget: Corpus, retain: Corpus, folder
     """The selections and the learned detector of a finished run, made again from its SAE and training
     rows with its config; refused unless every selection the sweep used comes out the same size."""
     sp_f, sp_r = (active_fraction(sae, c.acts_train, c.train.mask) for c in (forget, retain))
-    sels, dets = make_selections(cfg, sae, forget, retain, sp_f, sp_r), fit_detectors(cfg, sae, forget, retain, sp_f, sp_r)
-    sels += gated_selections(cfg, sae, dets, forget, retain)
-    if cfg.random_control:
-        sels += random_selections(cfg, sae, sels, forget, retain, sp_f)
+    dets = fit_detectors(cfg, sae, forget, retain, sp_f, sp_r)
+    sels = run_selections(cfg, sae, dets, forget, retain, sp_f, sp_r)
     sizes = {(x.rule, x.threshold, x.n): len(x.latents) for x in sels}
     for p in read_json(folder / "sweep.json", "sweep")["points"]:
         key = point_key(p)

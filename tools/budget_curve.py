@@ -77,37 +77,55 @@ COLORS = {"standard": "tab:blue", "gate": "tab:green", "dsg": "tab:purple", "dsg
           "pattern": "tab:orange", "hybrid": "tab:brown"}
 
 
-def plot(runs: list[Path], path: Path):
-    """One panel per run: every strategy's curve, mean with a stderr band over seeds."""
+def figure(n: int, ncol: int, width: float):
+    """A figure of n budget-curve panels, ncol a row; the unused ones hidden."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    ncol = min(len(runs), 3)
-    nrow = -(-len(runs) // ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(5.4 * ncol, 4.0 * nrow), squeeze=False)
-    for ax in axes.flat[len(runs):]:
+    nrow = -(-n // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(width * ncol, 4.0 * nrow), squeeze=False)
+    for ax in axes.flat[n:]:
         ax.set_visible(False)
-    x = np.array(BUDGETS)
-    for ax, run in zip(axes.flat, runs):
-        for s, a in curves(run).items():
-            base = s.removesuffix("_random")
-            m = a.mean(0)
-            e = a.std(0, ddof=1) / np.sqrt(len(a)) if len(a) > 1 else np.zeros_like(m)
-            ax.plot(x, m, color=COLORS.get(base, "grey"), ls="--" if s != base else "-", marker="o", ms=3,
-                    label=s.replace("_random", ", random latents"))
-            ax.fill_between(x, m - e, m + e, color=COLORS.get(base, "grey"), alpha=0.12, lw=0)
-        ax.set_xscale("log")
-        ax.set_xlabel("retain-KL budget (nats/token, log)")
-        ax.set_ylabel("forget-CE increase reached (nats/token)")
-        ax.set_title(str(run), fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="upper left")
-    fig.suptitle("Forgetting within a retain-damage budget (band: stderr over seeds)", fontsize=10)
+    return fig, axes.flat[:n]
+
+
+def draw_curve(ax, a: np.ndarray, color: str, ls: str, label: str):
+    """One (seeds, budgets) curve: the mean over seeds, with a band of one stderr over seeds."""
+    m = a.mean(0)
+    e = np.array([ex.stderr(a[:, j]) for j in range(a.shape[1])])
+    ax.plot(BUDGETS, m, color=color, ls=ls, marker="o", ms=3, label=label)
+    ax.fill_between(BUDGETS, m - e, m + e, color=color, alpha=0.12, lw=0)
+
+
+def finish_panel(ax, title: str):
+    ax.set_xscale("log")
+    ax.set_xlabel("retain-KL budget (nats/token, log)")
+    ax.set_ylabel("forget-CE increase reached (nats/token)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left")
+
+
+def save_figure(fig, title: str, path: Path):
+    import matplotlib.pyplot as plt
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     print(f"\nwrote {path}")
+
+
+def plot(runs: list[Path], path: Path):
+    """One panel per run: every strategy's curve, its --random_control twin dashed in the same colour."""
+    fig, axes = figure(len(runs), min(len(runs), 3), 5.4)
+    for ax, run in zip(axes, runs):
+        for s, a in curves(run).items():
+            base = s.removesuffix("_random")
+            draw_curve(ax, a, COLORS.get(base, "grey"), "--" if s != base else "-",
+                       s.replace("_random", ", random latents"))
+        finish_panel(ax, str(run))
+    save_figure(fig, "Forgetting within a retain-damage budget (band: stderr over seeds)", path)
 
 
 def main(argv=None) -> int:

@@ -115,36 +115,16 @@ def measure_table(name: str, first: Path, second: Path, labels=("ema", "hmm")):
 
 
 def plot(pairs: list[tuple[str, dict]], path: Path, labels=("ema", "hmm")):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     colors = {"pattern": "tab:orange", "dsg": "tab:purple", "dsg_causal": "tab:pink"}
-    ncol = len(pairs) if len(pairs) <= 2 else 2  # more than two pairs: two panels a row
-    nrow = -(-len(pairs) // ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(6.2 * ncol, 4.0 * nrow), squeeze=False)
-    for ax in axes.flat[len(pairs):]:
-        ax.set_visible(False)
-    x = np.array(bc.BUDGETS)
-    for ax, (name, curves) in zip(axes.flat, pairs):
+    # more than two pairs: two panels a row
+    fig, axes = bc.figure(len(pairs), len(pairs) if len(pairs) <= 2 else 2, 6.2)
+    for ax, (name, curves) in zip(axes, pairs):
         for label, arr in curves.items():
             s, acc = label.split(", ")
-            m = arr.mean(0)
-            e = arr.std(0, ddof=1) / np.sqrt(len(arr)) if len(arr) > 1 else np.zeros_like(m)
-            ax.plot(x, m, color=colors[s], ls="-" if acc == labels[0] else "--", marker="o", ms=3, label=label)
-            ax.fill_between(x, m - e, m + e, color=colors[s], alpha=0.12, lw=0)
-        ax.set_xscale("log")
-        ax.set_xlabel("retain-KL budget (nats/token, log)")
-        ax.set_ylabel("forget-CE increase reached (nats/token)")
-        ax.set_title(name, fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="upper left")
-    fig.suptitle(f"Detector variants: forgetting within a retain-damage budget\n"
-                 f"(solid: the {labels[0]} run, dashed: the {labels[1]} run; band: stderr over seeds)", fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f"\nwrote {path}")
+            bc.draw_curve(ax, arr, colors[s], "-" if acc == labels[0] else "--", label)
+        bc.finish_panel(ax, name)
+    bc.save_figure(fig, f"Detector variants: forgetting within a retain-damage budget\n"
+                        f"(solid: the {labels[0]} run, dashed: the {labels[1]} run; band: stderr over seeds)", path)
 
 
 def parse_pair(text: str) -> tuple[str, Path, Path]:

@@ -155,7 +155,10 @@ class Config:
     hybrid_quantile: float = opt(0.99, "hybrid clamps off-pattern where a latent exceeds this retain quantile")
     dsg_quantile: float = opt(0.95, "dsg clamps rows whose active fraction exceeds this retain quantile (DSG)")
     # detectors
-    detector: Literal["learned", "templates"] = opt("learned", "the detector pattern / hybrid gate on")
+    detector: Literal["learned", "residual", "templates"] = opt(
+        "learned", "the detector pattern / hybrid gate on (and the gated selection is made where it fires): learned (the "
+                   "lag detector on SAE latents) | residual (the same detector on raw residuals, no SAE: a control for "
+                   "what the SAE adds to the gate; no streaming guard) | templates (the original proposal's matcher)")
     detector_window: int = opt(4, "tokens a detector reads at once: t and its predecessors (independent of --window)")
     evidence: Literal["ema", "hmm", "cusum"] = opt("ema", "how the learned detector carries evidence from token to "
                                                           "token: ema (average over --horizon tokens) | hmm (two-state "
@@ -3042,8 +3045,9 @@ def gated_selections(cfg, sae, dets: "Detectors", forget: Corpus, retain: Corpus
     SAEBench's rule asks a latent to be almost never active on retain text because its clamp acts
     everywhere; under a gate only the retain tokens where the gate fires can be touched, and what
     matters is covering the forget text where it fires."""
-    cnt_f, fire_f, _ = gated_counts(sae, dets.learned, forget)
-    cnt_r, fire_r, _ = gated_counts(sae, dets.learned, retain)
+    gate = dets.gate(cfg.detector)
+    cnt_f, fire_f, _ = gated_counts(sae, gate, forget)
+    cnt_r, fire_r, _ = gated_counts(sae, gate, retain)
     cover, touch = cnt_f / max(fire_f, 1), cnt_r / max(fire_r, 1)
     out = []
     for n in cfg.gated_features:
@@ -3215,17 +3219,23 @@ class Detectors(NamedTuple):
     learned: LagDetector   # over the SAE's candidate latents
     residual: LagDetector  # the same detector on raw residuals: what the SAE adds, if anything
 
+    def gate(self, detector: str) -> LagDetector:
+        """The lag detector a run gates on (--detector; templates are per selection: the learned one here)."""
+        return self.residual if detector == "residual" else self.learned
+
 
 def fit_detectors(cfg, sae, forget: Corpus, retain: Corpus, sp_f, sp_r, boundary: "Boundary | None" = None) -> Detectors:
     if cfg.detector_boundary and boundary is None:
         raise UsageError("--detector_boundary needs the spliced training documents (boundary_splices) to fit the detector")
     boundary = boundary if cfg.detector_boundary else None
     cands = candidate_latents(sp_f, sp_r, cfg.detector_latents)
-    learned = fit_lag_detector(cfg, sae, cands, forget, retain, boundary=boundary)
-    # only the learned detector gates a clamp (the residual one is a detection reference): only it gets a ramp.
-    # The residual one gets the same boundary tokens, so the two stay the same detector on different inputs.
-    return Detectors(learned._replace(ramp=ramp_width(learned, sae, forget, cfg.pattern_ramp)),
+    # The two are the same detector on different inputs (the same rows, boundary tokens and calibration);
+    # one gates the clamp (--detector), the other is a detection reference, and only the gate gets a ramp.
+    dets = Detectors(fit_lag_detector(cfg, sae, cands, forget, retain, boundary=boundary),
                      fit_lag_detector(cfg, sae, None, forget, retain, boundary=boundary))
+    name = "residual" if cfg.detector == "residual" else "learned"
+    gate = dets.gate(cfg.detector)
+    return dets._replace(**{name: gate._replace(ramp=ramp_width(gate, sae, forget, cfg.pattern_ramp))})
 
 
 RANDOM_POOL = 20  # a control latent is drawn among the 20 unselected latents nearest in forget firing frequency
@@ -3272,7 +3282,7 @@ def run_selections(cfg, sae, dets: Detectors, forget: Corpus, retain: Corpus, sp
 
 
 def make_clamp(cfg, sel: Selection, dets: Detectors, strategy: str, multiplier: float) -> Clamp:
-    det = sel.templates if cfg.detector == "templates" else dets.learned
+    det = sel.templates if cfg.detector == "templates" else dets.gate(cfg.detector)
     return Clamp(strategy, sel.latents, multiplier, cfg.detector_window, det, sel.hi, sel.rho_tau,
                  cfg.pattern_clamp == "all")
 
@@ -4229,8 +4239,8 @@ def stage_generation(cfg, model, tok, sae, sels, dets, points, d: EvalData, out:
     guards = {}
     for s in CAUSAL_STRATEGIES:
         p = guard_point([x for x in points if x["strategy"] == s]) if s in cfg.strategies else None
-        if p is None:
-            continue
+        if p is None or (s in ("pattern", "hybrid") and cfg.detector != "learned"):
+            continue  # the guard carries the learned detector only (load_guard refuses the others alike)
         g = Guard(sae, cfg.layer, make_clamp(cfg, selection_of(sels, p), dets, s, p["multiplier"]), p)
         guards[s] = refine_guard(model, g, points, d, cfg.guard_refine)
     entries, records = run_generation(cfg, model, tok, sae, guards, dets.learned, d)

@@ -492,3 +492,10 @@ def test_front_share_follows_the_interpolation():
     assert ex.front_share(front, flag, 0.7) == pytest.approx(0.5)
     assert ex.front_share(front, flag, 1.0) == 1.0 and ex.front_share(front, flag, 1.5) is None
     assert ex.front_share(front, flag, 0.2) == pytest.approx(0.0)  # between the clean model and a 0-flag point
+
+
+def test_the_gate_is_the_detector_the_run_names():
+    """make_clamp and the gated selection read Detectors.gate: the residual detector under --detector
+    residual, the learned one otherwise (templates are per selection)."""
+    dets = ex.Detectors(learned="L", residual="R")
+    assert (dets.gate("learned"), dets.gate("residual"), dets.gate("templates")) == ("L", "R", "L")

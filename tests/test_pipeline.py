@@ -339,6 +339,30 @@ def test_random_control_is_swept_beside_each_selection_and_kept_off_the_frontier
     assert ex.load_guard(tmp_path / "ctrl", "pattern", level=0.0).point == ex.load_guard(tmp_path / "plain", "pattern", level=0.0).point
 
 
+def test_residual_gate_clamps_where_the_residual_detector_fires(tmp_path, model, tok):
+    """--detector residual: pattern gates on the lag detector over raw residuals (no SAE) and the gated
+    selection is made where it fires; standard reads no detector, so its points equal the learned run's.
+    With --pattern_clamp all and a hard gate, pattern clamps exactly where its gate fires."""
+    flags = [f for f in tiny_flags(tmp_path / "res", "unused", "--strategies=standard,pattern", "--pattern_clamp=all",
+                                   "--detector=residual") if not f.startswith("--model")]
+    res = ex.run(ex.parse_config(flags), model=model, tok=tok)
+    plain_flags = [f"--out_dir={tmp_path / 'lrn'}" if f.startswith("--out_dir") else f
+                   for f in flags if f != "--detector=residual"]
+    lrn = ex.run(ex.parse_config(plain_flags), model=model, tok=tok)
+    for r, gate in ((res, "residual"), (lrn, "learned")):
+        for k in ("fire_rate_forget", "fire_rate_retain", "spliced_recall", "fire_rows_retain"):
+            assert r["detection_pattern"]["means"][k] == r[f"detection_{gate}"]["means"][k], (gate, k)
+    assert res["detection_residual"]["means"]["fire_rate_forget"] != res["detection_learned"]["means"]["fire_rate_forget"]
+    pts = {x: json.loads((tmp_path / x / "sweep.json").read_text())["points"] for x in ("res", "lrn")}
+    assert [p for p in pts["res"] if p["strategy"] == "standard"] == [p for p in pts["lrn"] if p["strategy"] == "standard"]
+    assert [p for p in pts["res"] if p["strategy"] == "pattern"] != [p for p in pts["lrn"] if p["strategy"] == "pattern"]
+    assert json.loads((tmp_path / "res" / "guard.json").read_text())["detector"] == "residual"
+    with pytest.raises(ex.UsageError, match="gated on 'residual'"):
+        ex.load_guard(tmp_path / "res", "pattern", level=0.0)
+    first = next(i for i, p in enumerate(pts["res"]) if p["strategy"] == "standard")
+    assert ex.load_guard(tmp_path / "res", "standard", point=first).point == pts["res"][first]
+
+
 def test_seeds_run_once_each_and_aggregate(tmp_path, model, tok):
     flags = [f for f in tiny_flags(tmp_path / "run", "unused", "--seeds=0,1", "--strategies=standard,pattern")
              if not f.startswith("--model")]

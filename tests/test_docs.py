@@ -333,3 +333,27 @@ def test_control_table_sets_each_strategy_against_its_random_latents(docs_root):
     assert rows["`pattern`: forget CE within retain KL 0.01"].endswith(
         "| 5.00 ± 0.10 | 4.00 ± 0.10 | +1.00 ± 0.14: **better** | – | – | – |")
     assert "| 0.0010 ± 0.0001 | 0.0020 ± 0.0001 | -0.0010 ± 0.0001: **better** |" in rows["`pattern`: retain KL at +0.5"]
+
+
+def test_gate_table_sets_the_residual_gate_against_the_latent_gate(docs_root):
+    """doc_tables.t_gate: pattern's rows read the same entry in both runs; the gate rows read each run's own
+    gate (detection_learned in the first, detection_residual in the second), judged in the measure's
+    direction (a later stop is worse)."""
+    def entry(v, se=0.0):
+        keys = {key for _, _, key, _, _, _ in doc_tables.GATE_MEASURES}
+        return {"means": dict.fromkeys(keys, v), "stderrs": dict.fromkeys(keys, se)}
+    infos = {"a": {"frontier_pattern": entry(5.0, 0.1), "unlearning_pattern": entry(0.5), "detection_pattern": entry(0.3),
+                   "detection_learned": entry(2.0), "detection_residual": entry(9.0)},
+             "b": {"frontier_pattern": entry(4.0, 0.1), "unlearning_pattern": entry(0.5), "detection_pattern": entry(0.3),
+                   "detection_learned": entry(9.0), "detection_residual": entry(4.0)}}
+    for run, info in infos.items():
+        (docs_root / run).mkdir()
+        (docs_root / run / "final_info.json").write_text(json.dumps(info))
+    lines = doc_tables.t_gate("README.md", "a", "b")
+    rows = {l.split(" | ")[0].lstrip("| "): l for l in lines[2:]}
+    assert set(rows) == {t for t, *_ in doc_tables.GATE_MEASURES}
+    assert rows["`pattern` forget CE within retain KL 0.01"].endswith("| 5.00 ± 0.10 | 4.00 ± 0.10 | -1.00 ± 0.14: **worse** |")
+    assert rows["gate: median tokens to stop after the passage"].endswith("| 2.0 | 4.0 | +2.0 ± 0.0: **worse** |")
+    assert rows["gate: token AUROC"].endswith("| 2.000 | 4.000 | +2.000 ± 0.000: **better** |")
+    with pytest.raises(ValueError, match="pairs"):
+        doc_tables.t_gate("README.md", "a")

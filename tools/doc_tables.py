@@ -406,7 +406,48 @@ def t_control(doc: str, *runs: str) -> list[str]:
     return table(header, rows)
 
 
-KINDS = {"control": t_control, "generation": t_generation, "machine": t_machine, "readme": t_readme, "sae": t_sae, "frontier": t_frontier, "budget": t_budget, "detection": t_detection,
+# --detector residual against the same run gating on SAE latents: pattern's measures, and each run's gate
+# detector (detection_learned, detection_residual) side by side. (title, entry, key, decimals, sign as in
+# SAE_MEASURES, the gate's own detection entry when the row is about the detector)
+GATE_MEASURES = tuple(("`pattern` " + t, "frontier_pattern", k, d, sign, False) for t, k, d, sign in (
+    ("forget CE within retain KL 0.001", "forget_ce_within_retain_kl_0.001", 2, 1),
+    ("forget CE within retain KL 0.005", "forget_ce_within_retain_kl_0.005", 2, 1),
+    ("forget CE within retain KL 0.01", "forget_ce_within_retain_kl_0.01", 2, 1),
+    ("forget CE within retain KL 0.05", "forget_ce_within_retain_kl_0.05", 2, 1),
+    ("retain-KL ratio to `standard` at +0.5", "retain_kl_ratio_at_ce_0.5", 3, -1),
+    ("precision AUROC at +0.5", "precision_auroc_at_ce_0.5", 3, 1),
+    ("after-passage KL ratio to `standard` at +0.5", "spliced_kl_after_ratio_at_ce_0.5", 3, -1),
+    ("after-passage KL at +0.5", "spliced_kl_after_at_ce_0.5", 3, -1))) + (
+    ("`pattern` SAEBench score", "unlearning_pattern", "unlearning_score", 3, 1, False),
+    ("retain rows where `pattern` clamps", "detection_pattern", "fire_rows_retain", 3, -1, False),
+    ("forget tokens where `pattern` clamps", "detection_pattern", "token_recall", 3, 1, False)) + tuple(
+    ("gate: " + t, None, k, d, sign, True) for t, k, d, sign in (
+        ("token AUROC", "token_auroc", 3, 1), ("spliced AUROC", "spliced_auroc", 3, 1),
+        ("forget tokens firing", "fire_rate_forget", 3, 1), ("retain tokens firing", "fire_rate_retain", 4, -1),
+        ("retain rows with a fire", "fire_rows_retain", 3, -1),
+        ("median delay at passage start (tokens)", "delay_tokens_median", 1, -1),
+        ("median tokens to stop after the passage", "stop_tokens_median", 1, -1),
+        ("fire rate on the text after a passage", "fire_rate_after", 3, -1)))
+
+
+def t_gate(doc: str, *runs: str) -> list[str]:
+    """Pairs of runs of the same SAEs and rows: pattern gated on SAE latents (--detector learned), then on raw
+    residuals (--detector residual); both, and the second minus the first (`better` beyond two stderrs)."""
+    if len(runs) % 2:
+        raise ValueError(f"{doc}: table gate takes pairs of runs")
+    rows = []
+    for title, entry, key, d, sign, gate in GATE_MEASURES:
+        cells = []
+        for a, b in zip(runs[::2], runs[1::2]):
+            ea, eb = ("detection_learned", "detection_residual") if gate else (entry, entry)
+            cells += [cell(a, ea, key, d), cell(b, eb, key, d), compare_entries(b, eb, a, ea, key, sign, d)]
+        rows.append([title] + cells)
+    header = ["measure"] + [c for a, b in zip(runs[::2], runs[1::2])
+                            for c in (f"SAE latents ({link(a, doc)})", f"raw residual ({link(b, doc)})", "residual − latents")]
+    return table(header, rows)
+
+
+KINDS = {"control": t_control, "gate": t_gate, "generation": t_generation, "machine": t_machine, "readme": t_readme, "sae": t_sae, "frontier": t_frontier, "budget": t_budget, "detection": t_detection,
          "precision": t_precision, "strategies": t_strategies, "versus": t_versus,
          "saes": t_saes, "verdict": t_verdict, "evidence": t_evidence,
          "threshold": lambda doc, *runs: t_evidence(doc, *runs, label="row − token"),

@@ -408,10 +408,9 @@ def t_control(doc: str, *runs: str) -> list[str]:
 
 # --detector residual against the same run gating on SAE latents: pattern's measures, and each run's gate
 # detector (detection_learned, detection_residual) side by side. (title, entry, key, decimals, sign as in
-# SAE_MEASURES, the gate's own detection entry when the row is about the detector)
+# SAE_MEASURES, the gate's own detection entry when the row is about the detector); the tighter budgets are
+# the `budgets` table's (final_info.json carries 0.01 and 0.05)
 GATE_MEASURES = tuple(("`pattern` " + t, "frontier_pattern", k, d, sign, False) for t, k, d, sign in (
-    ("forget CE within retain KL 0.001", "forget_ce_within_retain_kl_0.001", 2, 1),
-    ("forget CE within retain KL 0.005", "forget_ce_within_retain_kl_0.005", 2, 1),
     ("forget CE within retain KL 0.01", "forget_ce_within_retain_kl_0.01", 2, 1),
     ("forget CE within retain KL 0.05", "forget_ce_within_retain_kl_0.05", 2, 1),
     ("retain-KL ratio to `standard` at +0.5", "retain_kl_ratio_at_ce_0.5", 3, -1),

@@ -309,26 +309,29 @@ def test_boundary_splices_come_from_fitting_documents_and_change_the_detector(tm
     assert torch.allclose(ex.load_guard(out, "pattern", level=0.0).clamp.detector.weight, refit.weight, atol=1e-6)
 
 
+def paired_runs(tmp_path, model, tok, flag: str, *extra: str) -> tuple[dict, dict]:
+    """A tiny in-process run with `flag` (in tmp_path/with) and the same run without it (tmp_path/without)."""
+    def one(name, *more):
+        flags = [f for f in tiny_flags(tmp_path / name, "unused", *extra, *more) if not f.startswith("--model")]
+        return ex.run(ex.parse_config(flags), model=model, tok=tok)
+    return one("with", flag), one("without")
+
+
 def test_random_control_is_swept_beside_each_selection_and_kept_off_the_frontiers(tmp_path, model, tok):
     """--random_control: a twin of each selection, the same size, swept by the same strategies as
     <strategy>_random points with entries of their own; the strategies' own points, frontiers and guard
     are those of the same run without it."""
-    flags = [f for f in tiny_flags(tmp_path / "ctrl", "unused", "--strategies=standard,pattern", "--no-generate",
-                                   "--random_control") if not f.startswith("--model")]
-    res = ex.run(ex.parse_config(flags), model=model, tok=tok)
-    plain_flags = [f"--out_dir={tmp_path / 'plain'}" if f.startswith("--out_dir") else f
-                   for f in flags if f != "--random_control"]
-    plain = ex.run(ex.parse_config(plain_flags), model=model, tok=tok)
-    pts = json.loads((tmp_path / "ctrl" / "sweep.json").read_text())["points"]
+    res, plain = paired_runs(tmp_path, model, tok, "--random_control", "--strategies=standard,pattern", "--no-generate")
+    pts = json.loads((tmp_path / "with" / "sweep.json").read_text())["points"]
     own = [p for p in pts if not p["strategy"].endswith("_random")]
-    assert own == json.loads((tmp_path / "plain" / "sweep.json").read_text())["points"]
+    assert own == json.loads((tmp_path / "without" / "sweep.json").read_text())["points"]
     ctrl = [p for p in pts if p["strategy"].endswith("_random")]
     assert {(p["strategy"], p["selection"]) for p in ctrl} == {
         ("standard_random", "random_saebench"), ("pattern_random", "random_saebench"), ("pattern_random", "random_gated")}
     size = {(p["selection"], p["n_features"]): p["n_selected"] for p in own}
     assert all(p["n_selected"] == size[(p["selection"][len("random_"):], p["n_features"])] for p in ctrl)
-    meta = json.loads((tmp_path / "ctrl" / "guard.json").read_text())
-    tensors = ex._read_tensors(tmp_path / "ctrl" / "guard.safetensors")
+    meta = json.loads((tmp_path / "with" / "guard.json").read_text())
+    tensors = ex._read_tensors(tmp_path / "with" / "guard.safetensors")
     lat = {x["rule"]: set(tensors[f"selection.{i}.latents"].tolist()) for i, x in enumerate(meta["selections"])}
     assert not lat["saebench"] & lat["random_saebench"] and not lat["gated"] & lat["random_gated"]
     for s in ("standard", "pattern"):
@@ -336,31 +339,26 @@ def test_random_control_is_swept_beside_each_selection_and_kept_off_the_frontier
         assert "forget_ce_within_retain_kl_0.01" in res[f"frontier_{s}_random"]["means"]
         assert 0 <= res[f"unlearning_{s}_random"]["means"]["unlearning_score"] <= 1
     assert "frontier_pattern_random" not in plain
-    assert ex.load_guard(tmp_path / "ctrl", "pattern", level=0.0).point == ex.load_guard(tmp_path / "plain", "pattern", level=0.0).point
+    assert ex.load_guard(tmp_path / "with", "pattern", level=0.0).point == ex.load_guard(tmp_path / "without", "pattern", level=0.0).point
 
 
 def test_residual_gate_clamps_where_the_residual_detector_fires(tmp_path, model, tok):
     """--detector residual: pattern gates on the lag detector over raw residuals (no SAE) and the gated
     selection is made where it fires; standard reads no detector, so its points equal the learned run's.
     With --pattern_clamp all and a hard gate, pattern clamps exactly where its gate fires."""
-    flags = [f for f in tiny_flags(tmp_path / "res", "unused", "--strategies=standard,pattern", "--pattern_clamp=all",
-                                   "--detector=residual") if not f.startswith("--model")]
-    res = ex.run(ex.parse_config(flags), model=model, tok=tok)
-    plain_flags = [f"--out_dir={tmp_path / 'lrn'}" if f.startswith("--out_dir") else f
-                   for f in flags if f != "--detector=residual"]
-    lrn = ex.run(ex.parse_config(plain_flags), model=model, tok=tok)
+    res, lrn = paired_runs(tmp_path, model, tok, "--detector=residual", "--strategies=standard,pattern", "--pattern_clamp=all")
     for r, gate in ((res, "residual"), (lrn, "learned")):
         for k in ("fire_rate_forget", "fire_rate_retain", "spliced_recall", "fire_rows_retain"):
             assert r["detection_pattern"]["means"][k] == r[f"detection_{gate}"]["means"][k], (gate, k)
     assert res["detection_residual"]["means"]["fire_rate_forget"] != res["detection_learned"]["means"]["fire_rate_forget"]
-    pts = {x: json.loads((tmp_path / x / "sweep.json").read_text())["points"] for x in ("res", "lrn")}
-    assert [p for p in pts["res"] if p["strategy"] == "standard"] == [p for p in pts["lrn"] if p["strategy"] == "standard"]
-    assert [p for p in pts["res"] if p["strategy"] == "pattern"] != [p for p in pts["lrn"] if p["strategy"] == "pattern"]
-    assert json.loads((tmp_path / "res" / "guard.json").read_text())["detector"] == "residual"
+    pts = {x: json.loads((tmp_path / x / "sweep.json").read_text())["points"] for x in ("with", "without")}
+    assert [p for p in pts["with"] if p["strategy"] == "standard"] == [p for p in pts["without"] if p["strategy"] == "standard"]
+    assert [p for p in pts["with"] if p["strategy"] == "pattern"] != [p for p in pts["without"] if p["strategy"] == "pattern"]
+    assert json.loads((tmp_path / "with" / "guard.json").read_text())["detector"] == "residual"
     with pytest.raises(ex.UsageError, match="gated on 'residual'"):
-        ex.load_guard(tmp_path / "res", "pattern", level=0.0)
-    first = next(i for i, p in enumerate(pts["res"]) if p["strategy"] == "standard")
-    assert ex.load_guard(tmp_path / "res", "standard", point=first).point == pts["res"][first]
+        ex.load_guard(tmp_path / "with", "pattern", level=0.0)
+    first = next(i for i, p in enumerate(pts["with"]) if p["strategy"] == "standard")
+    assert ex.load_guard(tmp_path / "with", "standard", point=first).point == pts["with"][first]
 
 
 def test_seeds_run_once_each_and_aggregate(tmp_path, model, tok):

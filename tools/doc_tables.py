@@ -454,6 +454,7 @@ KINDS = {"control": t_control, "gate": t_gate, "generation": t_generation, "mach
          "clamp": lambda doc, *runs: t_evidence(doc, *runs, label="all − active", measures=CLAMP_MEASURES),
          "ramp": lambda doc, *runs: t_evidence(doc, *runs, label="ramp − hard", measures=CLAMP_MEASURES),
          "boundary": lambda doc, *runs: t_evidence(doc, *runs, label="boundary − plain fit", measures=CLAMP_MEASURES),
+         "latents": lambda doc, *runs: t_evidence(doc, *runs, label="more − fewer latents", measures=CLAMP_MEASURES),
          "budgets": t_budgets}
 
 

@@ -3219,9 +3219,13 @@ class Detectors(NamedTuple):
     learned: LagDetector   # over the SAE's candidate latents
     residual: LagDetector  # the same detector on raw residuals: what the SAE adds, if anything
 
+    @staticmethod
+    def gate_field(detector: str) -> str:
+        """The field a run gates on (--detector; templates are per selection: the learned detector here)."""
+        return "residual" if detector == "residual" else "learned"
+
     def gate(self, detector: str) -> LagDetector:
-        """The lag detector a run gates on (--detector; templates are per selection: the learned one here)."""
-        return self.residual if detector == "residual" else self.learned
+        return getattr(self, self.gate_field(detector))
 
 
 def fit_detectors(cfg, sae, forget: Corpus, retain: Corpus, sp_f, sp_r, boundary: "Boundary | None" = None) -> Detectors:
@@ -3233,8 +3237,8 @@ def fit_detectors(cfg, sae, forget: Corpus, retain: Corpus, sp_f, sp_r, boundary
     # one gates the clamp (--detector), the other is a detection reference, and only the gate gets a ramp.
     dets = Detectors(fit_lag_detector(cfg, sae, cands, forget, retain, boundary=boundary),
                      fit_lag_detector(cfg, sae, None, forget, retain, boundary=boundary))
-    name = "residual" if cfg.detector == "residual" else "learned"
-    gate = dets.gate(cfg.detector)
+    name = Detectors.gate_field(cfg.detector)
+    gate = getattr(dets, name)
     return dets._replace(**{name: gate._replace(ramp=ramp_width(gate, sae, forget, cfg.pattern_ramp))})
 
 

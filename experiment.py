@@ -3237,8 +3237,7 @@ def fit_detectors(cfg, sae, forget: Corpus, retain: Corpus, sp_f, sp_r, boundary
     # one gates the clamp (--detector), the other is a detection reference, and only the gate gets a ramp.
     dets = Detectors(fit_lag_detector(cfg, sae, cands, forget, retain, boundary=boundary),
                      fit_lag_detector(cfg, sae, None, forget, retain, boundary=boundary))
-    name = Detectors.gate_field(cfg.detector)
-    gate = getattr(dets, name)
+    name, gate = Detectors.gate_field(cfg.detector), dets.gate(cfg.detector)
     return dets._replace(**{name: gate._replace(ramp=ramp_width(gate, sae, forget, cfg.pattern_ramp))})
 
 
@@ -3825,6 +3824,12 @@ CAUSAL_STRATEGIES = ("standard", "gate", "dsg_causal", "pattern", "hybrid")  # d
 GUARD_LEVEL = 1.0  # the forget-CE increase (nats/token) of a guard's default sweep point
 
 
+def guard_carries_gate(detector: str | None, strategy: str) -> bool:
+    """Whether a streaming guard can run `strategy` for a run gated on `detector` (--detector): it carries
+    the learned detector only, which pattern and hybrid gate on; the other strategies read no detector."""
+    return detector == "learned" or strategy not in ("pattern", "hybrid")
+
+
 def save_guard_state(out: Path, cfg: Config, sels: list[Selection], dets: "Detectors"):
     """What a guard needs beside the SAE and sweep.json: every selection and the learned detector."""
     from safetensors.torch import save_file
@@ -3865,7 +3870,7 @@ def load_guard(run_dir, strategy: str = "pattern", point: int | None = None, lev
                              "guard existed do not: rerun the command in command.txt)")
     sae = load_sae_folder(folder).sae
     meta, t = read_json(folder / "guard.json", "guard state"), _read_tensors(folder / "guard.safetensors")
-    if meta.get("detector") != "learned" and strategy in ("pattern", "hybrid"):
+    if not guard_carries_gate(meta.get("detector"), strategy):
         raise UsageError(f"{folder}: the guard carries the learned detector, this run gated on {meta.get('detector')!r}")
     points = read_json(folder / "sweep.json", "sweep")["points"]
     if point is not None and not 0 <= point < len(points):
@@ -4243,8 +4248,8 @@ def stage_generation(cfg, model, tok, sae, sels, dets, points, d: EvalData, out:
     guards = {}
     for s in CAUSAL_STRATEGIES:
         p = guard_point([x for x in points if x["strategy"] == s]) if s in cfg.strategies else None
-        if p is None or (s in ("pattern", "hybrid") and cfg.detector != "learned"):
-            continue  # the guard carries the learned detector only (load_guard refuses the others alike)
+        if p is None or not guard_carries_gate(cfg.detector, s):
+            continue  # no point at GUARD_LEVEL, or a gate the guard does not carry (load_guard refuses it alike)
         g = Guard(sae, cfg.layer, make_clamp(cfg, selection_of(sels, p), dets, s, p["multiplier"]), p)
         guards[s] = refine_guard(model, g, points, d, cfg.guard_refine)
     entries, records = run_generation(cfg, model, tok, sae, guards, dets.learned, d)

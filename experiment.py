@@ -155,10 +155,11 @@ class Config:
     hybrid_quantile: float = opt(0.99, "hybrid clamps off-pattern where a latent exceeds this retain quantile")
     dsg_quantile: float = opt(0.95, "dsg clamps rows whose active fraction exceeds this retain quantile (DSG)")
     # detectors
-    detector: Literal["learned", "residual", "templates"] = opt(
+    detector: Literal["learned", "residual", "combined", "templates"] = opt(
         "learned", "the detector pattern / hybrid gate on (and the gated selection is made where it fires): learned (the "
                    "lag detector on SAE latents) | residual (the same detector on raw residuals, no SAE: a control for "
-                   "what the SAE adds to the gate; no streaming guard) | templates (the original proposal's matcher)")
+                   "what the SAE adds to the gate; no streaming guard) | combined (one detector on both, latents and "
+                   "residual side by side; no streaming guard) | templates (the original proposal's matcher)")
     detector_window: int = opt(4, "tokens a detector reads at once: t and its predecessors (independent of --window)")
     evidence: Literal["ema", "hmm", "cusum"] = opt("ema", "how the learned detector carries evidence from token to "
                                                           "token: ema (average over --horizon tokens) | hmm (two-state "
@@ -2026,7 +2027,7 @@ class LagDetector(NamedTuple):
     `ema`, the average over the last ~`horizon` tokens, or `hmm`, the posterior log-odds of a
     two-state filter (hmm_filter) fed the log-odds times `scale`; fires where it reaches `threshold`."""
     idx: torch.Tensor | None  # (C,) SAE latents it reads (log1p of each); None = the raw residual (no SAE)
-    weight: torch.Tensor      # (F, lags) per-lag weights on raw features, standardisation folded in
+    weight: torch.Tensor      # (F, lags) per-lag weights on raw features, standardisation folded in; F = C (+ D)
     bias: float
     horizon: float
     threshold: float          # set on retain training rows for the target false-positive rate
@@ -2035,6 +2036,7 @@ class LagDetector(NamedTuple):
     scale: float = 1.0        # hmm: weight of one token's log-odds (neighbouring tokens are not independent)
     cap: float = math.inf     # cusum: the largest value the statistic keeps (log-odds)
     ramp: float = 0.0         # evidence above threshold where a clamp it gates reaches full strength (0: hard gate)
+    resid: bool = False       # also reads the raw residual after the latents (--detector combined): F = C + D
 
 
 def pool(det, s_BT: torch.Tensor, tm: Time) -> torch.Tensor:
@@ -2056,9 +2058,12 @@ class Templates(NamedTuple):
     threshold: float
 
 
-def detector_inputs(sae, idx, resid_BTD: torch.Tensor, tm: Time) -> torch.Tensor:
-    """(B, T, F) features a LagDetector reads, 0 at invalid positions (BOS, pads)."""
+def detector_inputs(sae, idx, resid_BTD: torch.Tensor, tm: Time, resid: bool = False) -> torch.Tensor:
+    """(B, T, F) features a LagDetector reads, 0 at invalid positions (BOS, pads): log1p of the latents
+    `idx`, the raw residual (idx None), or both side by side (resid: F = len(idx) + D, latents first)."""
     g = resid_BTD if idx is None else torch.log1p(sae.encode(resid_BTD, tm.valid, idx.to(resid_BTD.device), tm.prev))
+    if idx is not None and resid:
+        g = torch.cat([g, resid_BTD.to(g.dtype)], dim=-1)
     return g * tm.valid.unsqueeze(-1)
 
 
@@ -2094,7 +2099,7 @@ def token_score(det, sae, resid_BTD, tm: Time, f_sel_BTk=None) -> torch.Tensor:
     """(B, T) per-token evidence before pooling: a log-odds (LagDetector) or a correlation (Templates)."""
     if isinstance(det, Templates):
         return template_score(det, f_sel_BTk, tm)
-    return lag_logit(detector_inputs(sae, det.idx, resid_BTD, tm), det.weight, det.bias, tm)
+    return lag_logit(detector_inputs(sae, det.idx, resid_BTD, tm, det.resid), det.weight, det.bias, tm)
 
 
 def detector_fires(det, sae, resid_BTD, tm: Time, f_sel_BTk=None) -> torch.Tensor:
@@ -3132,7 +3137,7 @@ def boundary_splices(cfg, model, tok, forget: Corpus, retain: Corpus) -> Boundar
 
 
 def fit_lag_detector(cfg, sae, idx, forget: Corpus, retain: Corpus, max_tokens: int = 32768,
-                     boundary: "Boundary | None" = None) -> LagDetector:
+                     boundary: "Boundary | None" = None, resid: bool = False) -> LagDetector:
     """Logistic regression of domain on per-lag features, on training rows of both domains outside
     the calibration documents (and, under --detector_boundary, the boundary tokens of spliced documents
     built from them); threshold at --detector_fpr (per --detector_fpr_unit) on the calibration retain rows."""
@@ -3146,10 +3151,10 @@ def fit_lag_detector(cfg, sae, idx, forget: Corpus, retain: Corpus, max_tokens: 
         sources.append((boundary.acts, boundary.rows.mask, at))
         labels.append(boundary.rows.label[at].float())
     n = [len(y_) for y_ in labels]
-    n_feat = sae.d_in if idx is None else len(idx)
+    n_feat = sae.d_in if idx is None else len(idx) + (sae.d_in if resid else 0)
     X = torch.empty(sum(n), cfg.detector_window * n_feat)  # filled in place: no per-source copies
     for i, (acts, mask, pick) in enumerate(sources):
-        feats = detector_features(sae, idx, acts, mask)
+        feats = detector_features(sae, idx, acts, mask, resid)
         lag_design(feats, mask, cfg.detector_window, pick, X[sum(n[:i]):sum(n[:i + 1])])
         del feats
     weight = None if boundary is None else torch.cat([torch.ones(n[0] + n[1]), torch.full((n[2],), cfg.detector_boundary)])
@@ -3157,7 +3162,8 @@ def fit_lag_detector(cfg, sae, idx, forget: Corpus, retain: Corpus, max_tokens: 
     del X
     w = lr.w / lr.sd
     det = LagDetector(idx, w.view(cfg.detector_window, -1).T.contiguous(), float(lr.b - (lr.mu * w).sum()),
-                      cfg.horizon, math.nan, cfg.evidence, cfg.switch_prob, cfg.evidence_scale, cfg.cusum_cap)
+                      cfg.horizon, math.nan, cfg.evidence, cfg.switch_prob, cfg.evidence_scale, cfg.cusum_cap,
+                      resid=resid and idx is not None)
     thr = calibrate(det, sae, retain, cfg.detector_fpr, unit=cfg.detector_fpr_unit)
     if det.evidence == "cusum" and thr >= det.cap:  # the statistic never exceeds its cap: a gate that never fires
         raise UsageError(f"--cusum_cap {det.cap:g}: more than --detector_fpr {cfg.detector_fpr:g} of the calibration "
@@ -3181,10 +3187,11 @@ def ramp_width(det, sae, forget: Corpus, ramp: float) -> float:
     return ramp * float(excess.median())
 
 
-def detector_features(sae, idx, acts_NTD, mask_NT, rows: int = 64) -> torch.Tensor:
+def detector_features(sae, idx, acts_NTD, mask_NT, resid: bool = False, rows: int = 64) -> torch.Tensor:
     """detector_inputs over plain rows, in row batches."""
     with torch.no_grad():
-        return torch.cat([detector_inputs(sae, idx, acts_NTD[s].to(sae.W_enc.device), make_time(mask_NT[s].to(sae.W_enc.device))).cpu()
+        return torch.cat([detector_inputs(sae, idx, acts_NTD[s].to(sae.W_enc.device), make_time(mask_NT[s].to(sae.W_enc.device)),
+                                          resid).cpu()
                           for s in batches(len(acts_NTD), rows)])
 
 
@@ -3218,11 +3225,12 @@ def threshold_of(ev_BT: torch.Tensor, valid_BT: torch.Tensor, fpr: float, unit: 
 class Detectors(NamedTuple):
     learned: LagDetector   # over the SAE's candidate latents
     residual: LagDetector  # the same detector on raw residuals: what the SAE adds, if anything
+    combined: LagDetector | None = None  # on both side by side; fitted only under --detector combined
 
     @staticmethod
     def gate_field(detector: str) -> str:
         """The field a run gates on (--detector; templates are per selection: the learned detector here)."""
-        return "residual" if detector == "residual" else "learned"
+        return detector if detector in ("residual", "combined") else "learned"
 
     def gate(self, detector: str) -> LagDetector:
         return getattr(self, self.gate_field(detector))
@@ -3237,6 +3245,8 @@ def fit_detectors(cfg, sae, forget: Corpus, retain: Corpus, sp_f, sp_r, boundary
     # one gates the clamp (--detector), the other is a detection reference, and only the gate gets a ramp.
     dets = Detectors(fit_lag_detector(cfg, sae, cands, forget, retain, boundary=boundary),
                      fit_lag_detector(cfg, sae, None, forget, retain, boundary=boundary))
+    if cfg.detector == "combined":  # the latents' sharp edges and the residual's fewer false alarms, if one fit has both
+        dets = dets._replace(combined=fit_lag_detector(cfg, sae, cands, forget, retain, boundary=boundary, resid=True))
     name, gate = Detectors.gate_field(cfg.detector), dets.gate(cfg.detector)
     return dets._replace(**{name: gate._replace(ramp=ramp_width(gate, sae, forget, cfg.pattern_ramp))})
 
@@ -3571,6 +3581,8 @@ def horizon_study(cfg, sae, sel: Selection, dets: Detectors, d: EvalData) -> dic
                "dsg_causal": on,
                "templates": lambda x, tm: token_score(sel.templates, sae, x, tm,
                                                        sae.encode(x, tm.valid, lat.to(x.device), tm.prev))}
+    if dets.combined is not None:
+        scorers["combined"] = lambda x, tm: token_score(dets.combined, sae, x, tm)
     cal = calibration_rows(d.retain.train)
     out = {"horizons": list(HORIZONS), "fpr": cfg.detector_fpr, "fpr_unit": cfg.detector_fpr_unit,
            "retain_threshold": sel.threshold,
@@ -3826,23 +3838,35 @@ GUARD_LEVEL = 1.0  # the forget-CE increase (nats/token) of a guard's default sw
 
 def guard_carries_gate(detector: str | None, strategy: str) -> bool:
     """Whether a streaming guard can run `strategy` for a run gated on `detector` (--detector): it carries
-    the learned detector only, which pattern and hybrid gate on; the other strategies read no detector."""
-    return detector == "learned" or strategy not in ("pattern", "hybrid")
+    a lag detector (learned, residual or combined), which pattern and hybrid gate on, but not templates;
+    the other strategies read no detector."""
+    return detector != "templates" or strategy not in ("pattern", "hybrid")
+
+
+def detector_state(det: LagDetector, prefix: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A lag detector as guard.json fields and guard.safetensors tensors named `prefix`.*."""
+    meta = {"bias": det.bias, "horizon": det.horizon, "threshold": det.threshold, "evidence": det.evidence,
+            "switch": det.switch, "scale": det.scale, "cap": None if math.isinf(det.cap) else det.cap,
+            "ramp": det.ramp, "reads": "residual" if det.idx is None else "both" if det.resid else "latents"}
+    tensors = {f"{prefix}.weight": det.weight} | ({} if det.idx is None else {f"{prefix}.idx": det.idx})
+    return meta, tensors
 
 
 def save_guard_state(out: Path, cfg: Config, sels: list[Selection], dets: "Detectors"):
-    """What a guard needs beside the SAE and sweep.json: every selection and the learned detector."""
+    """What a guard needs beside the SAE and sweep.json: every selection, the learned detector (the
+    reference the generation stage scores continuations with) and, when the run gates on another one
+    (--detector residual | combined), that one as `gate`."""
     from safetensors.torch import save_file
-    det = dets.learned
-    tensors = {"detector.idx": det.idx, "detector.weight": det.weight}
+    learned, tensors = detector_state(dets.learned, "detector")
     for i, sel in enumerate(sels):
         tensors[f"selection.{i}.latents"], tensors[f"selection.{i}.hi"] = sel.latents, sel.hi
     meta = {"layer": cfg.layer, "detector": cfg.detector, "lags": cfg.detector_window, "pattern_clamp": cfg.pattern_clamp,
             "selections": [{"rule": x.rule, "threshold": x.threshold, "n": x.n, "rho_tau": x.rho_tau} for x in sels],
-            "learned": {"bias": det.bias, "horizon": det.horizon, "threshold": det.threshold,
-                        "evidence": det.evidence, "switch": det.switch, "scale": det.scale,
-                        "cap": None if math.isinf(det.cap) else det.cap, "ramp": det.ramp}}
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+            "learned": learned}
+    if Detectors.gate_field(cfg.detector) != "learned":
+        meta["gate"], gate_t = detector_state(dets.gate(cfg.detector), "gate")
+        tensors |= gate_t
+    tensors = {k: v.detach().cpu().clone() for k, v in tensors.items()}  # clone: the learned and combined detectors share idx
     atomic_write_json(out / "guard.json", meta)
     atomic_write(out / "guard.safetensors", lambda p: save_file(tensors, p))
 
@@ -3871,7 +3895,10 @@ def load_guard(run_dir, strategy: str = "pattern", point: int | None = None, lev
     sae = load_sae_folder(folder).sae
     meta, t = read_json(folder / "guard.json", "guard state"), _read_tensors(folder / "guard.safetensors")
     if not guard_carries_gate(meta.get("detector"), strategy):
-        raise UsageError(f"{folder}: the guard carries the learned detector, this run gated on {meta.get('detector')!r}")
+        raise UsageError(f"{folder}: a guard carries a lag detector, this run gated on {meta.get('detector')!r}")
+    if strategy in ("pattern", "hybrid") and stale_guard_state(meta):
+        raise UsageError(f"{folder}: guard.json predates guards on the {meta['detector']} detector; "
+                         "`python experiment.py --generate_from` on the folder rebuilds it")
     points = read_json(folder / "sweep.json", "sweep")["points"]
     if point is not None and not 0 <= point < len(points):
         raise UsageError(f"point {point}: {folder / 'sweep.json'} has points 0..{len(points) - 1}")
@@ -3881,16 +3908,24 @@ def load_guard(run_dir, strategy: str = "pattern", point: int | None = None, lev
         raise UsageError(f"{folder}: {strategy} has no sweep point" + (f" reaching a forget-CE increase of {level}"
                                                                        if p is None else f" at index {point}"))
     i = next(i for i, x in enumerate(meta["selections"]) if (x["rule"], x["threshold"], x["n"]) == point_key(p))
-    clamp = Clamp(strategy, t[f"selection.{i}.latents"], p["multiplier"], meta["lags"], guard_detector(meta, t),
+    det = guard_detector(meta, t, "gate") if "gate" in meta else guard_detector(meta, t)
+    clamp = Clamp(strategy, t[f"selection.{i}.latents"], p["multiplier"], meta["lags"], det,
                   t[f"selection.{i}.hi"], meta["selections"][i]["rho_tau"], meta.get("pattern_clamp") == "all")
     return Guard(sae, meta["layer"], clamp, p)
 
 
-def guard_detector(meta: dict, t: dict) -> LagDetector:
-    L = meta["learned"]
-    return LagDetector(t["detector.idx"], t["detector.weight"], L["bias"], L["horizon"], L["threshold"],
+def stale_guard_state(meta: dict) -> bool:
+    """guard.json of a run gated on the residual or combined detector, written before guards carried it."""
+    return Detectors.gate_field(meta.get("detector", "learned")) != "learned" and "gate" not in meta
+
+
+def guard_detector(meta: dict, t: dict, key: str = "learned") -> LagDetector:
+    """The detector guard.json holds as `key` (learned, or gate: the one a --detector residual / combined
+    run gates on), its tensors in guard.safetensors under detector.* or gate.*."""
+    L, prefix = meta[key], "detector" if key == "learned" else key
+    return LagDetector(t.get(f"{prefix}.idx"), t[f"{prefix}.weight"], L["bias"], L["horizon"], L["threshold"],
                        L["evidence"], L["switch"], L["scale"], math.inf if L.get("cap") is None else L["cap"],
-                       L.get("ramp", 0.0))
+                       L.get("ramp", 0.0), L.get("reads") == "both")
 
 
 class Guard:
@@ -3906,7 +3941,7 @@ class Guard:
     def __init__(self, sae: TemporalSAE, layer: int, clamp: Clamp, point: dict | None = None):
         self.sae, self.layer, self.clamp, self.point = sae, layer, clamp, point
         self.det = det = clamp.detector if clamp.strategy in ("pattern", "hybrid") else None
-        self.idx = clamp.latents if det is None else torch.cat([clamp.latents, det.idx])
+        self.idx = clamp.latents if det is None or det.idx is None else torch.cat([clamp.latents, det.idx])
         self.state: dict | None = None
         self.encodes = 0  # SAE encodes run (one per position a call brings)
 
@@ -3964,7 +3999,7 @@ class Guard:
         f_sel = f[:, :k]
         active = (f_sel > 0) & valid[:, None]
         on = active.any(-1)
-        where = self.where(st, c, f, f_sel, active, on, valid)
+        where = self.where(st, c, f, f_sel, active, on, valid, x_BD)
         st["on"] = torch.cat([st["on"], on[:, None]], 1)[:, 1:]
         return self.apply(sae, x_BD, where, f_sel)
 
@@ -3974,7 +4009,7 @@ class Guard:
         guard state (tools/edit_kind.py)."""
         return apply_plan(sae, self.clamp.latents, Plan(where, f_sel), self.clamp.multiplier, x_BD)
 
-    def where(self, st: dict, c: Clamp, f, f_sel, active, on, valid) -> torch.Tensor:
+    def where(self, st: dict, c: Clamp, f, f_sel, active, on, valid, x_BD) -> torch.Tensor:
         """(B, k) which selected latents to clamp at this position: clamp_where's rules, from the state."""
         if c.strategy == "standard":
             return active
@@ -3985,14 +4020,18 @@ class Guard:
             st["cum_on"], st["cum_valid"] = st["cum_on"] + (on & valid).float(), st["cum_valid"] + valid.float()
             rho = st["cum_on"] / st["cum_valid"].clamp_min(1)  # 0 before the first valid token, as ema's
             return (on & (rho > c.rho_tau))[:, None].expand_as(active)
-        fires = self.detector_step(st, f[:, len(c.latents):], valid)
+        fires = self.detector_step(st, f[:, len(c.latents):], x_BD, valid)
         return pattern_where(c, active, fires[:, None], f_sel)
 
-    def detector_step(self, st: dict, g_raw: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """lag_logit and pool at one position from the buffered projections of the previous lags-1."""
+    def detector_step(self, st: dict, g_raw: torch.Tensor, x_BD: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """lag_logit and pool at one position from the buffered projections of the previous lags-1; the
+        features are detector_inputs' at this position (latents, the residual x, or both)."""
         d = self.det
         W = d.weight.to(g_raw.device)
-        z = (torch.log1p(g_raw) * valid[:, None]) @ W                    # (B, L): this position's projections
+        g = x_BD if d.idx is None else torch.log1p(g_raw)
+        if d.idx is not None and d.resid:
+            g = torch.cat([g, x_BD.to(g.dtype)], dim=-1)
+        z = (g.to(W.dtype) * valid[:, None]) @ W                         # (B, L): this position's projections
         L = W.shape[1]
         s = d.bias + z[:, 0] + sum(st["z"][:, L - 1 - l, l] for l in range(1, L))
         st["z"] = torch.cat([st["z"], z[:, None]], 1)[:, 1:]
@@ -4726,7 +4765,9 @@ def strategy_entries(cfg, sae, sels, dets, points, kl_docs, d: EvalData, out: Pa
             res[f"unlearning_{s}_random"] = unlearning_entry(c_point, c_score, c_passed)
             res[f"frontier_{s}_random"] = frontier_entry(ctrl, standard or ctrl)
     for name, det, lat in (("learned", dets.learned, None), ("residual", dets.residual, None),
-                           ("templates", sels[0].templates, sels[0].latents)):
+                           ("combined", dets.combined, None), ("templates", sels[0].templates, sels[0].latents)):
+        if det is None:
+            continue
         res[f"detection_{name}"] = detection_entry(lambda x, tm: detector_fire_score(det, sae, x, tm, lat), sae, d)
     atomic_write_json(out / "spliced_kl.json", spliced_kl_record(d.spliced, d.ts_s.rows, kl_fig))
     return res
@@ -4869,7 +4910,7 @@ def generate_existing(cli: Config) -> str:
     for f in folders:
         seed_cfg = dataclasses.replace(cfg, seed=read_json(f / "config.json", "run config")["seed"])
         sae = load_sae(f, model.device)
-        if not (f / "guard.json").is_file():
+        if not (f / "guard.json").is_file() or stale_guard_state(read_json(f / "guard.json", "guard state")):
             rebuild_guard_state(seed_cfg, sae, forget, retain, f)
         t0 = time.perf_counter()
         guards, points = {}, read_json(f / "sweep.json", "sweep")["points"]

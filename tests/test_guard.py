@@ -24,15 +24,19 @@ def prompts(tok, texts, pad_id):
     return ids, mask
 
 
-def tiny_guard(model, strategy, evidence="ema", dense=False, ramp=0.0):
-    """A w=4 SAE and a learned detector on random weights, with latents that fire and a detector that
-    fires on part of the text, so every rule clamps somewhere and spares somewhere."""
+def tiny_guard(model, strategy, evidence="ema", dense=False, ramp=0.0, reads="latents"):
+    """A w=4 SAE and a lag detector on random weights, with latents that fire and a detector that fires
+    on part of the text, so every rule clamps somewhere and spares somewhere. The detector reads SAE
+    latents (the learned one), the raw residual (--detector residual) or both (--detector combined)."""
     torch.manual_seed(0)
     d = model.config.hidden_size
     sae = ex.TemporalSAE(d, 48, window=4, d_head=8)
     with torch.no_grad():
         sae.b_enc.fill_(0.05)
-    det = ex.LagDetector(torch.arange(20, 36), 0.5 * torch.randn(16, 3), 0.0, 2.0, 0.0, evidence, 0.05, 0.5)
+    n_in = {"latents": 16, "residual": d, "both": 16 + d}[reads]
+    idx = None if reads == "residual" else torch.arange(20, 36)
+    det = ex.LagDetector(idx, 0.5 * torch.randn(n_in, 3) / math.sqrt(n_in / 16), 0.0, 2.0, 0.0, evidence, 0.05, 0.5,
+                         resid=reads == "both")
     if evidence == "cusum":  # the statistic is >= 0: a threshold above 0 and a cap above that
         det = det._replace(threshold=0.5, cap=2.0)
     det = det._replace(ramp=ramp)
@@ -56,14 +60,17 @@ PADDED = ["Cells divide by mitosis and the", "The river"]
 UNPADDED = ["Cells divide by mitosis and the", "Cells divide by mitosis and a"]  # one length: generate() drops the mask
 
 
-@pytest.mark.parametrize("strategy,evidence,texts,dense,ramp", [(s, "ema", PADDED, False, 0.0) for s in ex.CAUSAL_STRATEGIES] +
-                         [("pattern", "hmm", PADDED, False, 0.0), ("pattern", "cusum", PADDED, False, 0.0),
-                          ("pattern", "ema", UNPADDED, False, 0.0), ("standard", "ema", UNPADDED, False, 0.0),
-                          ("pattern", "ema", PADDED, True, 0.0), ("hybrid", "ema", PADDED, True, 0.0),
-                          ("pattern", "ema", PADDED, True, 1.0), ("hybrid", "ema", PADDED, False, 1.0)])
+@pytest.mark.parametrize("strategy,evidence,texts,dense,ramp,reads", [(s, "ema", PADDED, False, 0.0, "latents")
+                                                                      for s in ex.CAUSAL_STRATEGIES] +
+                         [("pattern", "hmm", PADDED, False, 0.0, "latents"), ("pattern", "cusum", PADDED, False, 0.0, "latents"),
+                          ("pattern", "ema", UNPADDED, False, 0.0, "latents"), ("standard", "ema", UNPADDED, False, 0.0, "latents"),
+                          ("pattern", "ema", PADDED, True, 0.0, "latents"), ("hybrid", "ema", PADDED, True, 0.0, "latents"),
+                          ("pattern", "ema", PADDED, True, 1.0, "latents"), ("hybrid", "ema", PADDED, False, 1.0, "latents"),
+                          ("pattern", "ema", PADDED, False, 0.0, "residual"), ("pattern", "ema", PADDED, True, 1.0, "residual"),
+                          ("hybrid", "hmm", PADDED, False, 0.0, "both"), ("pattern", "ema", PADDED, True, 1.0, "both")])
 def test_generation_with_the_cache_equals_one_guarded_forward(model, tok, monkeypatch, strategy, evidence, texts, dense,
-                                                             ramp):
-    guard = tiny_guard(model, strategy, evidence, dense, ramp)
+                                                             ramp, reads):
+    guard = tiny_guard(model, strategy, evidence, dense, ramp, reads)
     gains, gain = [], ex.evidence_gain  # under a ramp, some positions must get a fraction of the clamp
     monkeypatch.setattr(ex, "evidence_gain", lambda *a: gains.append(gain(*a)) or gains[-1])
     ids, mask = prompts(tok, texts, pad_id=1)

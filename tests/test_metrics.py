@@ -293,12 +293,13 @@ def test_lag_detector_is_causal():
     sae = ex.TemporalSAE(8, 16, window=3, d_head=4)
     det = ex.LagDetector(torch.tensor([1, 4, 7]), torch.randn(3, 4), 0.3, 4.0, 0.0)
     res = ex.LagDetector(None, torch.randn(8, 4), -0.1, 8.0, 0.0)
+    both = ex.LagDetector(torch.tensor([1, 4, 7]), torch.randn(11, 4), 0.2, 2.0, 0.0, resid=True)
     x = torch.randn(2, 10, 8)
     valid = torch.ones(2, 10, dtype=torch.bool)
     valid[:, 0] = False
     prev = torch.tensor([[-1, 0, 1, 2, 3, 4, 5, 6, 7, 8], [-1, 0, 1, 2, 3, 3, 5, 3, 7, 8]])  # row 2 branches at 3
     for tm in (ex.make_time(valid), ex.make_time(valid, prev)):
-        for d in (det, res):
+        for d in (det, res, both):
             ev = ex.ema(ex.token_score(d, sae, x, tm), tm, d.horizon)
             for t in range(9):
                 later = torch.ones(2, 10, dtype=torch.bool)
@@ -497,5 +498,25 @@ def test_front_share_follows_the_interpolation():
 def test_the_gate_is_the_detector_the_run_names():
     """make_clamp and the gated selection read Detectors.gate: the residual detector under --detector
     residual, the learned one otherwise (templates are per selection)."""
-    dets = ex.Detectors(learned="L", residual="R")
-    assert (dets.gate("learned"), dets.gate("residual"), dets.gate("templates")) == ("L", "R", "L")
+    dets = ex.Detectors(learned="L", residual="R", combined="C")
+    assert (dets.gate("learned"), dets.gate("residual"), dets.gate("combined"), dets.gate("templates")) == ("L", "R", "C", "L")
+
+
+def test_combined_detector_reads_the_latents_then_the_residual():
+    """--detector combined: one lag detector on log1p(latents) and the raw residual side by side, latents
+    first. Its log-odds is linear in its inputs, so with the learned detector's weights on the latent rows
+    and the residual detector's on the residual rows it is exactly the sum of the two scores."""
+    torch.manual_seed(0)
+    sae = ex.TemporalSAE(8, 16, window=3, d_head=4)
+    lat = ex.LagDetector(torch.tensor([2, 5, 9]), torch.randn(3, 4), 0.3, 2.0, 0.0)
+    res = ex.LagDetector(None, torch.randn(8, 4), -0.1, 2.0, 0.0)
+    both = ex.LagDetector(lat.idx, torch.cat([lat.weight, res.weight]), 0.2, 2.0, 0.0, resid=True)
+    x, valid = torch.randn(2, 7, 8), torch.ones(2, 7, dtype=torch.bool)
+    valid[1, :2] = False  # left padding: no input there
+    tm = ex.make_time(valid)
+    g = ex.detector_inputs(sae, lat.idx, x, tm, resid=True)
+    assert g.shape == (2, 7, 11) and torch.equal(g[..., 3:], x * valid.unsqueeze(-1))
+    assert torch.equal(g[..., :3], ex.detector_inputs(sae, lat.idx, x, tm))
+    s = ex.token_score(both, sae, x, tm)
+    assert torch.allclose(s, ex.token_score(lat, sae, x, tm) + ex.token_score(res, sae, x, tm), atol=1e-5)
+    assert not torch.allclose(s, ex.token_score(lat, sae, x, tm) + 0.1, atol=1e-2)  # the residual rows count

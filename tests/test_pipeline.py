@@ -342,20 +342,35 @@ def test_random_control_is_swept_beside_each_selection_and_kept_off_the_frontier
     assert ex.load_guard(tmp_path / "with", "pattern", level=0.0).point == ex.load_guard(tmp_path / "without", "pattern", level=0.0).point
 
 
-def test_residual_gate_clamps_where_the_residual_detector_fires(tmp_path, model, tok):
-    """--detector residual: pattern gates on the lag detector over raw residuals (no SAE) and the gated
-    selection is made where it fires; standard reads no detector, so its points equal the learned run's.
-    With --pattern_clamp all and a hard gate, pattern clamps exactly where its gate fires."""
-    res, lrn = paired_runs(tmp_path, model, tok, "--detector=residual", "--strategies=standard,pattern", "--pattern_clamp=all")
-    for r, gate in ((res, "residual"), (lrn, "learned")):
+@pytest.mark.parametrize("gate", ["residual", "combined"])
+def test_other_gate_clamps_where_its_detector_fires(tmp_path, model, tok, gate):
+    """--detector residual (the lag detector over raw residuals, no SAE) or combined (over latents and
+    residual side by side): pattern gates on it and the gated selection is made where it fires; standard
+    reads no detector, so its points equal the learned run's. With --pattern_clamp all and a hard gate,
+    pattern clamps exactly where its gate fires."""
+    res, lrn = paired_runs(tmp_path, model, tok, f"--detector={gate}", "--strategies=standard,pattern", "--pattern_clamp=all")
+    for r, g in ((res, gate), (lrn, "learned")):
         for k in ("fire_rate_forget", "fire_rate_retain", "spliced_recall", "fire_rows_retain"):
-            assert r["detection_pattern"]["means"][k] == r[f"detection_{gate}"]["means"][k], (gate, k)
-    assert res["detection_residual"]["means"]["fire_rate_forget"] != res["detection_learned"]["means"]["fire_rate_forget"]
+            assert r["detection_pattern"]["means"][k] == r[f"detection_{g}"]["means"][k], (g, k)
+    assert res[f"detection_{gate}"]["means"]["fire_rate_forget"] != res["detection_learned"]["means"]["fire_rate_forget"]
+    assert res["detection_learned"] == lrn["detection_learned"] and res["detection_residual"] == lrn["detection_residual"]
+    assert ("detection_combined" in res) == (gate == "combined") and "detection_combined" not in lrn
     pts = {x: json.loads((tmp_path / x / "sweep.json").read_text())["points"] for x in ("with", "without")}
     assert [p for p in pts["with"] if p["strategy"] == "standard"] == [p for p in pts["without"] if p["strategy"] == "standard"]
     assert [p for p in pts["with"] if p["strategy"] == "pattern"] != [p for p in pts["without"] if p["strategy"] == "pattern"]
-    assert json.loads((tmp_path / "with" / "guard.json").read_text())["detector"] == "residual"
-    with pytest.raises(ex.UsageError, match="gated on 'residual'"):
+    # the guard carries the gate (and the learned detector, the generation stage's reference), so the run's
+    # generation stage runs pattern with it (where pattern reaches the guard's level: not in a tiny run)
+    meta = json.loads((tmp_path / "with" / "guard.json").read_text())
+    assert meta["detector"] == gate and meta["gate"]["reads"] == {"residual": "residual", "combined": "both"}[gate]
+    det = ex.load_guard(tmp_path / "with", "pattern", level=0.0).clamp.detector
+    assert (det.idx is None, det.resid) == {"residual": (True, False), "combined": (False, True)}[gate]
+    assert det.threshold == meta["gate"]["threshold"] != meta["learned"]["threshold"]
+    assert ex.run_detector(tmp_path / "with").threshold == meta["learned"]["threshold"]
+    assert ex.guard_carries_gate(gate, "pattern") and not ex.guard_carries_gate("templates", "pattern")
+    # guard state written before guards carried the gate: refused, not silently gated on the learned detector
+    del meta["gate"]
+    (tmp_path / "with" / "guard.json").write_text(json.dumps(meta))
+    with pytest.raises(ex.UsageError, match="predates"):
         ex.load_guard(tmp_path / "with", "pattern", level=0.0)
     first = next(i for i, p in enumerate(pts["with"]) if p["strategy"] == "standard")
     assert ex.load_guard(tmp_path / "with", "standard", point=first).point == pts["with"][first]

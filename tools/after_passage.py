@@ -112,7 +112,7 @@ def main():
         f = lambda x: "n.r." if x is None else f"{x:.3f}"
         print(f"pattern, {v:24s} after-passage KL at +0.5 {f(m['spliced_kl_after_at_ce_0.5'])}  ratio to standard "
               f"{f(m['spliced_kl_after_ratio_at_ce_0.5'])}  precision {f(m['precision_auroc_at_ce_0.5'])}", flush=True)
-    evidence_report(dets.learned, sae, d)
+    evidence_report(dets.gate(cfg.detector), sae, d)
 
 
 if __name__ == "__main__":

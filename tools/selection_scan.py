@@ -125,6 +125,8 @@ def calibration_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.add_argument("--detector_boundary", type=float, default=0.0,
                     help="experiment.py's --detector_boundary (its spliced training documents come from the fitting "
                          "documents, never the calibration ones)")
+    ap.add_argument("--detector", default="learned", choices=("learned", "residual", "combined"),
+                    help="experiment.py's --detector: the detector pattern gates on and whose evidence is scanned")
     return ap
 
 
@@ -136,7 +138,7 @@ def calibration_setup(args, **overrides):
     cfg = dataclasses.replace(ex.Config(), layer=run_cfg["layer"], context_length=run_cfg["context_length"],
                               forget_corpus=args.forget_corpus, retain_corpus=args.retain_corpus,
                               pattern_clamp=args.pattern_clamp, pattern_ramp=args.pattern_ramp,
-                              detector_boundary=args.detector_boundary, **overrides)
+                              detector_boundary=args.detector_boundary, detector=args.detector, **overrides)
     if args.multipliers:
         cfg = dataclasses.replace(cfg, multipliers=tuple(float(m) for m in args.multipliers.split(",")))
     model, tok = ex.load_model(cfg, torch.device("cpu"))
@@ -178,12 +180,12 @@ def main():
         print(frontier_line("standard", standard, standard), flush=True)
         print(frontier_line("dsg  saebench", [p for p in ref if p["strategy"] == "dsg"], standard), flush=True)
     for spec, cal in ((e, c) for e in args.evidence.split(",") for c in args.calibrate.split(",")):
-        det = parse_evidence(spec, dets.learned)
+        det = parse_evidence(spec, dets.gate(cfg.detector))
         unit, fpr = cal.split(":")
         det = det._replace(threshold=ex.calibrate(det, sae, d.retain, float(fpr), unit=unit))
         det = det._replace(ramp=ex.ramp_width(det, sae, d.forget, args.pattern_ramp))
         spec_name = spec if cal == "token:0.01" else f"{spec} {cal}"  # the harness's default threshold: no suffix
-        dets_v = dets._replace(learned=det)
+        dets_v = dets._replace(**{ex.Detectors.gate_field(cfg.detector): det})
         print(detector_line(f"detector {spec_name}", det, sae, d), flush=True)
         if args.detector_only:
             continue
@@ -230,7 +232,7 @@ def gated_by(gcfg, sae, dets, d: ex.EvalData, key: torch.Tensor | None) -> list:
     same retain test (touch < --gated_threshold on the retain tokens where the detector fires)."""
     if key is None:
         return ex.gated_selections(gcfg, sae, dets, d.forget, d.retain)
-    cnt_r, fire_r, _ = ex.gated_counts(sae, dets.learned, d.retain)
+    cnt_r, fire_r, _ = ex.gated_counts(sae, dets.gate(gcfg.detector), d.retain)
     n, thr = gcfg.gated_features[0], gcfg.gated_threshold
     lat = ex.select_gated(key, cnt_r / max(fire_r, 1), n, thr)
     return [ex.selection_levels(gcfg, sae, d.forget, d.retain, lat, thr, n, "gated")] if len(lat) else []

@@ -346,14 +346,24 @@ def test_gate_table_sets_the_residual_gate_against_the_latent_gate(docs_root):
                    "detection_learned": entry(2.0), "detection_residual": entry(9.0)},
              "b": {"frontier_pattern": entry(4.0, 0.1), "unlearning_pattern": entry(0.5), "detection_pattern": entry(0.3),
                    "detection_learned": entry(9.0), "detection_residual": entry(4.0)}}
+    # a combined run carries both other detectors too; its gate is detection_combined. Both have a generation stage.
+    infos["c"] = dict(infos["b"], detection_residual=entry(1.0), detection_combined=entry(3.0), generation_pattern=entry(0.8))
+    infos["a2"] = dict(infos["a"], generation_pattern=entry(0.9))
     for run, info in infos.items():
         (docs_root / run).mkdir()
         (docs_root / run / "final_info.json").write_text(json.dumps(info))
     lines = doc_tables.t_gate("README.md", "a", "b")
     rows = {l.split(" | ")[0].lstrip("| "): l for l in lines[2:]}
-    assert set(rows) == {t for t, *_ in doc_tables.GATE_MEASURES}
+    generation = {t for t, e, *_ in doc_tables.GATE_MEASURES if e == "generation_pattern"}
+    assert generation and set(rows) == {t for t, *_ in doc_tables.GATE_MEASURES} - generation  # no stage: no rows
+    assert "raw residual" in lines[0] and "residual − latents" in lines[0]
     assert rows["`pattern` forget CE within retain KL 0.01"].endswith("| 5.00 ± 0.10 | 4.00 ± 0.10 | -1.00 ± 0.14: **worse** |")
     assert rows["gate: median tokens to stop after the passage"].endswith("| 2.0 | 4.0 | +2.0 ± 0.0: **worse** |")
     assert rows["gate: token AUROC"].endswith("| 2.000 | 4.000 | +2.000 ± 0.000: **better** |")
+    lines = doc_tables.t_gate("README.md", "a2", "c")
+    rows = {l.split(" | ")[0].lstrip("| "): l for l in lines[2:]}
+    assert "latents + residual" in lines[0] and "combined − latents" in lines[0]
+    assert rows["gate: token AUROC"].endswith("| 2.000 | 3.000 | +1.000 ± 0.000: **better** |")
+    assert rows["`pattern` generation: retain continuations identical to clean"].endswith("| 0.90 | 0.80 | -0.10 ± 0.00: **worse** |")
     with pytest.raises(ValueError, match="pairs"):
         doc_tables.t_gate("README.md", "a")

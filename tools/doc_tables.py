@@ -406,8 +406,9 @@ def t_control(doc: str, *runs: str) -> list[str]:
     return table(header, rows)
 
 
-# --detector residual against the same run gating on SAE latents: pattern's measures, and each run's gate
-# detector (detection_learned, detection_residual) side by side. (title, entry, key, decimals, sign as in
+# --detector residual (or combined) against the same run gating on SAE latents: pattern's measures (its
+# generation stage's too, where both runs have one), and each run's gate detector (detection_learned,
+# detection_residual or detection_combined) side by side. (title, entry, key, decimals, sign as in
 # SAE_MEASURES, the gate's own detection entry when the row is about the detector); the tighter budgets are
 # the `budgets` table's (final_info.json carries 0.01 and 0.05)
 GATE_MEASURES = tuple(("`pattern` " + t, "frontier_pattern", k, d, sign, False) for t, k, d, sign in (
@@ -420,6 +421,11 @@ GATE_MEASURES = tuple(("`pattern` " + t, "frontier_pattern", k, d, sign, False) 
     ("`pattern` SAEBench score", "unlearning_pattern", "unlearning_score", 3, 1, False),
     ("retain rows where `pattern` clamps", "detection_pattern", "fire_rows_retain", 3, -1, False),
     ("forget tokens where `pattern` clamps", "detection_pattern", "token_recall", 3, 1, False)) + tuple(
+    ("`pattern` generation: " + t, "generation_pattern", k, d, sign, False) for t, k, d, sign in (
+        ("retain continuations identical to clean", "retain_identical", 2, 1),
+        ("forget continuations identical to clean", "forget_identical", 2, -1),
+        ("repeated 4-grams in forget continuations", "forget_rep4", 3, -1),
+        ("clean model's CE of forget continuations", "forget_ce", 2, -1))) + tuple(
     ("gate: " + t, None, k, d, sign, True) for t, k, d, sign in (
         ("token AUROC", "token_auroc", 3, 1), ("spliced AUROC", "spliced_auroc", 3, 1),
         ("forget tokens firing", "fire_rate_forget", 3, 1), ("retain tokens firing", "fire_rate_retain", 4, -1),
@@ -429,20 +435,32 @@ GATE_MEASURES = tuple(("`pattern` " + t, "frontier_pattern", k, d, sign, False) 
         ("fire rate on the text after a passage", "fire_rate_after", 3, -1)))
 
 
+GATE_NAMES = {"detection_residual": ("raw residual", "residual"), "detection_combined": ("latents + residual", "combined")}
+
+
+def gate_entry(run: str) -> str:
+    """The detection entry of the gate a --detector residual | combined run used (combined runs carry both)."""
+    return "detection_combined" if "detection_combined" in final_info(run) else "detection_residual"
+
+
 def t_gate(doc: str, *runs: str) -> list[str]:
     """Pairs of runs of the same SAEs and rows: pattern gated on SAE latents (--detector learned), then on raw
-    residuals (--detector residual); both, and the second minus the first (`better` beyond two stderrs)."""
+    residuals (--detector residual) or on both (--detector combined); both, and the second minus the first
+    (`better` beyond two stderrs)."""
     if len(runs) % 2:
         raise ValueError(f"{doc}: table gate takes pairs of runs")
     rows = []
     for title, entry, key, d, sign, gate in GATE_MEASURES:
         cells = []
         for a, b in zip(runs[::2], runs[1::2]):
-            ea, eb = ("detection_learned", "detection_residual") if gate else (entry, entry)
+            ea, eb = ("detection_learned", gate_entry(b)) if gate else (entry, entry)
             cells += [cell(a, ea, key, d), cell(b, eb, key, d), compare_entries(b, eb, a, ea, key, sign, d)]
-        rows.append([title] + cells)
-    header = ["measure"] + [c for a, b in zip(runs[::2], runs[1::2])
-                            for c in (f"SAE latents ({link(a, doc)})", f"raw residual ({link(b, doc)})", "residual − latents")]
+        if any(c not in ("–", "n.r.") for c in cells):  # generation rows: only where a run has the stage
+            rows.append([title] + cells)
+    header = ["measure"]
+    for a, b in zip(runs[::2], runs[1::2]):
+        name, short = GATE_NAMES[gate_entry(b)]
+        header += [f"SAE latents ({link(a, doc)})", f"{name} ({link(b, doc)})", f"{short} − latents"]
     return table(header, rows)
 
 

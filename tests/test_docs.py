@@ -356,6 +356,7 @@ def test_gate_table_sets_the_residual_gate_against_the_latent_gate(docs_root):
     rows = {l.split(" | ")[0].lstrip("| "): l for l in lines[2:]}
     generation = {t for t, e, *_ in doc_tables.GATE_MEASURES if e == "generation_pattern"}
     assert generation and set(rows) == {t for t, *_ in doc_tables.GATE_MEASURES} - generation  # no stage: no rows
+    assert len(doc_tables.t_gate("README.md", "a", "c")) == len(lines)  # one run without the stage: none either
     assert "raw residual" in lines[0] and "residual − latents" in lines[0]
     assert rows["`pattern` forget CE within retain KL 0.01"].endswith("| 5.00 ± 0.10 | 4.00 ± 0.10 | -1.00 ± 0.14: **worse** |")
     assert rows["gate: median tokens to stop after the passage"].endswith("| 2.0 | 4.0 | +2.0 ± 0.0: **worse** |")

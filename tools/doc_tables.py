@@ -451,12 +451,13 @@ def t_gate(doc: str, *runs: str) -> list[str]:
         raise ValueError(f"{doc}: table gate takes pairs of runs")
     rows = []
     for title, entry, key, d, sign, gate in GATE_MEASURES:
+        if entry == "generation_pattern" and any(value(r, entry, key) is None for r in runs):
+            continue  # generation rows only where every run has the stage
         cells = []
         for a, b in zip(runs[::2], runs[1::2]):
             ea, eb = ("detection_learned", gate_entry(b)) if gate else (entry, entry)
             cells += [cell(a, ea, key, d), cell(b, eb, key, d), compare_entries(b, eb, a, ea, key, sign, d)]
-        if any(c not in ("–", "n.r.") for c in cells):  # generation rows: only where a run has the stage
-            rows.append([title] + cells)
+        rows.append([title] + cells)
     header = ["measure"]
     for a, b in zip(runs[::2], runs[1::2]):
         name, short = GATE_NAMES[gate_entry(b)]

@@ -229,21 +229,29 @@ def test_non_finite_loss_marks_the_run_failed(tmp_path, model_dir):
     assert not (out / "final_info.json").exists()
 
 
-def test_generate_from_a_finished_run_rebuilds_the_guard_state(tmp_path, model_dir):
-    """--generate_from on a run folder whose guard state is gone (a run older than the guard): the
-    selections and detector are made again (refused if they differ from the sweep's) and the
-    generation entries land in its final_info.json."""
+@pytest.mark.parametrize("detector", ["learned", "residual"])
+def test_generate_from_a_finished_run_rebuilds_the_guard_state(tmp_path, model_dir, detector):
+    """--generate_from on a run folder whose guard state is gone (a run older than the guard), or, for a
+    run gated on the residual detector, written before the guard carried that gate: the selections and
+    detectors are made again (refused if they differ from the sweep's) and the generation entries land
+    in its final_info.json."""
     out = tmp_path / "run"
-    assert cli(*tiny_flags(out, model_dir, "--no-generate")).returncode == 0
+    assert cli(*tiny_flags(out, model_dir, "--no-generate", f"--detector={detector}")).returncode == 0
     before = json.loads((out / "final_info.json").read_text())
     assert not any(k.startswith("generation_") for k in before)
-    saved = (out / "guard.safetensors").read_bytes()
-    (out / "guard.json").unlink(), (out / "guard.safetensors").unlink()
+    saved, meta = (out / "guard.safetensors").read_bytes(), json.loads((out / "guard.json").read_text())
+    if detector == "learned":
+        (out / "guard.json").unlink(), (out / "guard.safetensors").unlink()
+    else:  # stale: a guard for pattern is refused until the state is rebuilt
+        (out / "guard.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "gate"}))
+        with pytest.raises(ex.UsageError, match="predates"):
+            ex.load_guard(out, "pattern", level=0.0)
     res = cli("--generate_from", str(out), "--prompt_tokens=8", "--generate_tokens=6", "--generate_prompts=3")
     assert res.returncode == 0, res.stderr[-2000:]
     after = json.loads((out / "final_info.json").read_text())
     assert "generation_clean" in after and {k: v for k, v in after.items() if not k.startswith("generation_")} == before
     assert (out / "guard.safetensors").read_bytes() == saved  # made again, byte for byte
+    assert json.loads((out / "guard.json").read_text()) == meta
     assert (out / "generations.jsonl").read_text().count('"variant": "clean"') == 9
     one_line_error(cli("--generate_from", str(tmp_path / "nothing")), "no config.json")
 

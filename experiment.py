@@ -158,8 +158,8 @@ class Config:
     detector: Literal["learned", "residual", "combined", "templates"] = opt(
         "learned", "the detector pattern / hybrid gate on (and the gated selection is made where it fires): learned (the "
                    "lag detector on SAE latents) | residual (the same detector on raw residuals, no SAE: a control for "
-                   "what the SAE adds to the gate; no streaming guard) | combined (one detector on both, latents and "
-                   "residual side by side; no streaming guard) | templates (the original proposal's matcher)")
+                   "what the SAE adds to the gate) | combined (one detector on both, latents and residual side by side) "
+                   "| templates (the original proposal's matcher; no streaming guard)")
     detector_window: int = opt(4, "tokens a detector reads at once: t and its predecessors (independent of --window)")
     evidence: Literal["ema", "hmm", "cusum"] = opt("ema", "how the learned detector carries evidence from token to "
                                                           "token: ema (average over --horizon tokens) | hmm (two-state "
@@ -2058,13 +2058,20 @@ class Templates(NamedTuple):
     threshold: float
 
 
+def lag_features(f: torch.Tensor | None, x: torch.Tensor, resid: bool) -> torch.Tensor:
+    """(..., F) what a LagDetector reads from its latents' activations f (None: it reads no latents) and
+    the residual x: log1p(f), x, or both side by side (resid: latents first). Shared with the guard."""
+    if f is None:
+        return x
+    g = torch.log1p(f)
+    return torch.cat([g, x.to(g.dtype)], dim=-1) if resid else g
+
+
 def detector_inputs(sae, idx, resid_BTD: torch.Tensor, tm: Time, resid: bool = False) -> torch.Tensor:
-    """(B, T, F) features a LagDetector reads, 0 at invalid positions (BOS, pads): log1p of the latents
-    `idx`, the raw residual (idx None), or both side by side (resid: F = len(idx) + D, latents first)."""
-    g = resid_BTD if idx is None else torch.log1p(sae.encode(resid_BTD, tm.valid, idx.to(resid_BTD.device), tm.prev))
-    if idx is not None and resid:
-        g = torch.cat([g, resid_BTD.to(g.dtype)], dim=-1)
-    return g * tm.valid.unsqueeze(-1)
+    """(B, T, F) features a LagDetector reads, 0 at invalid positions (BOS, pads): lag_features of the
+    latents `idx` (None: the raw residual alone) and the residual."""
+    f = None if idx is None else sae.encode(resid_BTD, tm.valid, idx.to(resid_BTD.device), tm.prev)
+    return lag_features(f, resid_BTD, resid) * tm.valid.unsqueeze(-1)
 
 
 def lag_logit(g_BTF: torch.Tensor, weight_FL: torch.Tensor, bias: float, tm: Time) -> torch.Tensor:
@@ -4020,17 +4027,15 @@ class Guard:
             st["cum_on"], st["cum_valid"] = st["cum_on"] + (on & valid).float(), st["cum_valid"] + valid.float()
             rho = st["cum_on"] / st["cum_valid"].clamp_min(1)  # 0 before the first valid token, as ema's
             return (on & (rho > c.rho_tau))[:, None].expand_as(active)
-        fires = self.detector_step(st, f[:, len(c.latents):], x_BD, valid)
+        fires = self.detector_step(st, None if self.det.idx is None else f[:, len(c.latents):], x_BD, valid)
         return pattern_where(c, active, fires[:, None], f_sel)
 
-    def detector_step(self, st: dict, g_raw: torch.Tensor, x_BD: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    def detector_step(self, st: dict, f_det, x_BD: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """lag_logit and pool at one position from the buffered projections of the previous lags-1; the
-        features are detector_inputs' at this position (latents, the residual x, or both)."""
+        features are detector_inputs' at this position (lag_features of its latents f_det and x)."""
         d = self.det
-        W = d.weight.to(g_raw.device)
-        g = x_BD if d.idx is None else torch.log1p(g_raw)
-        if d.idx is not None and d.resid:
-            g = torch.cat([g, x_BD.to(g.dtype)], dim=-1)
+        W = d.weight.to(x_BD.device)
+        g = lag_features(f_det, x_BD, d.resid)
         z = (g.to(W.dtype) * valid[:, None]) @ W                         # (B, L): this position's projections
         L = W.shape[1]
         s = d.bias + z[:, 0] + sum(st["z"][:, L - 1 - l, l] for l in range(1, L))

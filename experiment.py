@@ -174,9 +174,11 @@ class Config:
                                      "tokens it takes to stop after a passage; it must exceed the threshold)")
     detector_fpr: float = opt(0.01, "detector threshold: this fraction of the retain calibration tokens (or rows, "
                                     "--detector_fpr_unit) fire")
-    detector_fpr_unit: Literal["token", "row"] = opt("token", "what --detector_fpr counts: retain calibration tokens "
-                                                              "that fire, or rows with any fire (DSG's per-row rule "
-                                                              "flags 1 in 20 retain rows)")
+    detector_fpr_unit: Literal["token", "row", "position"] = opt(
+        "token", "what --detector_fpr counts: retain calibration tokens that fire, rows with any fire (DSG's per-row "
+                 "rule flags 1 in 20 retain rows), or tokens that fire in each position bucket of a row (tokens 1-32, "
+                 "33-64, 65+, each its own threshold: false alarms fall with context length, and a generation prompt "
+                 "is a row's first tokens)")
     detector_boundary: float = opt(0.0, "learned detector: also fit it on the passage boundaries of spliced training "
                                         "documents (built from the documents it is fitted on: the first "
                                         "--detector_window tokens of each passage and after it, the tokens whose window "
@@ -2037,16 +2039,40 @@ class LagDetector(NamedTuple):
     cap: float = math.inf     # cusum: the largest value the statistic keeps (log-odds)
     ramp: float = 0.0         # evidence above threshold where a clamp it gates reaches full strength (0: hard gate)
     resid: bool = False       # also reads the raw residual after the latents (--detector combined): F = C + D
+    offsets: tuple = ()       # per POSITION_BUCKETS bucket, subtracted from the pooled evidence (unit position); () none
 
 
 def pool(det, s_BT: torch.Tensor, tm: Time) -> torch.Tensor:
-    """A detector's per-token evidence carried along time, the quantity its threshold applies to."""
+    """A detector's per-token evidence carried along time, the quantity its threshold applies to; a
+    detector calibrated per position (offsets) has its bucket's offset taken off, so one threshold
+    gives each bucket the same false-alarm rate."""
     kind = getattr(det, "evidence", "ema")
     if kind == "hmm":
-        return hmm_filter(s_BT * det.scale, tm, det.switch)
-    if kind == "cusum":
-        return cusum(s_BT, tm, det.cap)
-    return ema(s_BT, tm, det.horizon)
+        ev = hmm_filter(s_BT * det.scale, tm, det.switch)
+    elif kind == "cusum":
+        ev = cusum(s_BT, tm, det.cap)
+    else:
+        ev = ema(s_BT, tm, det.horizon)
+    offsets = getattr(det, "offsets", ())
+    return ev - position_offset(offsets, valid_count(tm)).to(ev.dtype) if offsets else ev
+
+
+# A row's tokens 1-32, 33-64 and 65+ (counted over valid tokens, BOS and pads left out): the first token of
+# each bucket after the first. On calibration rows the per-token false-alarm rate at one threshold falls with
+# context length (learned gate 1.9% / 0.6% / 0.7%, residual 2.8% / 0.6% / 0.2%: notes, ITERATION 22), and
+# a generation prompt is a row's first 32 tokens.
+POSITION_BUCKETS = (33, 65)
+
+
+def valid_count(tm: Time) -> torch.Tensor:
+    """(B, T) int64: the valid positions that precede t or are t (1 at a row's first token after BOS)."""
+    return (tm.anc & tm.valid.unsqueeze(1)).sum(-1)
+
+
+def position_offset(offsets, n: torch.Tensor) -> torch.Tensor:
+    """offsets[bucket of n] for a count n of valid tokens (any shape); the guard passes its running count."""
+    bucket = torch.bucketize(n, torch.tensor(POSITION_BUCKETS, device=n.device), right=True)
+    return torch.tensor(offsets, dtype=torch.float32, device=n.device)[bucket]
 
 
 class Templates(NamedTuple):
@@ -3171,11 +3197,11 @@ def fit_lag_detector(cfg, sae, idx, forget: Corpus, retain: Corpus, max_tokens: 
     det = LagDetector(idx, w.view(cfg.detector_window, -1).T.contiguous(), float(lr.b - (lr.mu * w).sum()),
                       cfg.horizon, math.nan, cfg.evidence, cfg.switch_prob, cfg.evidence_scale, cfg.cusum_cap,
                       resid=resid and idx is not None)
-    thr = calibrate(det, sae, retain, cfg.detector_fpr, unit=cfg.detector_fpr_unit)
-    if det.evidence == "cusum" and thr >= det.cap:  # the statistic never exceeds its cap: a gate that never fires
+    det = calibrate(det, sae, retain, cfg.detector_fpr, unit=cfg.detector_fpr_unit)
+    if det.evidence == "cusum" and det.threshold + max(det.offsets, default=0.0) >= det.cap:  # the statistic never exceeds its cap: a gate that never fires
         raise UsageError(f"--cusum_cap {det.cap:g}: more than --detector_fpr {cfg.detector_fpr:g} of the calibration "
                          f"retain {cfg.detector_fpr_unit}s reach the cap, so no threshold below it exists; raise --cusum_cap")
-    return det._replace(threshold=thr)
+    return det
 
 
 def ramp_width(det, sae, forget: Corpus, ramp: float) -> float:
@@ -3213,20 +3239,33 @@ def plain_scores(det, sae, acts_NTD, mask_NT, lat=None, rows: int = 64) -> tuple
     return torch.cat(out), make_time(mask_NT)
 
 
-def calibrate(det, sae, retain: Corpus, fpr: float, lat=None, unit: str = "token") -> float:
-    """The detector's threshold: at most `fpr` of the calibration retain tokens fire (unit "token"), or
-    of the calibration retain rows fire anywhere (unit "row": a row fires where its largest evidence
-    does, the false-alarm unit of a per-row rule such as DSG's)."""
+def calibrate(det, sae, retain: Corpus, fpr: float, lat=None, unit: str = "token"):
+    """The detector with its threshold set: at most `fpr` of the calibration retain tokens fire (unit
+    "token"), of the calibration retain rows fire anywhere (unit "row": a row fires where its largest
+    evidence does, the false-alarm unit of a per-row rule such as DSG's), or of the calibration retain
+    tokens in each position bucket (unit "position": offsets, see pool)."""
     cal = calibration_rows(retain.train)
     s, tm = plain_scores(det, sae, retain.acts_train[cal], retain.train.mask[cal], lat)
-    return threshold_of(pool(det, s, tm), tm.valid, fpr, unit)
+    thr, offsets = threshold_of(pool(det._replace(offsets=()), s, tm), tm, fpr, unit)
+    return det._replace(threshold=thr, offsets=offsets)
 
 
-def threshold_of(ev_BT: torch.Tensor, valid_BT: torch.Tensor, fpr: float, unit: str) -> float:
-    """threshold_for_fpr over the valid tokens of retain evidence, or over each row's largest value."""
+def threshold_of(ev_BT: torch.Tensor, tm: Time, fpr: float, unit: str) -> tuple[float, tuple]:
+    """(threshold, offsets) from retain evidence: threshold_for_fpr over the valid tokens, over each row's
+    largest value (row), or per position bucket (position: the threshold is the last bucket's, each
+    bucket's offset its own threshold minus that; a bucket with no calibration token takes the one
+    before it). Offsets are () except per position."""
+    valid = tm.valid
     if unit == "row":
-        return threshold_for_fpr(ev_BT.masked_fill(~valid_BT, -math.inf).amax(1), fpr)
-    return threshold_for_fpr(ev_BT[valid_BT], fpr)
+        return threshold_for_fpr(ev_BT.masked_fill(~valid, -math.inf).amax(1), fpr), ()
+    if unit != "position":
+        return threshold_for_fpr(ev_BT[valid], fpr), ()
+    bucket = torch.bucketize(valid_count(tm), torch.tensor(POSITION_BUCKETS), right=True)
+    thr = []
+    for b in range(len(POSITION_BUCKETS) + 1):
+        at = valid & (bucket == b)
+        thr.append(threshold_for_fpr(ev_BT[at], fpr) if at.any() else thr[-1] if thr else threshold_for_fpr(ev_BT[valid], fpr))
+    return thr[-1], tuple(t - thr[-1] for t in thr)
 
 
 class Detectors(NamedTuple):
@@ -3533,6 +3572,11 @@ def detection_entry(rule, sae, d: EvalData) -> dict:
     out["doc_accuracy"] = mean_err(torch.cat([doc_rate(ff, d.forget.held) > cut, doc_rate(fr, d.retain.held) <= cut]).float())
     # false alarms counted per row too: many small alarms spread over rows cost more than few long ones
     out["fire_rows_retain"] = mean_err((fr & mr).any(1).float())
+    n = valid_count(make_time(mr))  # and by position in the row (buckets the rows reach): a generation prompt is
+    for lo, hi in zip((1,) + POSITION_BUCKETS, POSITION_BUCKETS + (None,)):  # a row's first tokens
+        at = mr & (n >= lo) & ((n < hi) if hi else True)
+        if at.any():
+            out[f"fire_rate_retain_tokens_{lo}_{hi - 1 if hi else 'on'}"] = mean_err(fr[at].float())
     out["cal_fire_rate_retain"] = (float(rates[1]), 0.0)
     out["cal_fire_rows_retain"] = (float((fire & c.train.mask[cal]).any(1).float().mean()), 0.0)
     fs, ss = over_rows(rule, sae, d.spl_acts, d.spl_rows.mask)
@@ -3606,9 +3650,10 @@ def horizon_study(cfg, sae, sel: Selection, dets: Detectors, d: EvalData) -> dic
                                   "fire_rate_retain", "fire_rate_forget")}
         for H in HORIZONS:
             ev = {k: ema(s, tm, H) for k, (s, tm) in rows.items()}
-            thr = threshold_of(ev["cal"], rows["cal"][1].valid, cfg.detector_fpr, cfg.detector_fpr_unit)
-            ev_s = ema(s_spl, tm_s, H)
-            append_horizon_point(curves, ev, rows, ev_s, thr, d)
+            thr, off = threshold_of(ev["cal"], rows["cal"][1], cfg.detector_fpr, cfg.detector_fpr_unit)
+            shift = (lambda e, tm: e - position_offset(off, valid_count(tm)).to(e.dtype)) if off else (lambda e, tm: e)
+            ev = {k: shift(e, rows[k][1]) for k, e in ev.items()}
+            append_horizon_point(curves, ev, rows, shift(ema(s_spl, tm_s, H), tm_s), thr, d)
         out["detectors"][name] = curves
     return out
 
@@ -3854,7 +3899,8 @@ def detector_state(det: LagDetector, prefix: str) -> tuple[dict, dict[str, torch
     """A lag detector as guard.json fields and guard.safetensors tensors named `prefix`.*."""
     meta = {"bias": det.bias, "horizon": det.horizon, "threshold": det.threshold, "evidence": det.evidence,
             "switch": det.switch, "scale": det.scale, "cap": None if math.isinf(det.cap) else det.cap,
-            "ramp": det.ramp, "reads": "residual" if det.idx is None else "both" if det.resid else "latents"}
+            "ramp": det.ramp, "reads": "residual" if det.idx is None else "both" if det.resid else "latents",
+            "offsets": list(det.offsets)}
     tensors = {f"{prefix}.weight": det.weight} | ({} if det.idx is None else {f"{prefix}.idx": det.idx})
     return meta, tensors
 
@@ -3932,7 +3978,7 @@ def guard_detector(meta: dict, t: dict, key: str = "learned") -> LagDetector:
     L, prefix = meta[key], "detector" if key == "learned" else key
     return LagDetector(t.get(f"{prefix}.idx"), t[f"{prefix}.weight"], L["bias"], L["horizon"], L["threshold"],
                        L["evidence"], L["switch"], L["scale"], math.inf if L.get("cap") is None else L["cap"],
-                       L.get("ramp", 0.0), L.get("reads") == "both")
+                       L.get("ramp", 0.0), L.get("reads") == "both", tuple(L.get("offsets", ())))
 
 
 class Guard:
@@ -3991,7 +4037,8 @@ class Guard:
         z = lambda *shape, dtype=like.dtype: torch.zeros(*shape, dtype=dtype, device=like.device)
         return {"B": B, "started": z(B, dtype=torch.bool), "x": z(B, sae.window - 1, D),
                 "valid": z(B, sae.window - 1, dtype=torch.bool), "z": z(B, L - 1, L), "num": z(B), "den": z(B),
-                "L": z(B), "on": z(B, max(c.lags - 1, 0), dtype=torch.bool), "cum_on": z(B), "cum_valid": z(B)}
+                "L": z(B), "n": z(B, dtype=torch.long), "on": z(B, max(c.lags - 1, 0), dtype=torch.bool),
+                "cum_on": z(B), "cum_valid": z(B)}
 
     def step(self, sae, x_BD: torch.Tensor, attn_B: torch.Tensor) -> torch.Tensor:
         """One position of every sequence: encode it from its window, update the state, clamp."""
@@ -4047,6 +4094,9 @@ class Guard:
             lam = 1.0 if math.isinf(d.horizon) else 1.0 - 1.0 / d.horizon
             st["num"], st["den"] = lam * st["num"] + valid * s, lam * st["den"] + valid.float()
             ev = torch.where(st["den"] > 0, st["num"] / st["den"].clamp_min(1e-12), torch.zeros_like(s))
+        st["n"] = st["n"] + valid.long()  # valid_count at this position
+        if d.offsets:
+            ev = ev - position_offset(d.offsets, st["n"]).to(ev.dtype)
         return evidence_gain(d, ev, valid)
 
 

@@ -70,7 +70,22 @@ UNPADDED = ["Cells divide by mitosis and the", "Cells divide by mitosis and a"] 
                           ("hybrid", "hmm", PADDED, False, 0.0, "both"), ("pattern", "ema", PADDED, True, 1.0, "both")])
 def test_generation_with_the_cache_equals_one_guarded_forward(model, tok, monkeypatch, strategy, evidence, texts, dense,
                                                              ramp, reads):
-    guard = tiny_guard(model, strategy, evidence, dense, ramp, reads)
+    check_cache_equivalence(model, tok, monkeypatch, tiny_guard(model, strategy, evidence, dense, ramp, reads), texts, ramp)
+
+
+@pytest.mark.parametrize("evidence,ramp", [("ema", 0.0), ("hmm", 1.0)])
+def test_a_threshold_per_position_streams_too(model, tok, monkeypatch, evidence, ramp):
+    """--detector_fpr_unit position: the guard counts each sequence's valid tokens itself (left padding
+    puts the two prompts' buckets at different columns), so its offsets equal pool's on the whole row.
+    The buckets are moved inside these short sequences."""
+    monkeypatch.setattr(ex, "POSITION_BUCKETS", (4, 9))
+    guard = tiny_guard(model, "pattern", evidence, False, ramp)
+    guard.clamp = guard.clamp._replace(detector=guard.clamp.detector._replace(offsets=(0.4, -0.3, 0.0)))
+    guard.det = guard.clamp.detector
+    check_cache_equivalence(model, tok, monkeypatch, guard, PADDED, ramp)
+
+
+def check_cache_equivalence(model, tok, monkeypatch, guard, texts, ramp):
     gains, gain = [], ex.evidence_gain  # under a ramp, some positions must get a fraction of the clamp
     monkeypatch.setattr(ex, "evidence_gain", lambda *a: gains.append(gain(*a)) or gains[-1])
     ids, mask = prompts(tok, texts, pad_id=1)

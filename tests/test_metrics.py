@@ -277,14 +277,50 @@ def test_row_calibration_bounds_the_rows_that_fire():
     s, tm = ex.plain_scores(det, sae, acts[cal], mask[cal])
     ev = ex.pool(det, s, tm).masked_fill(~tm.valid, -math.inf)
     for fpr in (0.05, 0.2):
-        thr_row = ex.calibrate(det, sae, retain, fpr, unit="row")
-        thr_tok = ex.calibrate(det, sae, retain, fpr)
+        thr_row = ex.calibrate(det, sae, retain, fpr, unit="row").threshold
+        thr_tok = ex.calibrate(det, sae, retain, fpr).threshold
         rows_firing = (ev >= thr_row).any(1).float().mean()
         assert 0 < rows_firing <= fpr
         assert thr_row > thr_tok and (ev >= thr_tok).any(1).float().mean() > rows_firing
     other = acts.clone()
     other[~cal] = 100.0  # rows outside the calibration documents do not move the threshold
     assert ex.calibrate(det, sae, retain._replace(acts_train=other), 0.05, unit="row") == ex.calibrate(det, sae, retain, 0.05, unit="row")
+
+
+def test_position_threshold_fires_at_the_rate_in_every_bucket():
+    """--detector_fpr_unit position: on the calibration retain rows each position bucket (tokens 1-32,
+    33-64, 65+ after BOS) fires on at most fpr of its tokens, and not on none; one threshold for all
+    positions would not (the scores here are made to fall with position, as false alarms do); rows
+    outside the calibration documents never move it, and pool takes each bucket's offset off."""
+    torch.manual_seed(0)
+    sae = ex.TemporalSAE(8, 16, window=1, d_head=4)
+    det = ex.LagDetector(None, torch.zeros(8, 1), 0.0, 1.0, 0.0)
+    N, T = 200, 100
+    mask = torch.ones(N, T, dtype=torch.bool)
+    mask[:, 0] = False
+    rows = ex.Rows(torch.zeros(N, T, dtype=torch.long), torch.ones(N, T, dtype=torch.bool), mask,
+                   torch.arange(N), torch.zeros(N, T, dtype=torch.bool))
+    acts = torch.randn(N, T, 8)
+    det = det._replace(weight=torch.zeros(8, 1).index_fill_(0, torch.tensor([0]), 1.0))  # score = acts[..., 0]
+    acts[:, 1:33, 0] += 2.0  # early tokens score higher on retain text
+    retain = ex.Corpus([], [], rows, rows, acts, acts)
+    cal = ex.calibration_rows(rows)
+    fpr = 0.05
+    tok, pos = ex.calibrate(det, sae, retain, fpr), ex.calibrate(det, sae, retain, fpr, unit="position")
+    assert tok.offsets == () and len(pos.offsets) == 3 and pos.offsets[-1] == 0.0 and pos.offsets[0] > 0
+    s, tm = ex.plain_scores(det, sae, acts[cal], mask[cal])
+    n = ex.valid_count(tm)
+    assert int(n[0, 1]) == 1 and int(n[0, -1]) == T - 1
+    for d, per_bucket in ((pos, True), (tok, False)):
+        fires = (ex.pool(d, s, tm) >= d.threshold) & tm.valid
+        rates = [float(fires[(n >= lo) & (n < hi)].float().mean()) for lo, hi in ((1, 33), (33, 65), (65, T))]
+        assert all(0 < r <= fpr + 1e-6 for r in rates) == per_bucket, (d.offsets, rates)
+    ev_raw = ex.pool(det, s, tm)
+    assert torch.allclose(ex.pool(pos, s, tm)[:, 1:33], ev_raw[:, 1:33] - pos.offsets[0])
+    assert torch.equal(ex.pool(pos, s, tm)[:, 65:], ev_raw[:, 65:])
+    other = acts.clone()
+    other[~cal] = 100.0
+    assert ex.calibrate(det, sae, retain._replace(acts_train=other), fpr, unit="position") == pos
 
 
 def test_lag_detector_is_causal():

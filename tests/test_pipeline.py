@@ -425,3 +425,20 @@ def test_grouped_sweep_measures_equal_one_point_at_a_time(tmp_path, model, tok):
     assert [len(pts) for pts, _ in parts] == [0, len(points) // 2, len(points) // 2]
     assert json.dumps([x for pts, _ in parts for x in pts]) == json.dumps(points)
     assert all(torch.equal(a, b) for a, b in zip([x for _, ks in parts for x in ks], kl, strict=True))
+
+
+def test_position_threshold_run_carries_its_offsets_to_the_guard(tmp_path, model, tok, monkeypatch):
+    """--detector_fpr_unit position through the whole pipeline (the buckets moved inside the tiny model's
+    32-token rows): every bucket has its own threshold, the guard reads the same offsets back, held-out
+    retain false alarms are reported per bucket, and the horizon study says which unit it used."""
+    monkeypatch.setattr(ex, "POSITION_BUCKETS", (9, 17))
+    out = tmp_path / "run"
+    flags = [f for f in tiny_flags(out, "unused", "--detector_fpr_unit=position", "--detector_fpr=0.05",
+                                   "--strategies=standard,pattern", "--no-generate") if not f.startswith("--model")]
+    results = ex.run(ex.parse_config(flags), model=model, tok=tok)
+    offsets = json.loads((out / "guard.json").read_text())["learned"]["offsets"]
+    assert len(offsets) == 3 and offsets[-1] == 0.0 and any(o != 0.0 for o in offsets)
+    assert ex.load_guard(out, "pattern", level=0.0).clamp.detector.offsets == tuple(offsets)
+    by_pos = {k: v for k, v in results["detection_learned"]["means"].items() if k.startswith("fire_rate_retain_tokens_")}
+    assert list(by_pos) == ["fire_rate_retain_tokens_1_8", "fire_rate_retain_tokens_9_16", "fire_rate_retain_tokens_17_on"]
+    assert json.loads((out / "detection_horizon.json").read_text())["fpr_unit"] == "position"

@@ -112,7 +112,8 @@ def detector_line(name: str, det, sae, d: ex.EvalData) -> str:
     return (f"{name:34s} token_auroc {m['token_auroc']:.3f}  spliced_auroc {m['spliced_auroc']:.3f}  "
             f"delay {m['delay_tokens_median']:.0f}  stop {m['stop_tokens_median']:.0f}  "
             f"retain_fire {m['fire_rate_retain']:.4f}  retain_rows {m['fire_rows_retain']:.3f}  "
-            f"forget_fire {m['fire_rate_forget']:.3f}  after_fire {m['fire_rate_after']:.3f}")
+            f"forget_fire {m['fire_rate_forget']:.3f}  after_fire {m['fire_rate_after']:.3f}  retain_fire_by_position "
+            + " / ".join(f"{v:.4f}" for k, v in m.items() if k.startswith("fire_rate_retain_tokens_") and v is not None))
 
 
 def calibration_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -159,7 +160,8 @@ def main():
     ap.add_argument("--gated", default="25@0.001,50@0.001,100@0.001", help="gated selections N@THRESHOLD")
     ap.add_argument("--evidence", default="ema:2,hmm:0.01:0.25", help="accumulators ema:H | hmm:SWITCH:SCALE | cusum:CAP")
     ap.add_argument("--calibrate", default="token:0.01", help="detector thresholds UNIT:FPR, unit token (a fraction of "
-                    "the calibration retain tokens fire) or row (of the calibration retain rows, any fire)")
+                    "the calibration retain tokens fire), row (of the calibration retain rows, any fire) or position (of the "
+                    "calibration retain tokens in each position bucket)")
     ap.add_argument("--rank", default="cover", help="gated ranking(s): cover (the harness's) | attribution")
     ap.add_argument("--attribution_rows", type=int, default=64, help="forget training rows for --rank attribution")
     ap.add_argument("--pattern_clamp", default="active", choices=("active", "all"),
@@ -182,7 +184,7 @@ def main():
     for spec, cal in ((e, c) for e in args.evidence.split(",") for c in args.calibrate.split(",")):
         det = parse_evidence(spec, dets.gate(cfg.detector))
         unit, fpr = cal.split(":")
-        det = det._replace(threshold=ex.calibrate(det, sae, d.retain, float(fpr), unit=unit))
+        det = ex.calibrate(det, sae, d.retain, float(fpr), unit=unit)
         det = det._replace(ramp=ex.ramp_width(det, sae, d.forget, args.pattern_ramp))
         spec_name = spec if cal == "token:0.01" else f"{spec} {cal}"  # the harness's default threshold: no suffix
         dets_v = dets._replace(**{ex.Detectors.gate_field(cfg.detector): det})

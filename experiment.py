@@ -2042,21 +2042,6 @@ class LagDetector(NamedTuple):
     offsets: tuple = ()       # per POSITION_BUCKETS bucket, subtracted from the pooled evidence (unit position); () none
 
 
-def pool(det, s_BT: torch.Tensor, tm: Time) -> torch.Tensor:
-    """A detector's per-token evidence carried along time, the quantity its threshold applies to; a
-    detector calibrated per position (offsets) has its bucket's offset taken off, so one threshold
-    gives each bucket the same false-alarm rate."""
-    kind = getattr(det, "evidence", "ema")
-    if kind == "hmm":
-        ev = hmm_filter(s_BT * det.scale, tm, det.switch)
-    elif kind == "cusum":
-        ev = cusum(s_BT, tm, det.cap)
-    else:
-        ev = ema(s_BT, tm, det.horizon)
-    offsets = getattr(det, "offsets", ())
-    return ev - position_offset(offsets, valid_count(tm)).to(ev.dtype) if offsets else ev
-
-
 # A row's tokens 1-32, 33-64 and 65+ (counted over valid tokens, BOS and pads left out): the first token of
 # each bucket after the first. On calibration rows the per-token false-alarm rate at one threshold falls with
 # context length (learned gate 1.9% / 0.6% / 0.7%, residual 2.8% / 0.6% / 0.2%: notes, ITERATION 22), and
@@ -2073,6 +2058,21 @@ def position_offset(offsets, n: torch.Tensor) -> torch.Tensor:
     """offsets[bucket of n] for a count n of valid tokens (any shape); the guard passes its running count."""
     bucket = torch.bucketize(n, torch.tensor(POSITION_BUCKETS, device=n.device), right=True)
     return torch.tensor(offsets, dtype=torch.float32, device=n.device)[bucket]
+
+
+def pool(det, s_BT: torch.Tensor, tm: Time) -> torch.Tensor:
+    """A detector's per-token evidence carried along time, the quantity its threshold applies to; a
+    detector calibrated per position (offsets) has its bucket's offset taken off, so one threshold
+    gives each bucket the same false-alarm rate."""
+    kind = getattr(det, "evidence", "ema")
+    if kind == "hmm":
+        ev = hmm_filter(s_BT * det.scale, tm, det.switch)
+    elif kind == "cusum":
+        ev = cusum(s_BT, tm, det.cap)
+    else:
+        ev = ema(s_BT, tm, det.horizon)
+    offsets = getattr(det, "offsets", ())
+    return ev - position_offset(offsets, valid_count(tm)).to(ev.dtype) if offsets else ev
 
 
 class Templates(NamedTuple):
@@ -3198,7 +3198,8 @@ def fit_lag_detector(cfg, sae, idx, forget: Corpus, retain: Corpus, max_tokens: 
                       cfg.horizon, math.nan, cfg.evidence, cfg.switch_prob, cfg.evidence_scale, cfg.cusum_cap,
                       resid=resid and idx is not None)
     det = calibrate(det, sae, retain, cfg.detector_fpr, unit=cfg.detector_fpr_unit)
-    if det.evidence == "cusum" and det.threshold + max(det.offsets, default=0.0) >= det.cap:  # the statistic never exceeds its cap: a gate that never fires
+    # the statistic never exceeds its cap: a bucket whose threshold reaches it would never fire
+    if det.evidence == "cusum" and det.threshold + max(det.offsets, default=0.0) >= det.cap:
         raise UsageError(f"--cusum_cap {det.cap:g}: more than --detector_fpr {cfg.detector_fpr:g} of the calibration "
                          f"retain {cfg.detector_fpr_unit}s reach the cap, so no threshold below it exists; raise --cusum_cap")
     return det
@@ -3261,11 +3262,11 @@ def threshold_of(ev_BT: torch.Tensor, tm: Time, fpr: float, unit: str) -> tuple[
     if unit != "position":
         return threshold_for_fpr(ev_BT[valid], fpr), ()
     bucket = torch.bucketize(valid_count(tm), torch.tensor(POSITION_BUCKETS), right=True)
-    thr = []
+    thr = [threshold_for_fpr(ev_BT[valid], fpr)]  # a stand-in for an empty first bucket, dropped below
     for b in range(len(POSITION_BUCKETS) + 1):
         at = valid & (bucket == b)
-        thr.append(threshold_for_fpr(ev_BT[at], fpr) if at.any() else thr[-1] if thr else threshold_for_fpr(ev_BT[valid], fpr))
-    return thr[-1], tuple(t - thr[-1] for t in thr)
+        thr.append(threshold_for_fpr(ev_BT[at], fpr) if at.any() else thr[-1])
+    return thr[-1], tuple(t - thr[-1] for t in thr[1:])
 
 
 class Detectors(NamedTuple):

@@ -353,6 +353,22 @@ CLAMP_MEASURES = EVIDENCE_MEASURES + (
     _SAE_ROW["`pattern` SAEBench score"])
 
 
+# --detector_fpr_unit position against token: the clamp's measures, the learned detector's held-out retain
+# false alarms per position bucket (runs made before the buckets were reported show "–"), and the generation
+# stage, whose prompts are a row's first 32 tokens
+POSITION_MEASURES = CLAMP_MEASURES + tuple(
+    (f"detector retain fire rate, tokens {b}", "detection_learned", f"fire_rate_retain_tokens_{b.replace('-', '_')}", 4, 0)
+    for b in ("1-32", "33-64", "65-on")) + tuple(
+    (f"`{s}` generation: {t}", f"generation_{s}", k, d, sign) for s, t, k, d, sign in (
+        ("pattern", "retain continuations identical to clean", "retain_identical", 2, 1),
+        ("standard", "retain continuations identical to clean", "retain_identical", 2, 0),
+        ("pattern", "forget continuations identical to clean", "forget_identical", 2, -1),
+        ("pattern", "repeated 4-grams in forget continuations", "forget_rep4", 3, -1),
+        ("clean", "repeated 4-grams in forget continuations", "forget_rep4", 3, 0),
+        ("pattern", "clean model's CE of forget continuations", "forget_ce", 2, -1),
+        ("pattern", "forget-CE increase at its refined point", "point_forget_ce_increase", 2, 0)))
+
+
 def t_evidence(doc: str, *runs: str, label: str = "hmm − ema", measures=EVIDENCE_MEASURES) -> list[str]:
     """Pairs of runs of the same SAEs, two detector variants (--evidence ema then hmm; or, as `threshold`,
     --detector_fpr_unit token then row): both, and the second minus the first."""
@@ -474,6 +490,7 @@ KINDS = {"control": t_control, "gate": t_gate, "generation": t_generation, "mach
          "ramp": lambda doc, *runs: t_evidence(doc, *runs, label="ramp − hard", measures=CLAMP_MEASURES),
          "boundary": lambda doc, *runs: t_evidence(doc, *runs, label="boundary − plain fit", measures=CLAMP_MEASURES),
          "latents": lambda doc, *runs: t_evidence(doc, *runs, label="more − fewer latents", measures=CLAMP_MEASURES),
+         "position": lambda doc, *runs: t_evidence(doc, *runs, label="position − token", measures=POSITION_MEASURES),
          "budgets": t_budgets}
 
 

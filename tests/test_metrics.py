@@ -260,18 +260,22 @@ def test_threshold_keeps_the_false_positive_rate_on_its_data():
         assert (v >= thr - 1e-3).float().mean() > fpr * 0.5
 
 
+def retain_rows(N: int, T: int):
+    """(acts, mask, rows) of N plain retain rows of T positions, BOS first, one document per row."""
+    mask = torch.ones(N, T, dtype=torch.bool)
+    mask[:, 0] = False
+    rows = ex.Rows(torch.zeros(N, T, dtype=torch.long), torch.ones(N, T, dtype=torch.bool), mask,
+                   torch.arange(N), torch.zeros(N, T, dtype=torch.bool))
+    return torch.randn(N, T, 8), mask, rows
+
+
 def test_row_calibration_bounds_the_rows_that_fire():
     """unit="row": at most `fpr` of the calibration retain rows (every 4th document's) fire anywhere; the
     other rows are never read; the per-token threshold at the same fpr lets more rows fire."""
     torch.manual_seed(0)
     sae = ex.TemporalSAE(8, 16, window=1, d_head=4)
     det = ex.LagDetector(None, torch.randn(8, 2), 0.0, 2.0, 0.0)
-    N, T = 160, 24
-    mask = torch.ones(N, T, dtype=torch.bool)
-    mask[:, 0] = False
-    rows = ex.Rows(torch.zeros(N, T, dtype=torch.long), torch.ones(N, T, dtype=torch.bool), mask,
-                   torch.arange(N), torch.zeros(N, T, dtype=torch.bool))
-    acts = torch.randn(N, T, 8)
+    acts, mask, rows = retain_rows(160, 24)
     retain = ex.Corpus([], [], rows, rows, acts, acts)
     cal = ex.calibration_rows(rows)
     s, tm = ex.plain_scores(det, sae, acts[cal], mask[cal])
@@ -294,14 +298,9 @@ def test_position_threshold_fires_at_the_rate_in_every_bucket():
     outside the calibration documents never move it, and pool takes each bucket's offset off."""
     torch.manual_seed(0)
     sae = ex.TemporalSAE(8, 16, window=1, d_head=4)
-    det = ex.LagDetector(None, torch.zeros(8, 1), 0.0, 1.0, 0.0)
-    N, T = 200, 100
-    mask = torch.ones(N, T, dtype=torch.bool)
-    mask[:, 0] = False
-    rows = ex.Rows(torch.zeros(N, T, dtype=torch.long), torch.ones(N, T, dtype=torch.bool), mask,
-                   torch.arange(N), torch.zeros(N, T, dtype=torch.bool))
-    acts = torch.randn(N, T, 8)
-    det = det._replace(weight=torch.zeros(8, 1).index_fill_(0, torch.tensor([0]), 1.0))  # score = acts[..., 0]
+    det = ex.LagDetector(None, torch.zeros(8, 1).index_fill_(0, torch.tensor([0]), 1.0), 0.0, 1.0, 0.0)  # score = acts[..., 0]
+    T = 100
+    acts, mask, rows = retain_rows(200, T)
     acts[:, 1:33, 0] += 2.0  # early tokens score higher on retain text
     retain = ex.Corpus([], [], rows, rows, acts, acts)
     cal = ex.calibration_rows(rows)

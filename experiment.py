@@ -2054,10 +2054,13 @@ def valid_count(tm: Time) -> torch.Tensor:
     return (tm.anc & tm.valid.unsqueeze(1)).sum(-1)
 
 
-def position_offset(offsets, n: torch.Tensor) -> torch.Tensor:
-    """offsets[bucket of n] for a count n of valid tokens (any shape); the guard passes its running count."""
+def less_offsets(ev: torch.Tensor, offsets, n: torch.Tensor) -> torch.Tensor:
+    """ev minus offsets[bucket of n], n the count of valid tokens at each position (valid_count; the guard
+    passes its running count); ev itself when there are no offsets."""
+    if not offsets:
+        return ev
     bucket = torch.bucketize(n, torch.tensor(POSITION_BUCKETS, device=n.device), right=True)
-    return torch.tensor(offsets, dtype=torch.float32, device=n.device)[bucket]
+    return ev - torch.tensor(offsets, dtype=torch.float32, device=n.device)[bucket].to(ev.dtype)
 
 
 def pool(det, s_BT: torch.Tensor, tm: Time) -> torch.Tensor:
@@ -2072,7 +2075,7 @@ def pool(det, s_BT: torch.Tensor, tm: Time) -> torch.Tensor:
     else:
         ev = ema(s_BT, tm, det.horizon)
     offsets = getattr(det, "offsets", ())
-    return ev - position_offset(offsets, valid_count(tm)).to(ev.dtype) if offsets else ev
+    return less_offsets(ev, offsets, valid_count(tm)) if offsets else ev  # no O(T^2) count without offsets
 
 
 class Templates(NamedTuple):
@@ -3652,7 +3655,7 @@ def horizon_study(cfg, sae, sel: Selection, dets: Detectors, d: EvalData) -> dic
         for H in HORIZONS:
             ev = {k: ema(s, tm, H) for k, (s, tm) in rows.items()}
             thr, off = threshold_of(ev["cal"], rows["cal"][1], cfg.detector_fpr, cfg.detector_fpr_unit)
-            shift = (lambda e, tm: e - position_offset(off, valid_count(tm)).to(e.dtype)) if off else (lambda e, tm: e)
+            shift = lambda e, tm: less_offsets(e, off, valid_count(tm)) if off else e
             ev = {k: shift(e, rows[k][1]) for k, e in ev.items()}
             append_horizon_point(curves, ev, rows, shift(ema(s_spl, tm_s, H), tm_s), thr, d)
         out["detectors"][name] = curves
@@ -3986,8 +3989,8 @@ class Guard:
     """A causal clamp as the model writes. `with guard.attached(model): model.generate(...)` edits the
     residual after block `layer` token by token with the ordinary KV cache: per sequence it keeps the
     last w-1 residuals (the SAE's window), the detector's last lags-1 projections and its evidence
-    (EMA numerator and denominator, the filter's log-odds or the CUSUM statistic), and what gate and
-    dsg_causal count, so a new token costs one SAE encode of one position. The first attended token of a sequence is its
+    (EMA numerator and denominator, the filter's log-odds or the CUSUM statistic), its count of valid
+    tokens and what gate and dsg_causal count, so a new token costs one SAE encode of one position. The first attended token of a sequence is its
     BOS (never encoded, as in every row the harness reads); left padding is read from the attention
     mask, a new sequence from an empty KV cache. Its edits equal clamp_fn's on the whole sequence
     (tests/test_guard.py)."""
@@ -4039,13 +4042,14 @@ class Guard:
         return {"B": B, "started": z(B, dtype=torch.bool), "x": z(B, sae.window - 1, D),
                 "valid": z(B, sae.window - 1, dtype=torch.bool), "z": z(B, L - 1, L), "num": z(B), "den": z(B),
                 "L": z(B), "n": z(B, dtype=torch.long), "on": z(B, max(c.lags - 1, 0), dtype=torch.bool),
-                "cum_on": z(B), "cum_valid": z(B)}
+                "cum_on": z(B)}
 
     def step(self, sae, x_BD: torch.Tensor, attn_B: torch.Tensor) -> torch.Tensor:
         """One position of every sequence: encode it from its window, update the state, clamp."""
         st, c = self.state, self.clamp
         valid = attn_B & st["started"]
         st["started"] = st["started"] | attn_B
+        st["n"] = st["n"] + valid.long()  # valid_count at this position: dsg_causal's rho, the detector's buckets
         win_x, win_v = torch.cat([st["x"], x_BD[:, None]], 1), torch.cat([st["valid"], valid[:, None]], 1)
         f = sae.encode_last(win_x, win_v, self.idx)
         self.encodes += 1
@@ -4072,8 +4076,8 @@ class Guard:
             count = on.float() + st["on"].float().sum(-1)  # on at t and at its lags-1 predecessors
             return active & (count >= min(2, c.lags))[:, None]
         if c.strategy == "dsg_causal":  # rho_t over the prefix <= t (clamp_where's ema with an infinite horizon)
-            st["cum_on"], st["cum_valid"] = st["cum_on"] + (on & valid).float(), st["cum_valid"] + valid.float()
-            rho = st["cum_on"] / st["cum_valid"].clamp_min(1)  # 0 before the first valid token, as ema's
+            st["cum_on"] = st["cum_on"] + (on & valid).float()
+            rho = st["cum_on"] / st["n"].clamp_min(1)  # 0 before the first valid token, as ema's
             return (on & (rho > c.rho_tau))[:, None].expand_as(active)
         fires = self.detector_step(st, None if self.det.idx is None else f[:, len(c.latents):], x_BD, valid)
         return pattern_where(c, active, fires[:, None], f_sel)
@@ -4095,10 +4099,7 @@ class Guard:
             lam = 1.0 if math.isinf(d.horizon) else 1.0 - 1.0 / d.horizon
             st["num"], st["den"] = lam * st["num"] + valid * s, lam * st["den"] + valid.float()
             ev = torch.where(st["den"] > 0, st["num"] / st["den"].clamp_min(1e-12), torch.zeros_like(s))
-        st["n"] = st["n"] + valid.long()  # valid_count at this position
-        if d.offsets:
-            ev = ev - position_offset(d.offsets, st["n"]).to(ev.dtype)
-        return evidence_gain(d, ev, valid)
+        return evidence_gain(d, less_offsets(ev, d.offsets, st["n"]), valid)
 
 
 # =============================================================================================

@@ -311,6 +311,24 @@ def batches(n: int, size: int) -> Iterator[slice]:
         yield slice(i, min(n, i + size))
 
 
+BATCH_SLACK = 32  # positions of padding worth one more forward: its fixed cost, reading every weight
+                  # once, is about that of 30 positions (2-core CPU, 135M model: 25 ms against 0.8 ms)
+
+
+def length_batches(lengths: list[int], size: int, slack: int = BATCH_SLACK) -> Iterator[slice]:
+    """Slices of rows sorted by length, ascending: at most `size` rows each, and a row joins the batch
+    only if the padding it adds (the batch's rows times its extra length) is at most `slack`
+    positions. Every row of a batch runs as long as its longest: one batch of 24 question rows of
+    20-41 tokens was 30% padding, and in a re-run from each row's first edit, rows differ more."""
+    i = 0
+    while i < len(lengths):
+        j = i + 1
+        while j < len(lengths) and j - i < size and (j - i) * (lengths[j] - lengths[j - 1]) <= slack:
+            j += 1
+        yield slice(i, j)
+        i = j
+
+
 def bar(items, desc: str, progress: bool, total: int | None = None):
     """A tqdm bar on stderr when progress is on (a terminal); the plain iterable otherwise."""
     if not progress:
@@ -1858,6 +1876,26 @@ class Batch(NamedTuple):
     resid: torch.Tensor   # (B, T, D) fp32: clean residual after block `layer`
     calls: list           # per block after `layer`: (args after hidden_states, kwargs) of its clean call
     final: torch.Tensor   # (B, T, D) clean final-norm hidden states
+    kv: list | None = None  # per block after `layer`: its clean (keys, values), (B, kv heads, T, head dim) each
+
+
+class PrefixKV:
+    """Stands in for a transformers Cache inside one block's attention, which calls only its
+    `update(keys, values, layer_idx, ...)`. With no prefix it records the block's keys and values
+    (rotary applied) and returns them; with one it prepends them, so a re-run can start at the
+    first edited position and still attend to the clean positions before it."""
+
+    def __init__(self, prefix: tuple | None = None):
+        self.prefix, self.got = prefix, None
+
+    def update(self, k_BHTd, v_BHTd, *args, **kwargs):
+        if self.prefix is None:
+            self.got = (k_BHTd, v_BHTd)
+            return k_BHTd, v_BHTd
+        return torch.cat([self.prefix[0], k_BHTd], 2), torch.cat([self.prefix[1], v_BHTd], 2)
+
+
+CACHE_KWARGS = ("cache", "past_key_values")  # the name a decoder block takes its cache by (transformers 5 / 4)
 
 
 def tree_mask(tm: Time, dtype) -> torch.Tensor:
@@ -1868,9 +1906,11 @@ def tree_mask(tm: Time, dtype) -> torch.Tensor:
 
 
 @torch.no_grad()
-def clean_forward(model, layer: int, tokens_BT, attn_BT, prev_BT=None, positions_BT=None) -> Batch:
+def clean_forward(model, layer: int, tokens_BT, attn_BT, prev_BT=None, positions_BT=None,
+                  keep_kv: bool = False) -> Batch:
     """One clean forward, caching what a re-run of the blocks after `layer` needs. Plain rows use the
-    model's own causal mask; rows with a predecessor tree get a tree mask and explicit positions."""
+    model's own causal mask; rows with a predecessor tree get a tree mask and explicit positions.
+    keep_kv: also keep each later block's keys and values, for re-runs that start mid-row (run_tail)."""
     dev = model.device
     tokens_BT, attn_BT = tokens_BT.to(dev), attn_BT.to(dev)
     valid = attn_BT.clone()
@@ -1884,6 +1924,10 @@ def clean_forward(model, layer: int, tokens_BT, attn_BT, prev_BT=None, positions
     def pre(i):
         def hook(module, args, kwargs):
             calls[i] = (args[1:], {k: v for k, v in kwargs.items() if k != "hidden_states"})
+            key = next((k for k in CACHE_KWARGS if k in kwargs and kwargs[k] is None), None)
+            if keep_kv and key:
+                got[i] = PrefixKV()
+                return args, {**kwargs, key: got[i]}
         return hook
 
     def post(module, args, output):
@@ -1897,16 +1941,52 @@ def clean_forward(model, layer: int, tokens_BT, attn_BT, prev_BT=None, positions
     finally:
         for h in hooks:
             h.remove()
-    return Batch(tokens_BT, attn_BT, tm, got["resid"], [calls[i] for i in range(layer + 1, len(blocks))],
-                 out.last_hidden_state)
+    tail = range(layer + 1, len(blocks))
+    kv = [got[i].got for i in tail] if keep_kv and all(i in got and got[i].got for i in tail) else None
+    return Batch(tokens_BT, attn_BT, tm, got["resid"], [calls[i] for i in tail], out.last_hidden_state, kv)
+
+
+def from_position(args: tuple, kwargs: dict, kv: tuple, start: int, T: int) -> dict:
+    """A block's clean call cut to the positions from `start` on: its cache prepends the clean keys
+    and values before `start`, and its mask lets position start + i attend to keys 0..start + i
+    (the model's own causal mask when it passed one, else a causal one). Raises ValueError on an
+    argument it does not know how to cut, so an unfamiliar architecture re-runs whole rows."""
+    if args:
+        raise ValueError("positional block arguments")
+    out = {}
+    for k, v in kwargs.items():
+        if k in CACHE_KWARGS:
+            out[k] = PrefixKV((kv[0][:, :, :start], kv[1][:, :, :start]))
+        elif k == "position_embeddings":
+            out[k] = tuple(x[:, start:] for x in v)
+        elif k == "position_ids":
+            out[k] = v[..., start:]
+        elif k == "attention_mask":
+            if v is None:
+                q, key = torch.arange(start, T, device=kv[0].device), torch.arange(T, device=kv[0].device)
+                v = (key[None, :] <= q[:, None])[None, None]  # (1, 1, T - start, T)
+            elif v.dim() == 4 and v.shape[-2:] == (T, T):
+                v = v[:, :, start:]
+            else:
+                raise ValueError(f"attention mask of shape {tuple(v.shape)}")
+            out[k] = v
+        elif isinstance(v, torch.Tensor) or (isinstance(v, (tuple, list)) and any(isinstance(x, torch.Tensor) for x in v)):
+            raise ValueError(f"block argument {k}")
+        else:
+            out[k] = v
+    return out
 
 
 @torch.no_grad()
-def run_tail(model, layer: int, b: Batch) -> torch.Tensor:
-    """Blocks after `layer` and the final norm, from the cached output of block `layer`: (B, T, D).
-    An `intervene` hook fires here exactly as in a full forward."""
-    h = b.resid.to(model.dtype)
-    for block, (args, kwargs) in zip(list(blocks_of(model))[layer + 1:], b.calls):
+def run_tail(model, layer: int, b: Batch, start: int = 0) -> torch.Tensor:
+    """Blocks after `layer` and the final norm, from the cached output of block `layer`: (B, T, D),
+    or (B, T - start, D) for the positions from `start` on (needs b.kv: the clean keys and values
+    before `start`; a causal model's positions before it are the clean ones). An `intervene` hook
+    fires here exactly as in a full forward, on the positions run."""
+    h, T = b.resid[:, start:].to(model.dtype), b.resid.shape[1]
+    for i, (block, (args, kwargs)) in enumerate(zip(list(blocks_of(model))[layer + 1:], b.calls)):
+        if start:
+            args, kwargs = (), from_position(args, kwargs, b.kv[i], start, T)
         h = _unwrap(block(h, *args, **kwargs))
     return final_norm_of(model)(h)
 
@@ -1929,8 +2009,9 @@ def subset_batch(b: Batch, keep: torch.Tensor) -> Batch:
     """The rows `keep` (a mask, or indices that may repeat) of a cached clean forward, with every
     per-row argument sliced to match."""
     keep = keep.to(b.tokens.device)
+    kv = None if b.kv is None else [(k[keep], v[keep]) for k, v in b.kv]  # always per row, even at B = 1
     return Batch(b.tokens[keep], b.attn[keep], subset_time(b.time, keep), b.resid[keep],
-                 _rows_of(b.calls, keep, len(b.tokens), {}), b.final[keep])
+                 _rows_of(b.calls, keep, len(b.tokens), {}), b.final[keep], kv)
 
 
 Intervention = Callable[[torch.Tensor, Time], torch.Tensor]  # (resid_BTD, time) -> resid_BTD
@@ -1942,6 +2023,9 @@ class Rerun(NamedTuple):
     h: torch.Tensor     # (n, T, D) final hidden states under that edit
     hit: torch.Tensor   # (n, T) bool: positions that a changed position precedes (or is)
     use: dict           # edit key -> (m,) int64 indices into the n rows: the rows that edit changes
+
+
+RERUN_TOKENS = 1024  # positions per re-run forward at least: short rows are grouped into larger chunks
 
 
 @torch.no_grad()
@@ -1962,14 +2046,43 @@ def rerun_many(model, layer: int, b: Batch, news: dict) -> Rerun:
     use = {k: torch.tensor(v, dtype=torch.long) for k, v in use.items()}
     if not uniq_rows:
         return Rerun(torch.zeros(0, dtype=torch.long), None, None, use)
-    rows, hs = torch.tensor(uniq_rows), []
-    for s in batches(len(rows), len(b.tokens)):
-        sub, edited = subset_batch(b, rows[s]), torch.stack(uniq_new[s])
-        with intervene(model, layer, lambda r: edited):
-            hs.append(run_tail(model, layer, sub))
     dev = b.resid.device
-    changed = (torch.stack(uniq_new) != b.resid[rows.to(dev)]).any(-1)
-    return Rerun(rows, torch.cat(hs), affected(subset_time(b.time, rows.to(dev)), changed), use)
+    rows, new_nTD = torch.tensor(uniq_rows), torch.stack(uniq_new)
+    changed = (new_nTD != b.resid[rows.to(dev)]).any(-1)  # (n, T)
+    T = changed.shape[1]
+    first = changed.int().argmax(1) if b.kv is not None else torch.zeros(len(rows), dtype=torch.long, device=dev)
+    order = torch.argsort(first, descending=True, stable=True)  # by the positions left to run, ascending
+    h = b.final[rows.to(dev)].clone()      # positions before a row's first edit keep their clean values
+    for s in length_batches((T - first[order]).tolist(), max(len(b.tokens), RERUN_TOKENS // T)):
+        pick = order[s]
+        start = int(first[pick].min())  # the chunk's rows all run from its earliest first edit
+        sub, edited = subset_batch(b, rows[pick.cpu()]), new_nTD[pick, start:]
+        with intervene(model, layer, lambda r: edited):
+            h[pick, start:] = run_tail(model, layer, sub, start)
+    return Rerun(rows, h, affected(subset_time(b.time, rows.to(dev)), changed), use)
+
+
+@torch.no_grad()
+def prefix_reuse_agrees(model, layer: int, tokens_BT, attn_BT, tol: float = 1e-3) -> bool:
+    """Whether this model's blocks can re-run from mid-row (run_tail's start, from cached clean keys
+    and values) and give what a whole-row re-run gives, within tol of the hidden states' scale (an
+    unfamiliar architecture's block may take arguments from_position cannot cut). Checked on a few
+    real rows with every row edited from the middle on, like packing_agrees for the QA tree."""
+    b = clean_forward(model, layer, tokens_BT, attn_BT, keep_kv=True)
+    if b.kv is None:
+        return False
+    start = int(attn_BT.sum(1).min()) // 2
+    edit = b.resid.clone()
+    edit[:, start:] *= 0.5
+    try:
+        with intervene(model, layer, lambda r: edit):
+            whole = run_tail(model, layer, b)[:, start:].float()
+        with intervene(model, layer, lambda r: edit[:, start:]):
+            part = run_tail(model, layer, b, start).float()
+    except (ValueError, TypeError, AttributeError, RuntimeError):
+        return False
+    scale = 1.0 if model.dtype == torch.float32 else 30.0  # bf16 rounds differently per shape
+    return bool((part - whole).abs().max() <= tol * scale * whole.abs().max())
 
 
 def edits_of(fn: Intervention, bs: list) -> list[dict]:
@@ -2552,8 +2665,8 @@ CLEAN_CACHE_BYTES = 1 << 30
 
 @torch.no_grad()
 def prepare_text(model, layer: int, rows: Rows, batch_rows: int, progress: bool = False,
-                 keep_clean: bool = False) -> TextSet:
-    bs = [clean_forward(model, layer, rows.tokens[s], rows.attn[s])
+                 keep_clean: bool = False, keep_kv: bool = False) -> TextSet:
+    bs = [clean_forward(model, layer, rows.tokens[s], rows.attn[s], keep_kv=keep_kv)
           for s in bar(list(batches(len(rows.tokens), batch_rows)), "clean forwards", progress)]
     ce = torch.zeros(scored(rows.attn).shape)
     keep_clean = keep_clean and int(scored(rows.attn).sum()) * model.config.vocab_size * 4 <= CLEAN_CACHE_BYTES
@@ -2666,13 +2779,13 @@ def question_rows(tok, q: Question, scoring: str, pack: bool) -> list[tuple[list
 
 @torch.no_grad()
 def prepare_qa(model, tok, layer: int, qs: list[Question], scoring: str, batch_rows: int, pack: bool = True,
-               progress: bool = False) -> QASet:
+               progress: bool = False, keep_kv: bool = False) -> QASet:
     specs = [(i, r) for i, q in enumerate(qs) for r in question_rows(tok, q, scoring, pack)]
     specs.sort(key=lambda s: len(s[1][0]))  # similar lengths share a batch
     tree = pack and scoring == "cloze"
     out = {"batches": [], "pairs": [], "row_q": [], "clean_lp": []}
     bos = bos_id(tok)
-    for s in bar(list(batches(len(specs), batch_rows * 2)), "questions (batches)", progress):
+    for s in bar(list(length_batches([len(r[0]) for _, r in specs], batch_rows * 2)), "questions (batches)", progress):
         part = specs[s]
         T = max(len(r[0]) for _, r in part)
         tokens = torch.full((len(part), T), bos, dtype=torch.long)
@@ -2684,7 +2797,7 @@ def prepare_qa(model, tok, layer: int, qs: list[Question], scoring: str, batch_r
             tokens[r, :L], attn[r, :L] = torch.tensor(ids), True
             prev[r, :L], pos[r, :L] = torch.tensor(pv), torch.tensor(ps)
             pairs += [(r, p, t, 4 * qi + j) for p, t, j in prs]
-        b = clean_forward(model, layer, tokens, attn, prev if tree else None, pos if tree else None)
+        b = clean_forward(model, layer, tokens, attn, prev if tree else None, pos if tree else None, keep_kv)
         pr = torch.tensor(pairs)
         out["batches"].append(b)
         out["pairs"].append(pr)
@@ -4551,18 +4664,22 @@ def prepare_data(cfg, model, tok, corpora, questions, st: Stages, progress: bool
     forget = build_corpus(model, tok, cfg, corpora["forget"], "forget", progress)
     retain = build_corpus(model, tok, cfg, corpora["retain"], "retain", progress)
     st.done("harvest")
-    ts_f = prepare_text(model, cfg.layer, head_rows(forget.held, cfg.eval_rows), cfg.batch_rows, progress)
-    ts_r = prepare_text(model, cfg.layer, head_rows(retain.held, cfg.eval_rows), cfg.batch_rows, progress, True)
+    few = head_rows(forget.held, 2)
+    kv = prefix_reuse_agrees(model, cfg.layer, few.tokens, few.attn)  # sweep re-runs start at a row's first edit
+    if not kv:
+        print("note: this model's blocks cannot re-run from mid-row; re-running whole rows", flush=True)
+    ts_f = prepare_text(model, cfg.layer, head_rows(forget.held, cfg.eval_rows), cfg.batch_rows, progress, False, kv)
+    ts_r = prepare_text(model, cfg.layer, head_rows(retain.held, cfg.eval_rows), cfg.batch_rows, progress, True, kv)
     spl_all = run_spliced(cfg, forget, retain)
     spl = spl_all[:cfg.spliced_docs]
     spl_rows = spliced_rows(tok, spl_all, 2 * cfg.context_length)
-    ts_s = prepare_text(model, cfg.layer, head_rows(spl_rows, cfg.spliced_docs), cfg.batch_rows, progress, True)
+    ts_s = prepare_text(model, cfg.layer, head_rows(spl_rows, cfg.spliced_docs), cfg.batch_rows, progress, True, kv)
     pack = cfg.qa_scoring == "cloze" and packing_agrees(model, tok, cfg.layer, questions["forget"], cfg.batch_rows)
     if cfg.qa_scoring == "cloze" and not pack:
         print("note: this model does not honour a packed tree mask; scoring one row per answer choice", flush=True)
     qa, known = {}, {}
     for d in ("forget", "retain"):
-        qa[d], known[d] = known_questions(model, tok, cfg, questions[d], pack, progress)
+        qa[d], known[d] = known_questions(model, tok, cfg, questions[d], pack, progress, kv)
         if not any(known[d]):
             raise UsageError(f"the model answers no {d} question correctly: nothing to "
                              + ("unlearn" if d == "forget" else "keep"))
@@ -4577,7 +4694,8 @@ def prepare_data(cfg, model, tok, corpora, questions, st: Stages, progress: bool
                     boundary)
 
 
-def known_questions(model, tok, cfg, qs: list[Question], pack: bool, progress: bool) -> tuple[QASet, list]:
+def known_questions(model, tok, cfg, qs: list[Question], pack: bool, progress: bool,
+                    keep_kv: bool = False) -> tuple[QASet, list]:
     """The questions scored at every sweep point: the clean model scores the set in a fixed random
     order (the same for every --seed), in chunks, until --qa_questions it answers correctly are found
     (all of them when 0). Returns their QASet and the known flag of every question scored."""
@@ -4586,7 +4704,8 @@ def known_questions(model, tok, cfg, qs: list[Question], pack: bool, progress: b
     flags, picked = [], []
     for i in range(0, len(order), step):
         chunk = [qs[j] for j in order[i:i + step]]
-        qa = prepare_qa(model, tok, cfg.layer, chunk, cfg.qa_scoring, cfg.batch_rows, pack, progress)
+        qa = prepare_qa(model, tok, cfg.layer, chunk, cfg.qa_scoring, cfg.batch_rows, pack, progress,
+                        keep_kv and not cfg.qa_questions)  # kept only where this chunk is the set scored
         k = (clean_scores(qa).argmax(-1) == qa.answer).tolist()
         flags += k
         picked += [q for q, ok in zip(chunk, k) if ok]
@@ -4596,7 +4715,7 @@ def known_questions(model, tok, cfg, qs: list[Question], pack: bool, progress: b
         return subset_qa(qa, torch.tensor(flags)), flags
     # re-run as fresh full batches: subset_qa would keep the chunk's batching, near-empty batches
     picked = picked[:cfg.qa_questions]
-    return prepare_qa(model, tok, cfg.layer, picked, cfg.qa_scoring, cfg.batch_rows, pack), flags
+    return prepare_qa(model, tok, cfg.layer, picked, cfg.qa_scoring, cfg.batch_rows, pack, keep_kv=keep_kv), flags
 
 
 def run(cfg: Config, model=None, tok=None) -> dict | None:

@@ -87,6 +87,85 @@ def test_rerun_equals_full_hooked_forward(model, tok):
     assert torch.allclose(rr.h[:, :5], b.final[rr.rows][:, :5], atol=1e-5)
 
 
+def tail_lengths(model, layer: int) -> list:
+    """A pre-hook on the first block after `layer` that records how many positions each call runs."""
+    seen = []
+    block = ex.blocks_of(model)[layer + 1]
+    h = block.register_forward_pre_hook(lambda m, a, k: seen.append((a[0] if a else k["hidden_states"]).shape[1]),
+                                        with_kwargs=True)
+    return seen, h
+
+
+def test_rerun_starts_at_the_first_edit_with_cached_keys_and_values(model, tok):
+    """With the clean keys and values kept, a re-run computes only the positions from a row's first
+    edit on, and gives what the whole-row re-run gives; edits at different positions per row."""
+    rows = some_rows(tok, n=4)
+    whole, part = ex.clean_forward(model, 1, rows.tokens, rows.attn), ex.clean_forward(model, 1, rows.tokens, rows.attn, keep_kv=True)
+    assert whole.kv is None and len(part.kv) == len(ex.blocks_of(model)) - 2
+    assert part.kv[0][0].shape[:1] + part.kv[0][0].shape[2:3] == rows.tokens.shape
+    new = part.resid.clone()
+    new[0, 9:] += 0.5
+    new[2, 14:] *= 0.5
+    news = {"a": new, "b": torch.where(torch.arange(len(new))[:, None, None] == 2, part.resid, new)}
+    seen, h = tail_lengths(model, 1)
+    try:
+        fast = ex.rerun_many(model, 1, part, news)
+    finally:
+        h.remove()
+    slow = ex.rerun_many(model, 1, whole, news)
+    assert torch.equal(fast.rows, slow.rows) and all(torch.equal(fast.use[k], slow.use[k]) for k in news)
+    assert torch.equal(fast.hit, slow.hit)
+    assert torch.allclose(fast.h, slow.h, atol=1e-5)
+    T = rows.tokens.shape[1]
+    assert seen == [T - 9]  # both distinct rows in one forward, from the earlier first edit
+    assert ex.prefix_reuse_agrees(model, 1, rows.tokens, rows.attn)
+
+
+def test_rerun_from_mid_row_keeps_the_tree_mask_of_packed_questions(model, tok):
+    """Packed answer choices re-run from their first edit score as whole rows do."""
+    qs = ex.load_questions("embedded", "forget")[:5]
+    whole, part = (ex.prepare_qa(model, tok, 1, qs, "cloze", 2, keep_kv=k) for k in (False, True))
+    sae = ex.TemporalSAE(model.config.hidden_size, 16, window=3, d_head=4)
+    torch.manual_seed(0)
+    sae.b_enc.data.normal_()
+    fn = ex.clamp_fn(sae, ex.Clamp("standard", torch.tensor([0, 3, 5]), 4.0, 4, None, None, 0.0))
+
+    def late(x, tm):  # the clamp from the fifth token on: re-runs start mid-row
+        out = fn(x, tm)
+        out[:, :5] = x[:, :5]
+        return out
+    under = lambda qa: ex.qa_scores(model, 1, qa, ex.edits_of(late, qa.batches))[0]
+    assert torch.allclose(under(part), under(whole), atol=1e-5)
+    assert not torch.allclose(under(part), ex.clean_scores(part), atol=1e-4)
+
+
+def test_a_block_argument_that_cannot_be_cut_is_refused():
+    """from_position cuts only what it knows; anything else with a tensor makes it refuse, so
+    prefix_reuse_agrees falls back to whole rows."""
+    kv = (torch.zeros(1, 1, 6, 2), torch.zeros(1, 1, 6, 2))
+    ok = ex.from_position((), {"attention_mask": None, "position_ids": torch.arange(6)[None], "cache": None,
+                               "use_cache": False}, kv, 2, 6)
+    assert ok["position_ids"].tolist() == [[2, 3, 4, 5]] and ok["attention_mask"].shape == (1, 1, 4, 6)
+    assert ok["attention_mask"][0, 0].sum(1).tolist() == [3, 4, 5, 6] and isinstance(ok["cache"], ex.PrefixKV)
+    with pytest.raises(ValueError):
+        ex.from_position((), {"sliding_window_mask": torch.ones(1, 1, 6, 6)}, kv, 2, 6)
+    with pytest.raises(ValueError):
+        ex.from_position((torch.ones(1),), {}, kv, 2, 6)
+
+
+def test_batches_by_length_bound_the_padding_each_row_adds():
+    """A row joins a batch only if the padding it adds (rows so far times its extra length) is at
+    most `slack`; batches cover every row once, in order, at most `size` rows each."""
+    lengths = [1, 8, 28, 60, 87, 88, 95, 100, 127, 127, 127, 127, 127]
+    parts = list(ex.length_batches(lengths, 4, slack=32))
+    assert [i for s in parts for i in range(len(lengths))[s]] == list(range(len(lengths)))
+    assert [lengths[s] for s in parts] == [[1, 8], [28, 60], [87, 88, 95, 100], [127] * 4, [127]]
+    for s in parts:
+        got = lengths[s]
+        assert len(got) <= 4 and all(k * (got[k] - got[k - 1]) <= 32 for k in range(1, len(got)))
+    assert [len(range(13)[s]) for s in ex.length_batches(lengths, 4, slack=0)] == [1] * 8 + [4, 1]
+
+
 def test_packed_choices_score_like_one_row_per_choice(model, tok):
     """Four choices behind one question in one row (tree mask, explicit positions) give the same
     choice scores as one row per choice, clean and under a causal clamp."""

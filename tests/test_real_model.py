@@ -40,6 +40,7 @@ def test_default_model_small_budget_offline(tmp_path):
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-3000:]
     assert not log.exists(), f"network calls attempted: {log.read_text()}"
+    assert "cannot re-run from mid-row" not in res.stdout  # the sweep's re-runs start at each row's first edit
     info = json.loads((out / "final_info.json").read_text())
     import experiment as ex
     from experiment import STRATEGIES

@@ -1611,9 +1611,10 @@ def auxk_loss(sae: TemporalSAE, xs_ND, cx_ND, err_ND, dead_F: torch.Tensor | Non
     if dead_F is None or not dead_F.any():
         return err_ND.new_zeros(())
     dead = dead_F.nonzero().squeeze(1)
-    pre_NK = torch.addmm(sae.b_enc[dead], xs_ND - sae.b_dec, sae.W_enc[:, dead])
-    if cx_ND is not None:
-        pre_NK = pre_NK + cx_ND @ sae.W_ctx[:, dead]
+    W_enc, b_enc, W_ctx = sae.encoder_columns(dead)
+    pre_NK = torch.addmm(b_enc, xs_ND - sae.b_dec, W_enc)
+    if cx_ND is not None:  # w > 1: W_ctx is there
+        pre_NK = pre_NK + cx_ND @ W_ctx
     top = pre_NK.topk(min(max(sae.d_in // 2, 1), len(dead)), dim=-1)
     z_NK = torch.zeros_like(pre_NK).scatter(1, top.indices, F.relu(top.values) if relu else top.values)
     e_ND = err_ND.detach()
@@ -1926,30 +1927,30 @@ def clean_forward(model, layer: int, tokens_BT, attn_BT, prev_BT=None, positions
     extra = {"attention_mask": attn_BT.long()}
     if prev_BT is not None:
         extra = {"attention_mask": tree_mask(tm, model.dtype), "position_ids": positions_BT.to(dev)}
-    blocks, calls, got, hooks = blocks_of(model), {}, {}, []
+    blocks, calls, got, rec, hooks = blocks_of(model), {}, {}, {}, []
+    tail = range(layer + 1, len(blocks))
 
     def pre(i):
         def hook(module, args, kwargs):
             calls[i] = (args[1:], {k: v for k, v in kwargs.items() if k != "hidden_states"})
             key = next((k for k in CACHE_KWARGS if k in kwargs and kwargs[k] is None), None)
             if keep_kv and key:
-                got[i] = PrefixKV()
-                return args, {**kwargs, key: got[i]}
+                rec[i] = PrefixKV()
+                return args, {**kwargs, key: rec[i]}
         return hook
 
     def post(module, args, output):
         got["resid"] = _unwrap(output).float()
 
     try:
-        for i in range(layer + 1, len(blocks)):
+        for i in tail:
             hooks.append(blocks[i].register_forward_pre_hook(pre(i), with_kwargs=True))
         hooks.append(blocks[layer].register_forward_hook(post))
         out = model.base_model(input_ids=tokens_BT, use_cache=False, **extra)
     finally:
         for h in hooks:
             h.remove()
-    tail = range(layer + 1, len(blocks))
-    kv = [got[i].got for i in tail] if keep_kv and all(i in got and got[i].got for i in tail) else None
+    kv = [rec[i].got for i in tail] if keep_kv and all(i in rec and rec[i].got for i in tail) else None
     return Batch(tokens_BT, attn_BT, tm, got["resid"], [calls[i] for i in tail], out.last_hidden_state, kv)
 
 

@@ -2439,27 +2439,47 @@ def token_ce(logits_NV: torch.Tensor, target_N: torch.Tensor) -> torch.Tensor:
 
 
 class CleanDist(NamedTuple):
-    """The clean next-token distribution at some positions, in the form KL against it needs."""
-    p: torch.Tensor       # (N, V) probabilities
-    negent: torch.Tensor  # (N,) sum_v p log p
+    """The clean next-token distribution at some positions, in the form KL against it needs: its
+    probabilities, or, for a linear LM head z = W h, their expected output embedding e = sum_v p_v W_v
+    (then sum_v p_v z_v = e . h: D numbers a position instead of V)."""
+    p: torch.Tensor | None         # (N, V) probabilities; None when e is kept instead
+    negent: torch.Tensor           # (N,) sum_v p log p
+    e: torch.Tensor | None = None  # (N, D) expected output embedding (linear heads only)
 
 
-def clean_dist(clean_logits_NV: torch.Tensor) -> CleanDist:
+def linear_head(model) -> torch.Tensor | None:
+    """The (V, D) weight of an LM head that is exactly z = W h in fp32 (no bias, no softcap), else
+    None. Only then may KL read e . h for sum_v p_v z_v: a bf16 head rounds each z_v, and the KL
+    of tight budgets (1e-3 nats) must be the KL of the logits the CE reads."""
+    head, cap = model.get_output_embeddings(), getattr(model.config, "final_logit_softcapping", None)
+    ok = type(head) is nn.Linear and head.bias is None and not cap and head.weight.dtype == torch.float32
+    return head.weight if ok else None
+
+
+def clean_dist(clean_logits_NV: torch.Tensor, head_VD: torch.Tensor | None = None) -> CleanDist:
     lp = F.log_softmax(clean_logits_NV.float(), -1)
     p = lp.exp()
-    return CleanDist(p, (p * lp).sum(-1))
+    negent = (p * lp).sum(-1)
+    return CleanDist(p, negent) if head_VD is None else CleanDist(None, negent, p @ head_VD.to(p.device))
 
 
-def ce_kl(new_logits_NV: torch.Tensor, target_N: torch.Tensor | None, clean: CleanDist | None):
+def ce_kl(new_logits_NV: torch.Tensor, target_N: torch.Tensor | None, clean: CleanDist | None,
+          h_ND: torch.Tensor | None = None):
     """Per-token CE of target and KL(clean || new), from one logsumexp of the new logits:
     CE = lse - z[target]; KL = sum p log p - sum p z + lse (sum p = 1). Two passes over the
-    vocabulary instead of the five a log_softmax per side takes. None where not asked for."""
+    vocabulary instead of the five a log_softmax per side takes. A clean distribution kept as its
+    expected output embedding reads sum p z = e . h from h_ND, the hidden states the new logits
+    came from (a linear head's: see linear_head). None where not asked for."""
     z = new_logits_NV.float()
     lse = torch.logsumexp(z, -1)
     ce = None if target_N is None else lse - z.gather(-1, target_N.unsqueeze(-1)).squeeze(-1)
     if clean is None:
         return ce, None
-    dot = torch.bmm(clean.p.unsqueeze(1), z.unsqueeze(-1)).view(-1)
+    if clean.e is not None:
+        assert h_ND is not None and h_ND.shape == clean.e.shape, "an expected embedding needs the hidden states"
+        dot = (clean.e * h_ND.float()).sum(-1)
+    else:
+        dot = torch.bmm(clean.p.unsqueeze(1), z.unsqueeze(-1)).view(-1)
     return ce, (clean.negent - dot + lse).clamp_min(0)
 
 
@@ -2663,7 +2683,8 @@ class TextSet(NamedTuple):
     batches: list         # Batch per `batch_rows` rows
     clean_ce: torch.Tensor  # (N, T-1) clean CE predicting token t+1 at t; 0 where not scored
     # the clean distribution at the scored positions (n_scored rows), kept for KL sets when it fits
-    # in CLEAN_CACHE_BYTES: a sweep point then runs one LM head per position instead of two
+    # in CLEAN_CACHE_BYTES (always, as D numbers a position, for a linear head): a sweep point then
+    # runs one LM head per position instead of two
     clean: CleanDist | None = None
     clean_index: torch.Tensor | None = None  # (N, T-1) int64: row of clean, -1 where not scored
 
@@ -2677,7 +2698,9 @@ def prepare_text(model, layer: int, rows: Rows, batch_rows: int, progress: bool 
     bs = [clean_forward(model, layer, rows.tokens[s], rows.attn[s], keep_kv=keep_kv)
           for s in bar(list(batches(len(rows.tokens), batch_rows)), "clean forwards", progress)]
     ce = torch.zeros(scored(rows.attn).shape)
-    keep_clean = keep_clean and int(scored(rows.attn).sum()) * model.config.vocab_size * 4 <= CLEAN_CACHE_BYTES
+    head = linear_head(model)
+    width = model.config.vocab_size if head is None else head.shape[1]
+    keep_clean = keep_clean and int(scored(rows.attn).sum()) * width * 4 <= CLEAN_CACHE_BYTES
     dists = []
     for s, b in zip(batches(len(rows.tokens), batch_rows), bs):
         sel = scored(b.attn)
@@ -2687,16 +2710,17 @@ def prepare_text(model, layer: int, rows: Rows, batch_rows: int, progress: bool 
             logits = logits_at(model, h[i:i + 512])
             ces.append(token_ce(logits, target[i:i + 512]))
             if keep_clean:
-                dists.append(clean_dist(logits))
+                dists.append(clean_dist(logits, head))
         ce_s = torch.zeros(sel.shape)
         ce_s[sel.cpu()] = torch.cat(ces).cpu() if ces else torch.zeros(0)
         ce[s] = ce_s
-    if not keep_clean:
+    if not keep_clean or not dists:
         return TextSet(rows, bs, ce)
     sel = scored(rows.attn)
     index = torch.full(sel.shape, -1, dtype=torch.long)
     index[sel] = torch.arange(int(sel.sum()))
-    return TextSet(rows, bs, ce, CleanDist(*(torch.cat([x[i].cpu() for x in dists]) for i in range(2))), index)
+    cat = lambda xs: None if xs[0] is None else torch.cat([x.cpu() for x in xs])
+    return TextSet(rows, bs, ce, CleanDist(*(cat([x[i] for x in dists]) for i in range(3))), index)
 
 
 def chunked_ce_kl(model, h_ND, clean_h_ND, target_N, chunk: int = 512, clean: CleanDist | None = None,
@@ -2709,10 +2733,10 @@ def chunked_ce_kl(model, h_ND, clean_h_ND, target_N, chunk: int = 512, clean: Cl
         new = logits_at(model, h_ND[i:i + chunk])
         if clean is not None:
             at = clean_at_N[i:i + chunk]
-            ref = CleanDist(clean.p[at].to(new.device), clean.negent[at].to(new.device))
+            ref = CleanDist(*(None if x is None else x[at].to(new.device) for x in clean))
         else:
             ref = None if clean_h_ND is None else clean_dist(logits_at(model, clean_h_ND[i:i + chunk]))
-        c, k = ce_kl(new, target_N[i:i + chunk], ref)
+        c, k = ce_kl(new, target_N[i:i + chunk], ref, h_ND[i:i + chunk])
         ces.append(c)
         if k is not None:
             kls.append(k)

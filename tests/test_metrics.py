@@ -1,5 +1,6 @@
 """Pure metric functions, each on values computed by hand."""
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -81,6 +82,35 @@ def test_fused_ce_kl_equals_log_softmax_reference():
     assert torch.allclose(ce, F.cross_entropy(new, target, reduction="none"), atol=1e-5)
     assert torch.allclose(kl, (lp.exp() * (lp - lq)).sum(-1), atol=1e-5)
     assert ex.ce_kl(new, None, None) == (None, None)
+
+
+def test_kl_from_the_expected_output_embedding_equals_the_probabilities_form():
+    """For a linear head z = W h, sum_v p_v z_v = (sum_v p_v W_v) . h: the clean distribution kept as D
+    numbers a position gives the KL that its V probabilities give."""
+    g = torch.Generator().manual_seed(1)
+    W, h_clean, h_new = torch.randn(300, 16, generator=g), torch.randn(8, 16, generator=g), torch.randn(8, 16, generator=g)
+    clean, new = h_clean @ W.T, h_new @ W.T
+    target = torch.randint(0, 300, (8,), generator=g)
+    ce_p, kl_p = ex.ce_kl(new, target, ex.clean_dist(clean))
+    ref = ex.clean_dist(clean, W)
+    assert ref.p is None and ref.e.shape == (8, 16)
+    ce_e, kl_e = ex.ce_kl(new, target, ref, h_new)
+    assert torch.equal(ce_p, ce_e) and kl_p.gt(0.1).all()
+    assert torch.allclose(kl_e, kl_p, atol=1e-4, rtol=1e-5)
+    assert torch.allclose(ex.ce_kl(clean, None, ref, h_clean)[1], torch.zeros(8), atol=1e-4)
+    with pytest.raises(AssertionError):
+        ex.ce_kl(new, target, ref)  # the hidden states are needed
+
+
+def test_linear_head_only_for_an_exact_fp32_linear_head():
+    cfg = SimpleNamespace(final_logit_softcapping=None)
+    head = lambda m: SimpleNamespace(get_output_embeddings=lambda: m, config=cfg)
+    lin = torch.nn.Linear(4, 10, bias=False)
+    assert ex.linear_head(head(lin)) is lin.weight
+    assert ex.linear_head(head(torch.nn.Linear(4, 10))) is None                        # a bias
+    assert ex.linear_head(head(torch.nn.Linear(4, 10, bias=False).bfloat16())) is None  # rounds each logit
+    cfg.final_logit_softcapping = 30.0
+    assert ex.linear_head(head(lin)) is None                                            # tanh softcap
 
 
 def test_mean_pool_averages_unmasked_tokens_only():

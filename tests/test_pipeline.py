@@ -203,6 +203,8 @@ def test_cached_clean_log_probs_give_the_same_ce_and_kl(model, tok):
     fn = ex.clamp_fn(sae, ex.Clamp("standard", torch.tensor([0, 3, 5]), 4.0, 4, None, None, 0.0))
     plain, cached = ex.prepare_text(model, 1, rows, 2), ex.prepare_text(model, 1, rows, 2, keep_clean=True)
     assert plain.clean is None and cached.clean is not None
+    # the tiny model's tied head is linear: the clean side is kept as D numbers a position, not V
+    assert cached.clean.p is None and cached.clean.e.shape[1] == model.config.hidden_size
     (ce_p, kl_p), (ce_c, kl_c) = (ex.text_stats(model, 1, ts, ex.edits_of(fn, ts.batches))[0] for ts in (plain, cached))
     assert kl_p.gt(0).any() and torch.equal(ce_p, ce_c)
     assert torch.allclose(kl_p, kl_c, atol=1e-6, rtol=1e-4)

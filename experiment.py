@@ -151,6 +151,11 @@ class Config:
                                    "its threshold to full at pattern_ramp x the median excess over the threshold of "
                                    "the calibration forget tokens where it fires (so a weak false alarm steers "
                                    "little); 0 = full wherever it fires (a hard gate)")
+    pattern_edit: Literal["clamp", "steer"] = opt("clamp", "what pattern and hybrid do where they act: clamp (the "
+                                                  "selected latents set to -multiplier, SAEBench's edit) | steer (add "
+                                                  "multiplier / the SAE's input scale times the unit direction from the "
+                                                  "forget to the retain mean residual of the detector's fitting rows: "
+                                                  "gives the model other text to write; the clamp's units)")
     retain_gate: float = opt(0.99, "retain accuracy a sweep point must keep (SAEBench)")
     hybrid_quantile: float = opt(0.99, "hybrid clamps off-pattern where a latent exceeds this retain quantile")
     dsg_quantile: float = opt(0.95, "dsg clamps rows whose active fraction exceeds this retain quantile (DSG)")
@@ -2329,6 +2334,7 @@ class Clamp(NamedTuple):
     hi: torch.Tensor | None    # hybrid: (k,) retain-domain level per latent
     rho_tau: float             # dsg, dsg_causal: the retain 95th percentile of rho
     dense: bool = False        # pattern, hybrid: where the detector fires, clamp all k latents, not only active ones
+    steer: torch.Tensor | None = None  # pattern, hybrid under --pattern_edit steer: (D,) unit direction added instead
 
 
 def clamp_where(c: Clamp, sae, resid_BTD, tm: Time, f_BTk: torch.Tensor) -> torch.Tensor:
@@ -2380,9 +2386,15 @@ def clamp_plan(c: Clamp, sae: TemporalSAE, resid_BTD, tm: Time) -> Plan:
     return Plan(clamp_where(c, sae, resid_BTD, tm, f_BTk), f_BTk)
 
 
-def apply_plan(sae: TemporalSAE, latents, plan: Plan, multiplier: float, resid_BTD) -> torch.Tensor:
+def apply_plan(sae: TemporalSAE, latents, plan: Plan, multiplier: float, resid_BTD,
+               steer_D: torch.Tensor | None = None) -> torch.Tensor:
     """resid' = resid + decode(f') - decode(f): only the clamped latents' change is added, so the
-    SAE's error term is kept (SAEBench's intervention). Rows with nothing to clamp stay bit-identical."""
+    SAE's error term is kept (SAEBench's intervention). Rows with nothing to clamp stay bit-identical.
+    With steer_D (--pattern_edit steer) the edit is instead resid + u * multiplier / scale * steer_D,
+    u the largest fraction of `where` at the position (1 where a hard gate clamps anything)."""
+    if steer_D is not None:
+        u_BT1 = plan.where.to(resid_BTD.dtype).amax(-1, keepdim=True)
+        return resid_BTD + u_BT1 * (multiplier / sae.scale) * steer_D.to(resid_BTD)
     delta_BTk = clamp_delta(plan.where, plan.f, multiplier)
     return resid_BTD + (delta_BTk @ sae.W_dec[latents.to(resid_BTD.device)]) / sae.scale
 
@@ -2397,7 +2409,8 @@ def clamp_delta(where: torch.Tensor, f: torch.Tensor, multiplier: float) -> torc
 
 def clamp_fn(sae: TemporalSAE, c: Clamp) -> Intervention:
     """The clamp as one intervention; only the k selected latents are encoded."""
-    return lambda resid_BTD, tm: apply_plan(sae, c.latents, clamp_plan(c, sae, resid_BTD, tm), c.multiplier, resid_BTD)
+    return lambda resid_BTD, tm: apply_plan(sae, c.latents, clamp_plan(c, sae, resid_BTD, tm), c.multiplier, resid_BTD,
+                                            c.steer)
 
 
 def splice_fn(sae: TemporalSAE) -> Intervention:
@@ -3426,6 +3439,7 @@ class Detectors(NamedTuple):
     learned: LagDetector   # over the SAE's candidate latents
     residual: LagDetector  # the same detector on raw residuals: what the SAE adds, if anything
     combined: LagDetector | None = None  # on both side by side; fitted only under --detector combined
+    steer: torch.Tensor | None = None    # (D,) --pattern_edit steer's direction (steer_direction), from the same rows
 
     @staticmethod
     def gate_field(detector: str) -> str:
@@ -3447,8 +3461,28 @@ def fit_detectors(cfg, sae, forget: Corpus, retain: Corpus, sp_f, sp_r, boundary
                      fit_lag_detector(cfg, sae, None, forget, retain, boundary=boundary))
     if cfg.detector == "combined":  # the latents' sharp edges and the residual's fewer false alarms, if one fit has both
         dets = dets._replace(combined=fit_lag_detector(cfg, sae, cands, forget, retain, boundary=boundary, resid=True))
+    if cfg.pattern_edit == "steer":
+        dets = dets._replace(steer=steer_direction(forget, retain))
     name, gate = Detectors.gate_field(cfg.detector), dets.gate(cfg.detector)
     return dets._replace(**{name: gate._replace(ramp=ramp_width(gate, sae, forget, cfg.pattern_ramp))})
+
+
+def steer_direction(forget: Corpus, retain: Corpus, rows: int = 64) -> torch.Tensor:
+    """(D,) unit vector from the forget to the retain mean residual over the detector's fitting rows
+    (training rows outside the calibration documents): --pattern_edit steer's direction, mean-difference
+    steering (Turner et al. 2023, ActAdd; Rimsky et al. 2024, CAA) toward the retain domain, applied only
+    where the gate acts. A clamp takes away what the model would write, and greedy decoding then repeats
+    itself (tools/loop_source.py); this gives it the other domain's text to write instead."""
+    def mean(c: Corpus) -> torch.Tensor:
+        keep = (~calibration_rows(c.train)).nonzero().flatten()
+        total, n = torch.zeros(c.acts_train.shape[-1], dtype=torch.float64), 0
+        for s in batches(len(keep), rows):  # in row batches: acts_train is the SAE's whole training set
+            m = c.train.mask[keep[s]]
+            total += c.acts_train[keep[s]][m].double().sum(0)
+            n += int(m.sum())
+        return total / max(n, 1)
+    v = mean(retain) - mean(forget)
+    return (v / v.norm().clamp_min(1e-12)).float()
 
 
 RANDOM_POOL = 20  # a control latent is drawn among the 20 unselected latents nearest in forget firing frequency
@@ -3496,8 +3530,9 @@ def run_selections(cfg, sae, dets: Detectors, forget: Corpus, retain: Corpus, sp
 
 def make_clamp(cfg, sel: Selection, dets: Detectors, strategy: str, multiplier: float) -> Clamp:
     det = sel.templates if cfg.detector == "templates" else dets.gate(cfg.detector)
+    steer = dets.steer if strategy in ("pattern", "hybrid") and cfg.pattern_edit == "steer" else None
     return Clamp(strategy, sel.latents, multiplier, cfg.detector_window, det, sel.hi, sel.rho_tau,
-                 cfg.pattern_clamp == "all")
+                 cfg.pattern_clamp == "all", steer)
 
 
 def eval_batches(d: EvalData) -> dict:
@@ -3576,7 +3611,7 @@ def run_sweep(cfg, model, sae, sels, dets, d: EvalData, progress: bool,
             plans = {n: [{s: clamp_plan(c, sae, b.resid, b.time) for s, c in clamps.items()} for b in bs]
                      for n, bs in eval_batches(d).items()}
             planned = sel
-        edits = {n: [{s: apply_plan(sae, sel.latents, p, mult, b.resid) for s, p in bp.items()}
+        edits = {n: [{s: apply_plan(sae, sel.latents, p, mult, b.resid, clamps[s].steer) for s, p in bp.items()}
                      for b, bp in zip(eval_batches(d)[n], plans[n])] for n in plans}
         for s, (meas, kl_s) in measure_edits(model, cfg.layer, d, edits).items():
             kl_docs.append(kl_s[:SPLICED_FIGURE_DOCS])
@@ -4068,8 +4103,11 @@ def save_guard_state(out: Path, cfg: Config, sels: list[Selection], dets: "Detec
     for i, sel in enumerate(sels):
         tensors[f"selection.{i}.latents"], tensors[f"selection.{i}.hi"] = sel.latents, sel.hi
     meta = {"layer": cfg.layer, "detector": cfg.detector, "lags": cfg.detector_window, "pattern_clamp": cfg.pattern_clamp,
+            "pattern_edit": cfg.pattern_edit,
             "selections": [{"rule": x.rule, "threshold": x.threshold, "n": x.n, "rho_tau": x.rho_tau} for x in sels],
             "learned": learned}
+    if cfg.pattern_edit == "steer":
+        tensors["steer"] = dets.steer
     if Detectors.gate_field(cfg.detector) != "learned":
         meta["gate"], gate_t = detector_state(dets.gate(cfg.detector), "gate")
         tensors |= gate_t
@@ -4116,8 +4154,13 @@ def load_guard(run_dir, strategy: str = "pattern", point: int | None = None, lev
                                                                        if p is None else f" at index {point}"))
     i = next(i for i, x in enumerate(meta["selections"]) if (x["rule"], x["threshold"], x["n"]) == point_key(p))
     det = guard_detector(meta, t, "gate") if "gate" in meta else guard_detector(meta, t)
+    steer = None
+    if strategy in ("pattern", "hybrid") and meta.get("pattern_edit", "clamp") == "steer":
+        if "steer" not in t:
+            raise UsageError(f"{folder}: guard.json says --pattern_edit steer but guard.safetensors holds no steer direction")
+        steer = t["steer"]
     clamp = Clamp(strategy, t[f"selection.{i}.latents"], p["multiplier"], meta["lags"], det,
-                  t[f"selection.{i}.hi"], meta["selections"][i]["rho_tau"], meta.get("pattern_clamp") == "all")
+                  t[f"selection.{i}.hi"], meta["selections"][i]["rho_tau"], meta.get("pattern_clamp") == "all", steer)
     return Guard(sae, meta["layer"], clamp, p)
 
 
@@ -4218,7 +4261,7 @@ class Guard:
         """The edit at one position of every sequence: apply_plan's, from where (B, k) and the clean
         selected latents f_sel (B, k). One method, so a tool can try another kind of edit on the same
         guard state (tools/edit_kind.py)."""
-        return apply_plan(sae, self.clamp.latents, Plan(where, f_sel), self.clamp.multiplier, x_BD)
+        return apply_plan(sae, self.clamp.latents, Plan(where, f_sel), self.clamp.multiplier, x_BD, self.clamp.steer)
 
     def where(self, st: dict, c: Clamp, f, f_sel, active, on, valid, x_BD) -> torch.Tensor:
         """(B, k) which selected latents to clamp at this position: clamp_where's rules, from the state."""

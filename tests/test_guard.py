@@ -85,6 +85,16 @@ def test_a_threshold_per_position_streams_too(model, tok, monkeypatch, evidence,
     check_cache_equivalence(model, tok, monkeypatch, guard, PADDED, ramp)
 
 
+@pytest.mark.parametrize("strategy,dense,ramp", [("pattern", False, 0.0), ("hybrid", True, 1.0)])
+def test_a_steering_guard_streams_too(model, tok, monkeypatch, strategy, dense, ramp):
+    """--pattern_edit steer: the guard adds the steer direction where the clamp would act, as the sweep's
+    clamp_fn does on the whole sequence."""
+    guard = tiny_guard(model, strategy, "ema", dense, ramp)
+    steer = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    guard.clamp = guard.clamp._replace(steer=steer / steer.norm())
+    check_cache_equivalence(model, tok, monkeypatch, guard, PADDED, ramp)
+
+
 def check_cache_equivalence(model, tok, monkeypatch, guard, texts, ramp):
     gains, gain = [], ex.evidence_gain  # under a ramp, some positions must get a fraction of the clamp
     monkeypatch.setattr(ex, "evidence_gain", lambda *a: gains.append(gain(*a)) or gains[-1])

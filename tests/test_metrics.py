@@ -259,6 +259,41 @@ def test_a_ramp_scales_the_clamp_with_the_evidence():
     assert torch.equal(ex.clamp_delta(w > 0, f, 3.0), torch.where(w > 0, -3.0 - f, torch.zeros_like(f)))
 
 
+def test_a_steer_adds_the_direction_where_the_clamp_would_act():
+    """--pattern_edit steer: resid + u * multiplier / scale * direction, u the position's largest fraction
+    of the clamp (1 under a hard gate); positions the clamp spares stay bit-identical."""
+    sae = ex.TemporalSAE(4, 6, window=1)
+    with torch.no_grad():
+        sae.scale.fill_(0.5)
+    x = torch.randn(1, 3, 4)
+    f = torch.zeros(1, 3, 2)
+    v = torch.tensor([0.0, 1.0, 0.0, 0.0])
+    hard = torch.tensor([[[True, False], [False, False], [False, True]]])
+    y = ex.apply_plan(sae, torch.tensor([0, 1]), ex.Plan(hard, f), 3.0, x, v)
+    assert torch.equal(y[0, 1], x[0, 1])
+    assert torch.allclose(y[0, 0] - x[0, 0], 6.0 * v) and torch.allclose(y[0, 2] - x[0, 2], 6.0 * v)
+    ramp = torch.tensor([[[0.25, 0.5], [0.0, 0.0], [1.0, 0.0]]])
+    y = ex.apply_plan(sae, torch.tensor([0, 1]), ex.Plan(ramp, f), 3.0, x, v)
+    assert torch.allclose(y[0, 0] - x[0, 0], 3.0 * v) and torch.equal(y[0, 1], x[0, 1])
+    assert not torch.equal(ex.apply_plan(sae, torch.tensor([0, 1]), ex.Plan(hard, f), 3.0, x), y)  # the clamp differs
+
+
+def test_the_steer_direction_points_from_forget_to_retain_fitting_rows():
+    """steer_direction: a unit vector along mean(retain) - mean(forget) over the training rows outside the
+    calibration documents and over valid tokens only (a padded position or a calibration row moves nothing)."""
+    def corpus(value, n=8):
+        acts = torch.zeros(n, 3, 2)
+        acts[..., 0] = value
+        mask = torch.tensor([[False, True, True]] * n)
+        acts[:, 0, 1] = 100.0  # BOS: never a token
+        cal = ex.calibration_rows(ex.Rows(torch.zeros(n, 3), mask, mask, torch.arange(n), mask))
+        acts[cal, :, 1] = -50.0  # calibration rows: held back
+        rows = ex.Rows(torch.zeros(n, 3, dtype=torch.long), mask, mask, torch.arange(n), mask)
+        return ex.Corpus([], [], rows, rows, acts, acts)
+    v = ex.steer_direction(corpus(2.0), corpus(-1.0))
+    assert torch.allclose(v, torch.tensor([-1.0, 0.0]))
+
+
 def test_boundary_tokens_are_the_windows_that_read_both_domains():
     """--detector_boundary fits on the first `window` tokens of a passage and of the text after it
     (their window t-window+1..t reads both domains); BOS and pads never count."""

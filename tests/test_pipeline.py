@@ -457,6 +457,32 @@ def test_other_gate_clamps_where_its_detector_fires(tmp_path, model, tok, gate):
     assert ex.load_guard(tmp_path / "with", "standard", point=first).point == pts["with"][first]
 
 
+def test_steer_edit_run_moves_pattern_only_and_the_guard_carries_the_direction(tmp_path, model, tok):
+    """--pattern_edit steer: pattern's points change and standard's equal the clamp run's; the direction
+    is a unit vector saved with the guard state, which pattern's guard reads back (standard's stays a
+    clamp), and state without it is refused."""
+    res, plain = paired_runs(tmp_path, model, tok, "--pattern_edit=steer", "--strategies=standard,pattern",
+                              "--pattern_clamp=all", "--no-generate")  # all: in a tiny run the hard gate seldom acts
+    pts = {x: json.loads((tmp_path / x / "sweep.json").read_text())["points"] for x in ("with", "without")}
+    mine = lambda x, s: [p for p in pts[x] if p["strategy"] == s]
+    assert mine("with", "standard") == mine("without", "standard") and res["frontier_standard"] == plain["frontier_standard"]
+    assert mine("with", "pattern") != mine("without", "pattern")
+    assert res["detection_learned"] == plain["detection_learned"]
+    meta = json.loads((tmp_path / "with" / "guard.json").read_text())
+    assert meta["pattern_edit"] == "steer"
+    at = lambda x, s: next(i for i, p in enumerate(pts[x]) if p["strategy"] == s)
+    g = ex.load_guard(tmp_path / "with", "pattern", point=at("with", "pattern"))
+    assert g.clamp.steer is not None and abs(float(g.clamp.steer.norm()) - 1.0) < 1e-5
+    assert ex.load_guard(tmp_path / "with", "standard", point=at("with", "standard")).clamp.steer is None
+    assert ex.load_guard(tmp_path / "without", "pattern", point=at("without", "pattern")).clamp.steer is None
+    tensors = ex._read_tensors(tmp_path / "with" / "guard.safetensors")
+    del tensors["steer"]
+    from safetensors.torch import save_file
+    save_file(tensors, str(tmp_path / "with" / "guard.safetensors"))
+    with pytest.raises(ex.UsageError, match="no steer direction"):
+        ex.load_guard(tmp_path / "with", "pattern", point=at("with", "pattern"))
+
+
 def test_seeds_run_once_each_and_aggregate(tmp_path, model, tok):
     flags = [f for f in tiny_flags(tmp_path / "run", "unused", "--seeds=0,1", "--strategies=standard,pattern")
              if not f.startswith("--model")]

@@ -369,6 +369,22 @@ POSITION_MEASURES = CLAMP_MEASURES + tuple(
         ("pattern", "forget-CE increase at its refined point", "point_forget_ce_increase", 2, 0)))
 
 
+# --pattern_edit steer against the clamp: the clamp's measures and what the model writes (issue 28's targets:
+# retain continuations unchanged, forget ones changed as often as dsg_causal's, their CE and their loops)
+STEER_MEASURES = CLAMP_MEASURES + tuple(
+    (f"`{s}` generation: {t}", f"generation_{s}", k, d, sign) for s, t, k, d, sign in (
+        ("pattern", "forget-CE increase at its refined point", "point_forget_ce_increase", 2, 0),
+        ("pattern", "retain continuations identical to clean", "retain_identical", 2, 1),
+        ("pattern", "forget continuations identical to clean", "forget_identical", 2, -1),
+        ("dsg_causal", "forget continuations identical to clean", "forget_identical", 2, 0),
+        ("pattern", "repeated 4-grams in forget continuations", "forget_rep4", 3, -1),
+        ("clean", "repeated 4-grams in forget continuations", "forget_rep4", 3, 0),
+        ("pattern", "detector fire rate on forget continuations", "forget_fire", 2, -1),
+        ("clean", "detector fire rate on forget continuations", "forget_fire", 2, 0),
+        ("pattern", "clean model's CE of forget continuations", "forget_ce", 2, -1),
+        ("clean", "clean model's CE of the true continuations", "forget_ce_true", 2, 0)))
+
+
 def t_evidence(doc: str, *runs: str, label: str = "hmm − ema", measures=EVIDENCE_MEASURES) -> list[str]:
     """Pairs of runs of the same SAEs, two detector variants (--evidence ema then hmm; or, as `threshold`,
     --detector_fpr_unit token then row): both, and the second minus the first."""
@@ -491,6 +507,7 @@ KINDS = {"control": t_control, "gate": t_gate, "generation": t_generation, "mach
          "boundary": lambda doc, *runs: t_evidence(doc, *runs, label="boundary − plain fit", measures=CLAMP_MEASURES),
          "latents": lambda doc, *runs: t_evidence(doc, *runs, label="more − fewer latents", measures=CLAMP_MEASURES),
          "position": lambda doc, *runs: t_evidence(doc, *runs, label="position − token", measures=POSITION_MEASURES),
+         "steer": lambda doc, *runs: t_evidence(doc, *runs, label="steer − clamp", measures=STEER_MEASURES),
          "budgets": t_budgets}
 
 

@@ -2399,6 +2399,12 @@ def apply_plan(sae: TemporalSAE, latents, plan: Plan, multiplier: float, resid_B
     return resid_BTD + (delta_BTk @ sae.W_dec[latents.to(resid_BTD.device)]) / sae.scale
 
 
+def clamp_edit(sae: TemporalSAE, c: Clamp, plan: Plan, multiplier: float, resid_BTD) -> torch.Tensor:
+    """apply_plan with the clamp's own latents and edit (its steer direction under --pattern_edit steer):
+    what every caller that holds a Clamp uses, so none clamps where its run steered."""
+    return apply_plan(sae, c.latents, plan, multiplier, resid_BTD, c.steer)
+
+
 def clamp_delta(where: torch.Tensor, f: torch.Tensor, multiplier: float) -> torch.Tensor:
     """(..., k) the change of the selected latents: -multiplier - f where clamped; a float `where` (a
     ramp) scales it, moving the latent that fraction of the way to -multiplier."""
@@ -2409,8 +2415,7 @@ def clamp_delta(where: torch.Tensor, f: torch.Tensor, multiplier: float) -> torc
 
 def clamp_fn(sae: TemporalSAE, c: Clamp) -> Intervention:
     """The clamp as one intervention; only the k selected latents are encoded."""
-    return lambda resid_BTD, tm: apply_plan(sae, c.latents, clamp_plan(c, sae, resid_BTD, tm), c.multiplier, resid_BTD,
-                                            c.steer)
+    return lambda resid_BTD, tm: clamp_edit(sae, c, clamp_plan(c, sae, resid_BTD, tm), c.multiplier, resid_BTD)
 
 
 def splice_fn(sae: TemporalSAE) -> Intervention:
@@ -3611,7 +3616,7 @@ def run_sweep(cfg, model, sae, sels, dets, d: EvalData, progress: bool,
             plans = {n: [{s: clamp_plan(c, sae, b.resid, b.time) for s, c in clamps.items()} for b in bs]
                      for n, bs in eval_batches(d).items()}
             planned = sel
-        edits = {n: [{s: apply_plan(sae, sel.latents, p, mult, b.resid, clamps[s].steer) for s, p in bp.items()}
+        edits = {n: [{s: clamp_edit(sae, clamps[s], p, mult, b.resid) for s, p in bp.items()}
                      for b, bp in zip(eval_batches(d)[n], plans[n])] for n in plans}
         for s, (meas, kl_s) in measure_edits(model, cfg.layer, d, edits).items():
             kl_docs.append(kl_s[:SPLICED_FIGURE_DOCS])
@@ -4261,7 +4266,7 @@ class Guard:
         """The edit at one position of every sequence: apply_plan's, from where (B, k) and the clean
         selected latents f_sel (B, k). One method, so a tool can try another kind of edit on the same
         guard state (tools/edit_kind.py)."""
-        return apply_plan(sae, self.clamp.latents, Plan(where, f_sel), self.clamp.multiplier, x_BD, self.clamp.steer)
+        return clamp_edit(sae, self.clamp, Plan(where, f_sel), self.clamp.multiplier, x_BD)
 
     def where(self, st: dict, c: Clamp, f, f_sel, active, on, valid, x_BD) -> torch.Tensor:
         """(B, k) which selected latents to clamp at this position: clamp_where's rules, from the state."""

@@ -353,26 +353,29 @@ CLAMP_MEASURES = EVIDENCE_MEASURES + (
     _SAE_ROW["`pattern` SAEBench score"])
 
 
+def generation_measures(*rows: tuple) -> tuple:
+    """Measure rows of the generation stage from (guard, title, key, decimals, sign)."""
+    return tuple((f"`{s}` generation: {t}", f"generation_{s}", k, d, sign) for s, t, k, d, sign in rows)
+
+
 # --detector_fpr_unit position against token: the clamp's measures, the learned detector's held-out retain
 # false alarms per position bucket (runs made before the buckets were reported show "–"), and the generation
 # stage, whose prompts are a row's first 32 tokens
 POSITION_MEASURES = CLAMP_MEASURES + tuple(
     (f"detector retain fire rate, tokens {b}", "detection_learned", f"fire_rate_retain_tokens_{b.replace('-', '_')}", 4, 0)
-    for b in ("1-32", "33-64", "65-on")) + tuple(
-    (f"`{s}` generation: {t}", f"generation_{s}", k, d, sign) for s, t, k, d, sign in (
+    for b in ("1-32", "33-64", "65-on")) + generation_measures(
         ("pattern", "retain continuations identical to clean", "retain_identical", 2, 1),
         ("standard", "retain continuations identical to clean", "retain_identical", 2, 0),
         ("pattern", "forget continuations identical to clean", "forget_identical", 2, -1),
         ("pattern", "repeated 4-grams in forget continuations", "forget_rep4", 3, -1),
         ("clean", "repeated 4-grams in forget continuations", "forget_rep4", 3, 0),
         ("pattern", "clean model's CE of forget continuations", "forget_ce", 2, -1),
-        ("pattern", "forget-CE increase at its refined point", "point_forget_ce_increase", 2, 0)))
+        ("pattern", "forget-CE increase at its refined point", "point_forget_ce_increase", 2, 0))
 
 
 # --pattern_edit steer against the clamp: the clamp's measures and what the model writes (issue 28's targets:
 # retain continuations unchanged, forget ones changed as often as dsg_causal's, their CE and their loops)
-STEER_MEASURES = CLAMP_MEASURES + tuple(
-    (f"`{s}` generation: {t}", f"generation_{s}", k, d, sign) for s, t, k, d, sign in (
+STEER_MEASURES = CLAMP_MEASURES + generation_measures(
         ("pattern", "forget-CE increase at its refined point", "point_forget_ce_increase", 2, 0),
         ("pattern", "retain continuations identical to clean", "retain_identical", 2, 1),
         ("pattern", "forget continuations identical to clean", "forget_identical", 2, -1),
@@ -382,7 +385,7 @@ STEER_MEASURES = CLAMP_MEASURES + tuple(
         ("pattern", "detector fire rate on forget continuations", "forget_fire", 2, -1),
         ("clean", "detector fire rate on forget continuations", "forget_fire", 2, 0),
         ("pattern", "clean model's CE of forget continuations", "forget_ce", 2, -1),
-        ("clean", "clean model's CE of the true continuations", "forget_ce_true", 2, 0)))
+        ("clean", "clean model's CE of the true continuations", "forget_ce_true", 2, 0))
 
 
 def t_evidence(doc: str, *runs: str, label: str = "hmm − ema", measures=EVIDENCE_MEASURES) -> list[str]:

@@ -91,7 +91,8 @@ def main():
                  | {"oracle": oracle_plan(sae, sel.latents, b, lab)} for b, lab in zip(ts.batches, labels)]
         clamped = {s: torch.cat([p[s].where.any(-1).cpu() for p in plans]) for s in plans[0]}
         for mult in cfg.multipliers:
-            edits = [{s: ex.apply_plan(sae, sel.latents, p, mult, b.resid) for s, p in bp.items()}
+            # the oracle gates pattern's own edit (a steer under --pattern_edit steer) on the passage labels
+            edits = [{s: ex.clamp_edit(sae, clamps.get(s, clamps["pattern"]), p, mult, b.resid) for s, p in bp.items()}
                      for b, bp in zip(ts.batches, plans)]
             out = ex.text_stats(model, cfg.layer, ts, edits)
             for s, (_, kl) in out.items():

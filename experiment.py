@@ -184,6 +184,12 @@ class Config:
                  "rule flags 1 in 20 retain rows), or tokens that fire in each position bucket of a row (tokens 1-32, "
                  "33-64, 65+, each its own threshold: false alarms fall with context length, and a generation prompt "
                  "is a row's first tokens)")
+    hold_rows: float = opt(0.0, "a two-threshold gate (hysteresis, a Schmitt trigger): the detector opens where its "
+                                "evidence reaches an upper threshold and stays open while it stays at or above a lower "
+                                "one, the pair set on the calibration retain rows so that --detector_fpr of their "
+                                "tokens fire (as with one threshold) and at most hold_rows times the rows that fire "
+                                "anywhere with one threshold: few long decisions instead of many short ones; 0 = one "
+                                "threshold (needs --detector_fpr_unit token)")
     detector_boundary: float = opt(0.0, "learned detector: also fit it on the passage boundaries of spliced training "
                                         "documents (built from the documents it is fitted on: the first "
                                         "--detector_window tokens of each passage and after it, the tokens whose window "
@@ -246,6 +252,9 @@ class Config:
             (0 < self.switch_prob < 0.5 and self.evidence_scale > 0, "--switch_prob in (0, 0.5), --evidence_scale > 0"),
             (self.cusum_cap > 0, "--cusum_cap > 0"),
             (self.pattern_ramp >= 0 and math.isfinite(self.pattern_ramp), "--pattern_ramp must be finite and >= 0"),
+            (0 <= self.hold_rows < 1, "--hold_rows in [0, 1): the fraction of one threshold's firing rows kept (0 = off)"),
+            (not self.hold_rows or self.detector_fpr_unit == "token",
+             "--hold_rows sets the pair of thresholds for a per-token rate: it needs --detector_fpr_unit token"),
             (self.detector_boundary >= 0 and math.isfinite(self.detector_boundary),
              "--detector_boundary must be finite and >= 0"),
             (self.guard_refine >= 0, "--guard_refine >= 0"),
@@ -891,7 +900,14 @@ def along_predecessors(x_BT: torch.Tensor, tm: Time, step: Callable) -> torch.Te
     predecessors (a chain, or a packed tree's branches); invalid positions (BOS, pads) pass the state
     on unchanged. The recursion of hmm_filter and cusum, whose one-step updates the streaming guard
     applies token by token."""
-    S = torch.zeros_like(x_BT)
+    B, T = x_BT.shape
+    if torch.equal(tm.prev, plain_prev(B, T, x_BT.device)):  # chains: one column at a time, O(B T)
+        S, cols = torch.zeros_like(x_BT[:, 0]), []
+        for t in range(T):
+            S = torch.where(tm.valid[:, t], step(S, x_BT[:, t]), S)
+            cols.append(S)
+        return torch.stack(cols, 1) if cols else torch.zeros_like(x_BT)
+    S = torch.zeros_like(x_BT)  # trees (packed QA rows): one depth at a time, O(B T^2)
     has_prev = tm.prev >= 0
     for d in range(int(tm.depth.max()) + 1 if tm.depth.numel() else 0):
         at = tm.depth == d
@@ -932,6 +948,19 @@ def cusum(llr_BT: torch.Tensor, tm: Time, cap: float) -> torch.Tensor:
     rate (Lorden 1971, Moustakides 1986). The cap bounds how long it takes to fall back after a
     passage. One number per sequence of state; invalid positions (BOS, pads) pass it on unchanged."""
     return along_predecessors(llr_BT, tm, lambda S, x: cusum_step(S, x, cap))
+
+
+def schmitt_step(open_: torch.Tensor, ev: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """One step of hysteresis: 1 where ev reaches hi, or where the gate was open and ev stays >= lo."""
+    return ((ev >= hi) | ((open_ > 0) & (ev >= lo))).to(ev.dtype)
+
+
+def hysteresis(ev_BT: torch.Tensor, tm: Time, lo: float, hi: float) -> torch.Tensor:
+    """(B, T) bool: a two-threshold gate along each position's predecessors (a Schmitt trigger; --hold_rows).
+    A weak excursion above lo never opens it; once open, it holds through a passage's weaker tokens. So the
+    same number of firing tokens falls into fewer, longer runs: a false alarm must first be strong, and a
+    held passage needs no fresh evidence at every token. One bit of state per sequence."""
+    return along_predecessors(ev_BT, tm, lambda o, e: schmitt_step(o, e, lo, hi)) > 0
 
 
 def affected(tm: Time, changed_BT: torch.Tensor) -> torch.Tensor:
@@ -2166,6 +2195,7 @@ class LagDetector(NamedTuple):
     ramp: float = 0.0         # evidence above threshold where a clamp it gates reaches full strength (0: hard gate)
     resid: bool = False       # also reads the raw residual after the latents (--detector combined): F = C + D
     offsets: tuple = ()       # per POSITION_BUCKETS bucket, subtracted from the pooled evidence (unit position); () none
+    hold: float = 0.0         # the gate opens at threshold + hold and holds while evidence >= threshold (0: one threshold)
 
 
 # A row's tokens 1-32, 33-64 and 65+ (counted over valid tokens, BOS and pads left out): the first token of
@@ -2264,25 +2294,34 @@ def token_score(det, sae, resid_BTD, tm: Time, f_sel_BTk=None) -> torch.Tensor:
     return lag_logit(detector_inputs(sae, det.idx, resid_BTD, tm, det.resid), det.weight, det.bias, tm)
 
 
+def gate_open(det, ev_BT: torch.Tensor, tm: Time) -> torch.Tensor:
+    """(B, T) bool: where a detector's pooled evidence has its gate open: at or above the threshold, or,
+    with a hold (--hold_rows), the two-threshold gate of hysteresis (threshold + hold opens it)."""
+    hold = getattr(det, "hold", 0.0)  # Templates: one threshold
+    if not hold:
+        return (ev_BT >= det.threshold) & tm.valid
+    return hysteresis(ev_BT, tm, det.threshold, det.threshold + hold) & tm.valid
+
+
 def detector_fires(det, sae, resid_BTD, tm: Time, f_sel_BTk=None) -> torch.Tensor:
-    evidence = pool(det, token_score(det, sae, resid_BTD, tm, f_sel_BTk), tm)
-    return (evidence >= det.threshold) & tm.valid
+    return gate_open(det, pool(det, token_score(det, sae, resid_BTD, tm, f_sel_BTk), tm), tm)
 
 
-def evidence_gain(det, ev: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """How much of a gated clamp acts, from pooled evidence: bool where it reaches the threshold (a hard
-    gate, ramp 0), else a float rising linearly from 0 at the threshold to 1 at threshold + ramp. Evidence
-    far above threshold is what a forget passage gives; false alarms on retain text sit just above it,
-    so under a ramp they steer little (--pattern_ramp). Shared with the streaming guard."""
+def evidence_gain(det, ev: torch.Tensor, is_open: torch.Tensor) -> torch.Tensor:
+    """How much of a gated clamp acts where the gate is open (gate_open; the guard's own state): bool there
+    (a hard gate, ramp 0), else a float rising linearly from 0 at the threshold to 1 at threshold + ramp.
+    Evidence far above threshold is what a forget passage gives; false alarms on retain text sit just
+    above it, so under a ramp they steer little (--pattern_ramp). Shared with the streaming guard."""
     ramp = getattr(det, "ramp", 0.0)  # Templates: always a hard gate
     if not ramp:
-        return (ev >= det.threshold) & valid
-    return ((ev - det.threshold) / ramp).clamp(0.0, 1.0) * valid
+        return is_open
+    return ((ev - det.threshold) / ramp).clamp(0.0, 1.0) * is_open
 
 
 def detector_gain(det, sae, resid_BTD, tm: Time, f_sel_BTk=None) -> torch.Tensor:
     """(B, T) evidence_gain of the detector's pooled evidence: where and how strongly pattern may clamp."""
-    return evidence_gain(det, pool(det, token_score(det, sae, resid_BTD, tm, f_sel_BTk), tm), tm.valid)
+    ev = pool(det, token_score(det, sae, resid_BTD, tm, f_sel_BTk), tm)
+    return evidence_gain(det, ev, gate_open(det, ev, tm))
 
 
 def fit_templates(win_NK: torch.Tensor, n: int, seed: int, iters: int = 25) -> torch.Tensor:
@@ -3368,7 +3407,7 @@ def fit_lag_detector(cfg, sae, idx, forget: Corpus, retain: Corpus, max_tokens: 
     det = LagDetector(idx, w.view(cfg.detector_window, -1).T.contiguous(), float(lr.b - (lr.mu * w).sum()),
                       cfg.horizon, math.nan, cfg.evidence, cfg.switch_prob, cfg.evidence_scale, cfg.cusum_cap,
                       resid=resid and idx is not None)
-    det = calibrate(det, sae, retain, cfg.detector_fpr, unit=cfg.detector_fpr_unit)
+    det = calibrate(det, sae, retain, cfg.detector_fpr, unit=cfg.detector_fpr_unit, hold_rows=cfg.hold_rows)
     # the statistic never exceeds its cap: a bucket whose threshold reaches it would never fire
     if det.evidence == "cusum" and det.threshold + max(det.offsets, default=0.0) >= det.cap:
         raise UsageError(f"--cusum_cap {det.cap:g}: more than --detector_fpr {cfg.detector_fpr:g} of the calibration "
@@ -3411,15 +3450,52 @@ def plain_scores(det, sae, acts_NTD, mask_NT, lat=None, rows: int = 64) -> tuple
     return torch.cat(out), make_time(mask_NT)
 
 
-def calibrate(det, sae, retain: Corpus, fpr: float, lat=None, unit: str = "token"):
+def calibrate(det, sae, retain: Corpus, fpr: float, lat=None, unit: str = "token", hold_rows: float = 0.0):
     """The detector with its threshold set: at most `fpr` of the calibration retain tokens fire (unit
     "token"), of the calibration retain rows fire anywhere (unit "row": a row fires where its largest
     evidence does, the false-alarm unit of a per-row rule such as DSG's), or of the calibration retain
-    tokens in each position bucket (unit "position": offsets, see pool)."""
+    tokens in each position bucket (unit "position": offsets, see pool). With hold_rows (unit "token"
+    only) a pair of thresholds instead: hold_thresholds."""
     cal = calibration_rows(retain.train)
     s, tm = plain_scores(det, sae, retain.acts_train[cal], retain.train.mask[cal], lat)
-    thr, offsets = threshold_of(pool(det._replace(offsets=()), s, tm), tm, fpr, unit)
-    return det._replace(threshold=thr, offsets=offsets)
+    ev = pool(det._replace(offsets=()), s, tm)
+    if hold_rows:
+        thr, hold = hold_thresholds(ev, tm, fpr, hold_rows)
+        return det._replace(threshold=thr, offsets=(), hold=hold)
+    thr, offsets = threshold_of(ev, tm, fpr, unit)
+    return det._replace(threshold=thr, offsets=offsets, hold=0.0)
+
+
+HOLD_MAX = 20.0  # the widest hold searched (log-odds): an EMA of per-token log-odds spans less than this on retain text
+
+
+def hold_thresholds(ev_BT: torch.Tensor, tm: Time, fpr: float, rows: float) -> tuple[float, float]:
+    """(lower threshold, hold) of a two-threshold gate (hysteresis) from retain calibration evidence: at
+    each hold the lower threshold is the least at which at most `fpr` of the tokens fire (one threshold's
+    per-token rate), and the hold is the least (bisection on [0, HOLD_MAX]; rows fall as it widens) at
+    which at most `rows` x the rows that fire anywhere under one threshold still do (HOLD_MAX if none)."""
+    valid = tm.valid
+    lo0, hi0 = float(ev_BT[valid].min()) - 1.0, float(ev_BT[valid].max()) + 1.0
+
+    def lower(hold: float) -> float:
+        a, b = lo0 - hold, hi0
+        for _ in range(40):
+            mid = 0.5 * (a + b)
+            a, b = (mid, b) if float(hysteresis(ev_BT, tm, mid, mid + hold)[valid].float().mean()) > fpr else (a, mid)
+        return b
+
+    def rows_fired(thr: float, hold: float) -> float:
+        return float((hysteresis(ev_BT, tm, thr, thr + hold) & valid).any(1).float().mean())
+
+    single = threshold_for_fpr(ev_BT[valid], fpr)
+    target = rows * float(((ev_BT >= single) & valid).any(1).float().mean())
+    if rows_fired(lower(HOLD_MAX), HOLD_MAX) > target:
+        return lower(HOLD_MAX), HOLD_MAX
+    a, b = 0.0, HOLD_MAX
+    for _ in range(16):
+        mid = 0.5 * (a + b)
+        a, b = (mid, b) if rows_fired(lower(mid), mid) > target else (a, mid)
+    return lower(b), b
 
 
 def threshold_of(ev_BT: torch.Tensor, tm: Time, fpr: float, unit: str) -> tuple[float, tuple]:
@@ -3729,10 +3805,10 @@ def rule_fire_score(c: Clamp, sae, resid_BTD, tm: Time) -> tuple[torch.Tensor, t
 
 
 def detector_fire_score(det, sae, resid_BTD, tm: Time, lat=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """A detector on its own (the gate it gives pattern): fires where its pooled evidence >= threshold."""
+    """A detector on its own (the gate it gives pattern): fires where its gate is open (gate_open)."""
     f = None if lat is None else sae.encode(resid_BTD, tm.valid, lat.to(resid_BTD.device), tm.prev)
     ev = pool(det, token_score(det, sae, resid_BTD, tm, f), tm)
-    return (ev >= det.threshold) & tm.valid, ev * tm.valid
+    return gate_open(det, ev, tm), ev * tm.valid
 
 
 @torch.no_grad()
@@ -4094,7 +4170,7 @@ def detector_state(det: LagDetector, prefix: str) -> tuple[dict, dict[str, torch
     meta = {"bias": det.bias, "horizon": det.horizon, "threshold": det.threshold, "evidence": det.evidence,
             "switch": det.switch, "scale": det.scale, "cap": None if math.isinf(det.cap) else det.cap,
             "ramp": det.ramp, "reads": "residual" if det.idx is None else "both" if det.resid else "latents",
-            "offsets": list(det.offsets)}
+            "offsets": list(det.offsets), "hold": det.hold}
     tensors = {f"{prefix}.weight": det.weight} | ({} if det.idx is None else {f"{prefix}.idx": det.idx})
     return meta, tensors
 
@@ -4180,16 +4256,16 @@ def guard_detector(meta: dict, t: dict, key: str = "learned") -> LagDetector:
     L, prefix = meta[key], "detector" if key == "learned" else key
     return LagDetector(t.get(f"{prefix}.idx"), t[f"{prefix}.weight"], L["bias"], L["horizon"], L["threshold"],
                        L["evidence"], L["switch"], L["scale"], math.inf if L.get("cap") is None else L["cap"],
-                       L.get("ramp", 0.0), L.get("reads") == "both", tuple(L.get("offsets", ())))
+                       L.get("ramp", 0.0), L.get("reads") == "both", tuple(L.get("offsets", ())), L.get("hold", 0.0))
 
 
 class Guard:
     """A causal clamp as the model writes. `with guard.attached(model): model.generate(...)` edits the
     residual after block `layer` token by token with the ordinary KV cache: per sequence it keeps the
     last w-1 residuals (the SAE's window), the detector's last lags-1 projections and its evidence
-    (EMA numerator and denominator, the filter's log-odds or the CUSUM statistic), its count of valid
-    tokens and what gate and dsg_causal count, so a new token costs one SAE encode of one position. The first attended token of a sequence is its
-    BOS (never encoded, as in every row the harness reads); left padding is read from the attention
+    (EMA numerator and denominator, the filter's log-odds or the CUSUM statistic; with a hold, whether
+    its gate is open), its count of valid tokens and what gate and dsg_causal count, so a new token
+    costs one SAE encode of one position. The first attended token of a sequence is its BOS (never encoded, as in every row the harness reads); left padding is read from the attention
     mask, a new sequence from an empty KV cache. Its edits equal clamp_fn's on the whole sequence
     (tests/test_guard.py)."""
 
@@ -4241,7 +4317,7 @@ class Guard:
         z = lambda *shape, dtype=like.dtype: torch.zeros(*shape, dtype=dtype, device=like.device)
         return {"B": B, "started": z(B, dtype=torch.bool), "x": z(B, sae.window - 1, D),
                 "valid": z(B, sae.window - 1, dtype=torch.bool), "z": z(B, L - 1, L), "num": z(B), "den": z(B),
-                "L": z(B), "n": z(B, dtype=torch.long), "on": z(B, max(c.lags - 1, 0), dtype=torch.bool),
+                "L": z(B), "open": z(B), "n": z(B, dtype=torch.long), "on": z(B, max(c.lags - 1, 0), dtype=torch.bool),
                 "cum_on": z(B)}
 
     def step(self, sae, x_BD: torch.Tensor, attn_B: torch.Tensor) -> torch.Tensor:
@@ -4299,7 +4375,11 @@ class Guard:
             lam = 1.0 if math.isinf(d.horizon) else 1.0 - 1.0 / d.horizon
             st["num"], st["den"] = lam * st["num"] + valid * s, lam * st["den"] + valid.float()
             ev = torch.where(st["den"] > 0, st["num"] / st["den"].clamp_min(1e-12), torch.zeros_like(s))
-        return evidence_gain(d, less_offsets(ev, d.offsets, st["n"]), valid)
+        ev = less_offsets(ev, d.offsets, st["n"])
+        if d.hold:  # hysteresis's one-step update (schmitt_step); BOS and pads pass the state on
+            st["open"] = torch.where(valid, schmitt_step(st["open"], ev, d.threshold, d.threshold + d.hold), st["open"])
+            return evidence_gain(d, ev, (st["open"] > 0) & valid)
+        return evidence_gain(d, ev, (ev >= d.threshold) & valid)
 
 
 # =============================================================================================

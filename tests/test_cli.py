@@ -68,6 +68,8 @@ CASES = [
     (lambda b: ["--high_frac", "1.5"], "--high_frac must be in (0, 1)"),
     (lambda b: ["--contrastive", "-0.1"], "--contrastive must be >= 0"),
     (lambda b: ["--pattern_ramp", "-1"], "--pattern_ramp must be finite and >= 0"),
+    (lambda b: ["--hold_rows", "1"], "--hold_rows in [0, 1)"),
+    (lambda b: ["--hold_rows", "0.5", "--detector_fpr_unit", "row"], "--hold_rows sets the pair of thresholds"),
     (lambda b: ["--detector_boundary", "-2"], "--detector_boundary must be finite and >= 0"),
 ]
 

@@ -95,6 +95,20 @@ def test_a_steering_guard_streams_too(model, tok, monkeypatch, strategy, dense, 
     check_cache_equivalence(model, tok, monkeypatch, guard, PADDED, ramp)
 
 
+@pytest.mark.parametrize("evidence,ramp", [("ema", 0.0), ("hmm", 1.0)])
+def test_a_two_threshold_gate_streams_too(model, tok, monkeypatch, evidence, ramp):
+    """--hold_rows: the guard carries whether each sequence's gate is open (schmitt_step), as hysteresis
+    does over the whole row; some position must be held open below the upper threshold."""
+    guard = tiny_guard(model, "pattern", evidence, False, ramp)
+    guard.clamp = guard.clamp._replace(detector=guard.clamp.detector._replace(threshold=-0.1, hold=0.2))
+    guard.det = guard.clamp.detector
+    held, step = [], ex.schmitt_step
+    monkeypatch.setattr(ex, "schmitt_step", lambda o, e, lo, hi: held.append(bool(((o > 0) & (e < hi) & (e >= lo)).any()))
+                        or step(o, e, lo, hi))
+    check_cache_equivalence(model, tok, monkeypatch, guard, PADDED, ramp)
+    assert any(held), "no position was held open: the test would pass for a one-threshold gate"
+
+
 def check_cache_equivalence(model, tok, monkeypatch, guard, texts, ramp):
     gains, gain = [], ex.evidence_gain  # under a ramp, some positions must get a fraction of the clamp
     monkeypatch.setattr(ex, "evidence_gain", lambda *a: gains.append(gain(*a)) or gains[-1])

@@ -243,8 +243,9 @@ def test_a_ramp_scales_the_clamp_with_the_evidence():
     det = ex.LagDetector(None, torch.zeros(1, 1), 0.0, 2.0, 1.0, ramp=2.0)
     ev = torch.tensor([[0.0, 1.0, 2.0, 3.0, 5.0, 5.0]])
     valid = torch.tensor([[True] * 5 + [False]])
-    assert ex.evidence_gain(det, ev, valid).tolist() == [[0.0, 0.0, 0.5, 1.0, 1.0, 0.0]]
-    hard = ex.evidence_gain(det._replace(ramp=0.0), ev, valid)
+    is_open = ex.gate_open(det, ev, ex.make_time(valid))
+    assert ex.evidence_gain(det, ev, is_open).tolist() == [[0.0, 0.0, 0.5, 1.0, 1.0, 0.0]]
+    hard = ex.evidence_gain(det._replace(ramp=0.0), ev, is_open)
     assert hard.dtype == torch.bool and hard.tolist() == [[False, True, True, True, True, False]]
     f = torch.tensor([[[1.0, 0.0], [0.0, 0.9]]])  # (1, 2, 2): latent 0 on at t=0, latent 1 at t=1
     gain = torch.tensor([[0.5, 0.0]]).unsqueeze(-1)
@@ -551,6 +552,42 @@ def test_cusum_by_hand():
     prev = torch.tensor([[-1, 0, 1, 2, 3, 4, 5, 5]])  # positions 6 and 7 both follow 5
     tree = ex.cusum(llr, ex.make_time(valid, prev), 6.0)[0].tolist()
     assert tree[:7] == S[:7] and tree[7] == 4.0  # 5 - 1, not 6 - 1
+
+
+def test_hysteresis_by_hand():
+    """--hold_rows: the gate opens where the evidence reaches hi, holds while it stays >= lo, and closes
+    below lo; a pad passes the state on and never fires itself; in a tree each branch holds its own
+    predecessor's state."""
+    ev = torch.tensor([[0.0, 2.0, 3.5, 2.0, 9.0, 1.5, 0.5, 2.0, 3.0]])
+    valid = torch.tensor([[True] * 4 + [False] + [True] * 4])
+    det = ex.LagDetector(None, torch.zeros(1, 1), 0.0, 2.0, 1.0, hold=2.0)  # lo 1, hi 3
+    opened = ex.gate_open(det, ev, plain(valid))[0].tolist()
+    assert opened == [False, False, True, True, False, True, False, False, True]
+    assert ex.gate_open(det._replace(hold=0.0), ev, plain(valid))[0].tolist() == [False, True, True, True, False,
+                                                                                 True, False, True, True]
+    prev = torch.tensor([[-1, 0, 1, 2, 3, 4, 5, 5, 5]])  # positions 6-8 all follow 5 (open): each holds or not
+    tree = ex.gate_open(det, ev, ex.make_time(valid, prev))[0].tolist()
+    assert tree[:6] == opened[:6] and tree[6:] == [False, True, True]
+
+
+def test_hold_thresholds_gather_the_false_alarms_into_fewer_rows():
+    """Retain rows with one short blip each and a few with a long excursion after a strong start: one
+    threshold at the per-token rate fires on every row; the pair fires on at most `rows` of that many,
+    on no blip row, at no more than the per-token rate."""
+    ev = torch.zeros(24, 50)
+    ev[torch.arange(20), torch.arange(20) * 2 + 5] = 2.0  # rows 0-19: one blip each
+    ev[20:, 10] = 3.0  # rows 20-23: a strong start, then a long weak excursion
+    ev[20:, 11:21] = 1.5
+    tm = plain(torch.ones(24, 50, dtype=torch.bool))
+    fpr = 0.06
+    one = ex.threshold_for_fpr(ev.flatten(), fpr)
+    assert ((ev >= one).any(1)).all()
+    thr, hold = ex.hold_thresholds(ev, tm, fpr, 0.5)
+    det = ex.LagDetector(None, torch.zeros(1, 1), 0.0, 2.0, thr, hold=hold)
+    fired = ex.gate_open(det, ev, tm)
+    assert hold > 0 and float(fired.float().mean()) <= fpr
+    assert not fired[:20].any() and fired[20:, 11:21].all()
+    assert float(fired.any(1).float().mean()) <= 0.5
 
 
 def test_pool_dispatches_on_the_detectors_evidence():

@@ -483,6 +483,23 @@ def test_steer_edit_run_moves_pattern_only_and_the_guard_carries_the_direction(t
         ex.load_guard(tmp_path / "with", "pattern", point=at("with", "pattern"))
 
 
+def test_hold_run_fires_on_fewer_calibration_rows_and_the_guard_carries_the_hold(tmp_path, model, tok):
+    """--hold_rows: standard reads no detector, so its points equal the one-threshold run's; the learned
+    detector's calibration retain rows with a fire are at most hold_rows of the one-threshold run's at no
+    more than its per-token rate; the guard state carries the hold and pattern's guard reads it back."""
+    res, plain = paired_runs(tmp_path, model, tok, "--hold_rows=0.5", "--strategies=standard,pattern", "--no-generate")
+    pts = {x: json.loads((tmp_path / x / "sweep.json").read_text())["points"] for x in ("with", "without")}
+    mine = lambda x, s: [p for p in pts[x] if p["strategy"] == s]
+    assert mine("with", "standard") == mine("without", "standard")
+    m, m0 = res["detection_learned"]["means"], plain["detection_learned"]["means"]
+    assert 0 < m0["cal_fire_rows_retain"] and m["cal_fire_rows_retain"] <= 0.5 * m0["cal_fire_rows_retain"] + 1e-9
+    assert m["cal_fire_rate_retain"] <= 0.01 + 1e-9 and m["token_auroc"] == m0["token_auroc"]
+    meta = json.loads((tmp_path / "with" / "guard.json").read_text())
+    assert meta["learned"]["hold"] > 0 and json.loads((tmp_path / "without" / "guard.json").read_text())["learned"]["hold"] == 0
+    at = next(i for i, p in enumerate(pts["with"]) if p["strategy"] == "pattern")
+    assert ex.load_guard(tmp_path / "with", "pattern", point=at).clamp.detector.hold == meta["learned"]["hold"]
+
+
 def test_seeds_run_once_each_and_aggregate(tmp_path, model, tok):
     flags = [f for f in tiny_flags(tmp_path / "run", "unused", "--seeds=0,1", "--strategies=standard,pattern")
              if not f.startswith("--model")]

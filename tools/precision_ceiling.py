@@ -81,7 +81,7 @@ def main():
     variants = {}
     for H in [float(h) for h in args.horizons.split(",") if h]:
         det = dets.learned._replace(horizon=H)
-        variants[f"pattern_H{H:g}"] = ex.calibrate(det, sae, retain, cfg.detector_fpr)
+        variants[f"pattern_H{H:g}"] = ex.calibrate(det, sae, retain, cfg.detector_fpr, hold_rows=cfg.hold_rows)
     print(f"# {args.sae_dir}: {len(spl)} spliced documents ({'calibration' if args.calibration else 'held-out'}); "
           f"cpu {ex.cpu_info()[0]}", flush=True)
     for sel in sels:

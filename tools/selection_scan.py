@@ -4,13 +4,15 @@ training document, never used to fit a detector) instead of held-out ones.
 
     python tools/selection_scan.py --sae_dir run_1/seed_0 [--forget_corpus F --retain_corpus R]
         [--gated 25@0.001,50@0.001,100@0.001] [--evidence ema:2,hmm:0.01:0.25] [--rank cover,attribution]
-        [--calibrate token:0.01,row:0.05] [--pattern_clamp active|all] [--pattern_ramp 1] [--multipliers 1,3,10]
+        [--calibrate token:0.01,row:0.05] [--hold_rows 0,0.5] [--pattern_clamp active|all] [--pattern_ramp 1]
+        [--multipliers 1,3,10]
 
 The evaluation rows are calibration rows of both domains, the spliced documents are built from
 calibration documents, and the question sets are cut to a few questions (their numbers are not
 read here). For each evidence accumulator (`ema:H`, `hmm:SWITCH:SCALE` or `cusum:CAP`) and each threshold rule
 (--calibrate `token:FPR`, that fraction of the calibration retain tokens fire, or `row:FPR`, that
-fraction of the calibration retain rows fire anywhere; set on the calibration retain rows) it prints
+fraction of the calibration retain rows fire anywhere; set on the calibration retain rows) and each --hold_rows
+(a two-threshold gate, experiment.py's flag of that name) it prints
 the detector's measures (token and passage AUROC, median delay at a passage's start and tokens to
 stop after it, retain fire rate per token and per row) and, for `pattern` and `dsg`, the frontier
 measures with SAEBench's selections alone and with each gated selection (`N@THRESHOLD`) added: precision AUROC at +0.5, retain-KL and
@@ -169,6 +171,8 @@ def main():
     ap.add_argument("--pattern_ramp", type=float, default=0.0,
                     help="experiment.py's --pattern_ramp (0: a hard gate); its scale is set again at each threshold")
     ap.add_argument("--multipliers", default="", help="comma-separated clamp values (default: experiment.py's)")
+    ap.add_argument("--hold_rows", default="0", help="comma-separated experiment.py --hold_rows values (0: one threshold; "
+                    "others apply to token:FPR thresholds)")
     ap.add_argument("--points", action="store_true", help="also print pattern's sweep points")
     ap.add_argument("--detector_only", action="store_true", help="the detector's measures only, no sweep")
     args = ap.parse_args()
@@ -181,12 +185,16 @@ def main():
     if standard:
         print(frontier_line("standard", standard, standard), flush=True)
         print(frontier_line("dsg  saebench", [p for p in ref if p["strategy"] == "dsg"], standard), flush=True)
-    for spec, cal in ((e, c) for e in args.evidence.split(",") for c in args.calibrate.split(",")):
+    holds = [float(h) for h in args.hold_rows.split(",")]
+    for spec, cal, hold in ((e, c, h) for e in args.evidence.split(",") for c in args.calibrate.split(",") for h in holds):
         det = parse_evidence(spec, dets.gate(cfg.detector))
         unit, fpr = cal.split(":")
-        det = ex.calibrate(det, sae, d.retain, float(fpr), unit=unit)
+        if hold and unit != "token":
+            continue
+        det = ex.calibrate(det, sae, d.retain, float(fpr), unit=unit, hold_rows=hold)
         det = det._replace(ramp=ex.ramp_width(det, sae, d.forget, args.pattern_ramp))
         spec_name = spec if cal == "token:0.01" else f"{spec} {cal}"  # the harness's default threshold: no suffix
+        spec_name += f" hold_rows {hold:g} (hold {det.hold:.2f})" if hold else ""
         dets_v = dets._replace(**{ex.Detectors.gate_field(cfg.detector): det})
         print(detector_line(f"detector {spec_name}", det, sae, d), flush=True)
         if args.detector_only:

@@ -373,7 +373,8 @@ POSITION_MEASURES = CLAMP_MEASURES + tuple(
         ("pattern", "forget-CE increase at its refined point", "point_forget_ce_increase", 2, 0))
 
 
-# --pattern_edit steer against the clamp: the clamp's measures and what the model writes (issue 28's targets:
+# --pattern_edit steer against the clamp (and --hold_rows against one threshold): the clamp's measures and what
+# the model writes (issue 28's targets:
 # retain continuations unchanged, forget ones changed as often as dsg_causal's, their CE and their loops)
 STEER_MEASURES = CLAMP_MEASURES + generation_measures(
         ("pattern", "forget-CE increase at its refined point", "point_forget_ce_increase", 2, 0),
@@ -511,6 +512,7 @@ KINDS = {"control": t_control, "gate": t_gate, "generation": t_generation, "mach
          "latents": lambda doc, *runs: t_evidence(doc, *runs, label="more − fewer latents", measures=CLAMP_MEASURES),
          "position": lambda doc, *runs: t_evidence(doc, *runs, label="position − token", measures=POSITION_MEASURES),
          "steer": lambda doc, *runs: t_evidence(doc, *runs, label="steer − clamp", measures=STEER_MEASURES),
+         "hold": lambda doc, *runs: t_evidence(doc, *runs, label="hold − one threshold", measures=STEER_MEASURES),
          "budgets": t_budgets}
 
 

@@ -3487,10 +3487,10 @@ def hold_thresholds(ev_BT: torch.Tensor, tm: Time, fpr: float, rows: float) -> t
     def rows_fired(thr: float, hold: float) -> float:
         return float((hysteresis(ev_BT, tm, thr, thr + hold) & valid).any(1).float().mean())
 
-    single = threshold_for_fpr(ev_BT[valid], fpr)
-    target = rows * float(((ev_BT >= single) & valid).any(1).float().mean())
-    if rows_fired(lower(HOLD_MAX), HOLD_MAX) > target:
-        return lower(HOLD_MAX), HOLD_MAX
+    target = rows * rows_fired(threshold_for_fpr(ev_BT[valid], fpr), 0.0)  # hold 0: one threshold
+    widest = lower(HOLD_MAX)
+    if rows_fired(widest, HOLD_MAX) > target:
+        return widest, HOLD_MAX
     a, b = 0.0, HOLD_MAX
     for _ in range(16):
         mid = 0.5 * (a + b)
@@ -4263,10 +4263,11 @@ class Guard:
     """A causal clamp as the model writes. `with guard.attached(model): model.generate(...)` edits the
     residual after block `layer` token by token with the ordinary KV cache: per sequence it keeps the
     last w-1 residuals (the SAE's window), the detector's last lags-1 projections and its evidence
-    (EMA numerator and denominator, the filter's log-odds or the CUSUM statistic; with a hold, whether
-    its gate is open), its count of valid tokens and what gate and dsg_causal count, so a new token
-    costs one SAE encode of one position. The first attended token of a sequence is its BOS (never encoded, as in every row the harness reads); left padding is read from the attention
-    mask, a new sequence from an empty KV cache. Its edits equal clamp_fn's on the whole sequence
+    (EMA numerator and denominator, the filter's log-odds or the CUSUM statistic), whether its gate is
+    open, its count of valid tokens and what gate and dsg_causal count, so a new token costs one SAE
+    encode of one position. The first attended token of a sequence is its BOS (never encoded, as in every
+    row the harness reads); left padding is read from the attention mask, a new sequence from an empty
+    KV cache. Its edits equal clamp_fn's on the whole sequence
     (tests/test_guard.py)."""
 
     def __init__(self, sae: TemporalSAE, layer: int, clamp: Clamp, point: dict | None = None):
@@ -4376,10 +4377,9 @@ class Guard:
             st["num"], st["den"] = lam * st["num"] + valid * s, lam * st["den"] + valid.float()
             ev = torch.where(st["den"] > 0, st["num"] / st["den"].clamp_min(1e-12), torch.zeros_like(s))
         ev = less_offsets(ev, d.offsets, st["n"])
-        if d.hold:  # hysteresis's one-step update (schmitt_step); BOS and pads pass the state on
-            st["open"] = torch.where(valid, schmitt_step(st["open"], ev, d.threshold, d.threshold + d.hold), st["open"])
-            return evidence_gain(d, ev, (st["open"] > 0) & valid)
-        return evidence_gain(d, ev, (ev >= d.threshold) & valid)
+        # hysteresis's one-step update; with no hold (hi = lo) it is the one threshold; BOS and pads pass it on
+        st["open"] = torch.where(valid, schmitt_step(st["open"], ev, d.threshold, d.threshold + d.hold), st["open"])
+        return evidence_gain(d, ev, (st["open"] > 0) & valid)
 
 
 # =============================================================================================

@@ -374,8 +374,8 @@ POSITION_MEASURES = CLAMP_MEASURES + tuple(
 
 
 # --pattern_edit steer against the clamp (and --hold_rows against one threshold): the clamp's measures and what
-# the model writes (issue 28's targets:
-# retain continuations unchanged, forget ones changed as often as dsg_causal's, their CE and their loops)
+# the model writes (issue 28's targets: retain continuations unchanged, forget ones changed as often as
+# dsg_causal's, their CE and their loops)
 STEER_MEASURES = CLAMP_MEASURES + generation_measures(
         ("pattern", "forget-CE increase at its refined point", "point_forget_ce_increase", 2, 0),
         ("pattern", "retain continuations identical to clean", "retain_identical", 2, 1),

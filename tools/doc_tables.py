@@ -408,6 +408,7 @@ def t_evidence(doc: str, *runs: str, label: str = "hmm − ema", measures=EVIDEN
         return compare(b, a, e, k, sign, d) if sign else compare(b, a, e, k, 1, d).split(":")[0]
     rows = [[title] + [c for a, b in pairs for c in (one(a, e, k, d), one(b, e, k, d), diff(a, b, e, k, d, sign))]
             for title, e, k, d, sign in measures]
+    rows = [r for r in rows if any(c != "–" for c in r[1:])]  # a stage no run of the table has (no generation)
     header = ["measure"] + [c for a, b in pairs for c in (link(a, doc), link(b, doc), label)]
     return table(header, rows)
 

@@ -267,11 +267,14 @@ def test_verdict_compares_means_with_stderr_and_counts_seed_wins(docs_root):
 def test_evidence_table_pairs_runs_and_takes_the_difference(docs_root):
     """doc_tables.t_evidence: per pair (ema run, hmm run) both values and hmm - ema, judged in the measure's
     own direction (fewer retain rows touched is better), a measure without one (the threshold's
-    calibration rate) as a bare difference; a measure a run lacks is `–`, an odd number of runs an error."""
+    calibration rate) as a bare difference; a measure one run lacks is `–`, one no run has is left out, an
+    odd number of runs an error."""
     def run(name, rows, cal, per_seed_rows):
         (docs_root / name).mkdir()
         means = {"fire_rows_retain": rows, "cal_fire_rate_retain": cal}
         info = {"detection_learned": {"means": means, "stderrs": {"fire_rows_retain": 0.01, "cal_fire_rate_retain": 0.0}}}
+        if name == "hmm":  # a measure only the second run has
+            info["frontier_pattern"] = {"means": {"precision_auroc_at_ce_0.5": 0.8}, "stderrs": {"precision_auroc_at_ce_0.5": 0.01}}
         (docs_root / name / "final_info.json").write_text(json.dumps(info))
         for k, v in enumerate(per_seed_rows):
             (docs_root / name / f"seed_{k}").mkdir()
@@ -283,7 +286,8 @@ def test_evidence_table_pairs_runs_and_takes_the_difference(docs_root):
     rows = {l.split(" | ")[0].lstrip("| "): l for l in lines[2:]}
     assert rows["detector retain rows with a fire"].endswith("| 0.300 ± 0.010 | 0.150 ± 0.010 | -0.150 ± 0.014: **better** |")
     assert rows["calibration retain fire rate per token"].endswith("| 0.0100 | 0.0100 | +0.0000 ± 0.0000 |")
-    assert "| – | – | – |" in rows["`pattern` precision AUROC at +0.5"]
+    assert rows["`pattern` precision AUROC at +0.5"].endswith("| – | 0.800 ± 0.010 | – |")
+    assert "detection token AUROC" not in rows and "`dsg` forget CE within retain KL 0.01" not in rows
     assert lines[0].endswith("| hmm − ema |")
     assert doc_tables.KINDS["threshold"]("README.md", "ema", "hmm")[0].endswith("| row − token |")
     with pytest.raises(ValueError, match="pairs"):

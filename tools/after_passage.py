@@ -12,7 +12,10 @@ held-out and spliced evaluation documents are never read) and prints `pattern`'s
   - as it is;
   - switched off on every token after the passage (an oracle that stops at the passage's last token:
     what is left is the passage's change read through attention);
-  - on every passage token and nowhere else (an oracle detector).
+  - on every passage token and nowhere else (an oracle detector). It acts on every selected latent there (or
+    steers there at full strength), the rule of --pattern_clamp all; under --pattern_clamp active the forget
+    rows keep the active-latent rule, so at +0.5 this variant clamps the passage far harder than they do:
+    read it with --pattern_clamp all.
 
 Forget and retain rows are clamped as they are in every variant, so the forget-CE axis is the same.
 It then prints the detector's fire rate at each of the first tokens after a passage and its evidence

@@ -513,7 +513,7 @@ KINDS = {"control": t_control, "gate": t_gate, "generation": t_generation, "mach
          "latents": lambda doc, *runs: t_evidence(doc, *runs, label="more − fewer latents", measures=CLAMP_MEASURES),
          "position": lambda doc, *runs: t_evidence(doc, *runs, label="position − token", measures=POSITION_MEASURES),
          "steer": lambda doc, *runs: t_evidence(doc, *runs, label="steer − clamp", measures=STEER_MEASURES),
-         "dense": lambda doc, *runs: t_evidence(doc, *runs, label="dense, boundary, ramp − hard gate", measures=CLAMP_MEASURES),
+         "dense": lambda doc, *runs: t_evidence(doc, *runs, label="dense steer, boundary, ramp − hard gate", measures=CLAMP_MEASURES),
          "hold": lambda doc, *runs: t_evidence(doc, *runs, label="hold − one threshold", measures=STEER_MEASURES),
          "budgets": t_budgets}
 

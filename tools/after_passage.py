@@ -106,10 +106,10 @@ def main():
     ap.add_argument("--multipliers", default="1,2,3,10,30,100,300,1000", help="comma-separated clamp values")
     args = ap.parse_args()
     cfg, model, sae, d, sels, dets = ss.calibration_setup(args, pattern_edit=args.pattern_edit, hold_rows=args.hold_rows)
+    cpu, bf16 = ex.cpu_info()
     print(f"# {args.sae_dir}: {args.rows} calibration rows per domain, {args.spliced} calibration spliced documents, "
           f"--pattern_clamp {args.pattern_clamp} --pattern_ramp {args.pattern_ramp:g} --pattern_edit "
-          f"{args.pattern_edit} --hold_rows {args.hold_rows:g}; cpu {ex.cpu_info()[0]}, native bf16 "
-          f"{ex.cpu_info()[1]}", flush=True)
+          f"{args.pattern_edit} --hold_rows {args.hold_rows:g}; cpu {cpu}, native bf16 {bf16}", flush=True)
     standard, _ = ex.run_sweep(dataclasses.replace(cfg, strategies=("standard",)), model, sae, sels, dets, d, False)
     after = ex.frontier_entry(standard, standard)["means"]["spliced_kl_after_at_ce_0.5"]
     print(f"standard: after-passage KL at +0.5 {after:.4f}")

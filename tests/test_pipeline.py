@@ -551,6 +551,41 @@ def test_grouped_sweep_measures_equal_one_point_at_a_time(tmp_path, model, tok):
     assert all(torch.equal(a, b) for a, b in zip([x for _, ks in parts for x in ks], kl, strict=True))
 
 
+def test_sweep_measures_an_edit_that_ignores_the_selection_once(tmp_path, model, tok, monkeypatch):
+    """Under --pattern_clamp all --pattern_edit steer, pattern's edit does not read the selected latents: the
+    sweep measures it under the first selection only and reuses the measures, which equal measuring again."""
+    flags = [f for f in tiny_flags(tmp_path / "run", "unused", "--strategies=standard,pattern", "--pattern_clamp=all",
+                                   "--pattern_edit=steer", "--multipliers=3,30", "--n_features=3,6",
+                                   "--detector_fpr=0.3")
+             if not f.startswith("--model")]
+    cfg = ex.parse_config(flags)
+    corpora, questions = ex.load_inputs(cfg)
+    d = ex.prepare_data(cfg, model, tok, corpora, questions, ex.Stages(), False)
+    acts = torch.cat([d.forget.acts_train, d.retain.acts_train])
+    mask = torch.cat([d.forget.train.mask, d.retain.train.mask])
+    sae = ex.train_sae(cfg, acts, mask, torch.device("cpu"), tmp_path)
+    sp_f = ex.active_fraction(sae, d.forget.acts_train, d.forget.train.mask)
+    sp_r = ex.active_fraction(sae, d.retain.acts_train, d.retain.train.mask)
+    sels = ex.make_selections(cfg, sae, d.forget, d.retain, sp_f, sp_r)[:2]
+    assert len(sels) == 2 and not torch.equal(sels[0].latents, sels[1].latents)
+    dets = ex.fit_detectors(cfg, sae, d.forget, d.retain, sp_f, sp_r)
+    asked, measure = [], ex.measure_edits
+    monkeypatch.setattr(ex, "measure_edits", lambda m, l, dd, e: asked.extend(e["forget"][0]) or measure(m, l, dd, e))
+    points, kl = ex.run_sweep(cfg, model, sae, sels, dets, d, False)
+    assert asked.count("pattern") == len(cfg.multipliers) and asked.count("standard") == 2 * len(cfg.multipliers)
+    # every fingerprint distinct: each point measured in its own group, as before the reuse
+    monkeypatch.setattr(ex, "edit_fingerprint", lambda e, s, n=iter(range(10 ** 6)): str(next(n)))
+    again, kl_again = ex.run_sweep(cfg, model, sae, sels, dets, d, False)
+    assert len(points) == len(again) == 4 * len(cfg.multipliers)
+    for p, q in zip(points, again, strict=True):
+        assert p.keys() == q.keys() and all(p[k] == pytest.approx(q[k], abs=1e-6, nan_ok=True) for k in p), p["strategy"]
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(kl, kl_again, strict=True))
+    pat = [p for p in points if p["strategy"] == "pattern"]
+    assert pat[0]["n_selected"] != pat[len(cfg.multipliers)]["n_selected"], "each point keeps its own selection"
+    assert pat[0]["forget_ce_increase"] == pat[len(cfg.multipliers)]["forget_ce_increase"]
+    assert abs(pat[-1]["forget_ce_increase"]) > 1e-3, "the steer never acted: nothing was reused but 'no edit'"
+
+
 def test_position_threshold_run_carries_its_offsets_to_the_guard(tmp_path, model, tok, monkeypatch):
     """--detector_fpr_unit position through the whole pipeline (the buckets moved inside the tiny model's
     32-token rows): every bucket has its own threshold, the guard reads the same offsets back, held-out

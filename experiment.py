@@ -3715,7 +3715,7 @@ def edit_fingerprint(edits: dict, key: str) -> str:
         for be in edits[name]:
             t = be[key].detach().contiguous().cpu()
             h.update(str((name, t.dtype, tuple(t.shape))).encode())
-            h.update(t.view(torch.uint8).numpy().tobytes())
+            h.update(t.view(torch.uint8).numpy())  # the buffer itself, no copy
     return h.hexdigest()
 
 

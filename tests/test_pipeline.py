@@ -518,11 +518,9 @@ def test_seeds_run_once_each_and_aggregate(tmp_path, model, tok):
     assert again["sae"] == results["sae"]
 
 
-def test_grouped_sweep_measures_equal_one_point_at_a_time(tmp_path, model, tok):
-    """The sweep measures all strategies of a selection and multiplier together (identical row edits
-    run once); each must equal measuring that strategy's intervention alone."""
-    flags = [f for f in tiny_flags(tmp_path / "run", "unused") if not f.startswith("--model")]
-    cfg = ex.parse_config(flags)
+def sweep_inputs(tmp_path, model, tok, *extra):
+    """What run_sweep takes, for a tiny run with these flags: (cfg, data, SAE, SAEBench selections, detectors)."""
+    cfg = ex.parse_config([f for f in tiny_flags(tmp_path / "run", "unused", *extra) if not f.startswith("--model")])
     corpora, questions = ex.load_inputs(cfg)
     d = ex.prepare_data(cfg, model, tok, corpora, questions, ex.Stages(), False)
     acts = torch.cat([d.forget.acts_train, d.retain.acts_train])
@@ -531,7 +529,13 @@ def test_grouped_sweep_measures_equal_one_point_at_a_time(tmp_path, model, tok):
     sp_f = ex.active_fraction(sae, d.forget.acts_train, d.forget.train.mask)
     sp_r = ex.active_fraction(sae, d.retain.acts_train, d.retain.train.mask)
     sels = ex.make_selections(cfg, sae, d.forget, d.retain, sp_f, sp_r)
-    dets = ex.fit_detectors(cfg, sae, d.forget, d.retain, sp_f, sp_r)
+    return cfg, d, sae, sels, ex.fit_detectors(cfg, sae, d.forget, d.retain, sp_f, sp_r)
+
+
+def test_grouped_sweep_measures_equal_one_point_at_a_time(tmp_path, model, tok):
+    """The sweep measures all strategies of a selection and multiplier together (identical row edits
+    run once); each must equal measuring that strategy's intervention alone."""
+    cfg, d, sae, sels, dets = sweep_inputs(tmp_path, model, tok)
     points, _ = ex.run_sweep(cfg, model, sae, sels[:1], dets, d, False)
     for p in points[:len(ex.STRATEGIES)]:
         alone, _ = ex.point_measures(model, cfg.layer, ex.clamp_fn(sae, ex.make_clamp(cfg, sels[0], dets, p["strategy"],
@@ -554,21 +558,11 @@ def test_grouped_sweep_measures_equal_one_point_at_a_time(tmp_path, model, tok):
 def test_sweep_measures_an_edit_that_ignores_the_selection_once(tmp_path, model, tok, monkeypatch):
     """Under --pattern_clamp all --pattern_edit steer, pattern's edit does not read the selected latents: the
     sweep measures it under the first selection only and reuses the measures, which equal measuring again."""
-    flags = [f for f in tiny_flags(tmp_path / "run", "unused", "--strategies=standard,pattern", "--pattern_clamp=all",
-                                   "--pattern_edit=steer", "--multipliers=3,30", "--n_features=3,6",
-                                   "--detector_fpr=0.3")
-             if not f.startswith("--model")]
-    cfg = ex.parse_config(flags)
-    corpora, questions = ex.load_inputs(cfg)
-    d = ex.prepare_data(cfg, model, tok, corpora, questions, ex.Stages(), False)
-    acts = torch.cat([d.forget.acts_train, d.retain.acts_train])
-    mask = torch.cat([d.forget.train.mask, d.retain.train.mask])
-    sae = ex.train_sae(cfg, acts, mask, torch.device("cpu"), tmp_path)
-    sp_f = ex.active_fraction(sae, d.forget.acts_train, d.forget.train.mask)
-    sp_r = ex.active_fraction(sae, d.retain.acts_train, d.retain.train.mask)
-    sels = ex.make_selections(cfg, sae, d.forget, d.retain, sp_f, sp_r)[:2]
+    cfg, d, sae, sels, dets = sweep_inputs(tmp_path, model, tok, "--strategies=standard,pattern", "--pattern_clamp=all",
+                                           "--pattern_edit=steer", "--multipliers=3,30", "--n_features=3,6",
+                                           "--detector_fpr=0.3")  # a loose threshold: the tiny model's gate opens
+    sels = sels[:2]
     assert len(sels) == 2 and not torch.equal(sels[0].latents, sels[1].latents)
-    dets = ex.fit_detectors(cfg, sae, d.forget, d.retain, sp_f, sp_r)
     asked, measure = [], ex.measure_edits
     monkeypatch.setattr(ex, "measure_edits", lambda m, l, dd, e: asked.extend(e["forget"][0]) or measure(m, l, dd, e))
     points, kl = ex.run_sweep(cfg, model, sae, sels, dets, d, False)

@@ -515,6 +515,7 @@ KINDS = {"control": t_control, "gate": t_gate, "generation": t_generation, "mach
          "steer": lambda doc, *runs: t_evidence(doc, *runs, label="steer − clamp", measures=STEER_MEASURES),
          "dense": lambda doc, *runs: t_evidence(doc, *runs, label="dense steer, boundary, ramp − hard gate", measures=CLAMP_MEASURES),
          "hold": lambda doc, *runs: t_evidence(doc, *runs, label="hold − one threshold", measures=STEER_MEASURES),
+         "activation": lambda doc, *runs: t_evidence(doc, *runs, label="BatchTopK − ReLU", measures=STEER_MEASURES),
          "budgets": t_budgets}
 
 

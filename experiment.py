@@ -156,6 +156,12 @@ class Config:
                                                   "multiplier / the SAE's input scale times the unit direction from the "
                                                   "forget to the retain mean residual of the detector's fitting rows: "
                                                   "gives the model other text to write; the clamp's units)")
+    pattern_reach: int = opt(-1, "pattern, hybrid: how many tokens after an edited position read the edit through "
+                                 "attention: -1 = every later token (the blocks after --layer read the edited residual "
+                                 "everywhere, SAEBench's clamp) | K >= 0 = the next K only; every other token reads that "
+                                 "position's clean keys and values in each block after --layer, so the text after a "
+                                 "detected passage does not read what the edit did inside it (an edited position's own "
+                                 "prediction always does). The streaming guard keeps one key/value set: needs --no-generate")
     retain_gate: float = opt(0.99, "retain accuracy a sweep point must keep (SAEBench)")
     hybrid_quantile: float = opt(0.99, "hybrid clamps off-pattern where a latent exceeds this retain quantile")
     dsg_quantile: float = opt(0.95, "dsg clamps rows whose active fraction exceeds this retain quantile (DSG)")
@@ -257,6 +263,10 @@ class Config:
              "--hold_rows sets the pair of thresholds for a per-token rate: it needs --detector_fpr_unit token"),
             (self.detector_boundary >= 0 and math.isfinite(self.detector_boundary),
              "--detector_boundary must be finite and >= 0"),
+            (self.pattern_reach >= -1, "--pattern_reach: -1 (every later token) or K >= 0"),
+            (self.pattern_reach < 0 or not (self.generate or self.generate_from),
+             "--pattern_reach K >= 0 needs each edited position's clean and edited keys and values, and the streaming "
+             "guard keeps one set: use --no-generate"),
             (self.guard_refine >= 0, "--guard_refine >= 0"),
             (self.generate_prompts >= 1 and self.prompt_tokens >= 1 and self.generate_tokens >= 4,
              "--generate_prompts >= 1, --prompt_tokens >= 1, --generate_tokens >= 4"),
@@ -967,6 +977,15 @@ def affected(tm: Time, changed_BT: torch.Tensor) -> torch.Tensor:
     """(B, T) bool: positions that some changed position precedes (or is). In a causal model only
     these can see a change; everything else keeps its clean value exactly."""
     return torch.bmm(tm.anc.float(), changed_BT.float().unsqueeze(-1)).squeeze(-1) > 0
+
+
+def reached(tm: Time, changed_BT: torch.Tensor, reach: int = -1) -> torch.Tensor:
+    """affected() when every later position reads a change (reach -1); under --pattern_reach K, the
+    positions at most K tokens after a changed one (or changed themselves)."""
+    if reach < 0:
+        return affected(tm, changed_BT)
+    near = tm.anc & ((tm.depth.unsqueeze(2) - tm.depth.unsqueeze(1)) <= reach)
+    return torch.bmm(near.float(), changed_BT.float().unsqueeze(-1)).squeeze(-1) > 0
 
 
 # =============================================================================================
@@ -2019,16 +2038,53 @@ def from_position(args: tuple, kwargs: dict, kv: tuple, start: int, T: int) -> d
     return out
 
 
+class MixedKV:
+    """Stands in for a transformers Cache under --pattern_reach: the block's attention reads the clean keys
+    and values of every position (`clean`, (B, kv heads, T, head dim) each) followed by this forward's own
+    (for the positions it runs); reach_mask says which of the two each query reads of each position."""
+
+    def __init__(self, clean: tuple):
+        self.clean = clean
+
+    def update(self, k_BHtd, v_BHtd, *args, **kwargs):
+        return torch.cat([self.clean[0], k_BHtd], 2), torch.cat([self.clean[1], v_BHtd], 2)
+
+
+def reach_mask(tm: Time, attn_BT, changed_BT, reach: int, start: int, dtype) -> torch.Tensor:
+    """(B, 1, T - start, 2T - start) additive mask over MixedKV's keys [clean 0..T-1, this forward's
+    start..T-1]: a query reads this forward's keys and values of itself and of each position that the
+    edit changed and that lies at most `reach` tokens before it, and the clean ones of every other
+    position it may see (its predecessors; a pad sees itself)."""
+    T = attn_BT.shape[1]
+    eye = torch.eye(T, dtype=torch.bool, device=attn_BT.device)
+    allowed = tm.anc & (attn_BT.bool().unsqueeze(1) | eye)
+    near = (tm.depth.unsqueeze(2) - tm.depth.unsqueeze(1)) <= reach           # (B, query, key)
+    vis = allowed & ((near & changed_BT.bool().unsqueeze(1)) | eye)
+    allow = torch.cat([allowed & ~vis, vis[:, :, start:]], 2)[:, start:]
+    return torch.zeros(allow.shape, dtype=dtype, device=allow.device).masked_fill(
+        ~allow, torch.finfo(dtype).min).unsqueeze(1)
+
+
 @torch.no_grad()
-def run_tail(model, layer: int, b: Batch, start: int = 0) -> torch.Tensor:
+def run_tail(model, layer: int, b: Batch, start: int = 0, reach: int = -1,
+             changed_BT: torch.Tensor | None = None) -> torch.Tensor:
     """Blocks after `layer` and the final norm, from the cached output of block `layer`: (B, T, D),
     or (B, T - start, D) for the positions from `start` on (needs b.kv: the clean keys and values
     before `start`; a causal model's positions before it are the clean ones). An `intervene` hook
-    fires here exactly as in a full forward, on the positions run."""
+    fires here exactly as in a full forward, on the positions run. reach >= 0 (--pattern_reach): the
+    positions changed_BT (those the hook edits) are read as edited by the `reach` tokens after them
+    only, as clean by every later one (needs b.kv)."""
     h, T = b.resid[:, start:].to(model.dtype), b.resid.shape[1]
+    if reach >= 0 and b.kv is None:
+        raise UsageError("--pattern_reach needs the clean keys and values of the blocks after --layer, and this "
+                         "model's blocks do not hand them to a cache")
+    mask = None if reach < 0 else reach_mask(b.time, b.attn, changed_BT, reach, start, model.dtype)
     for i, (block, (args, kwargs)) in enumerate(zip(list(blocks_of(model))[layer + 1:], b.calls)):
         if start:
             args, kwargs = (), from_position(args, kwargs, b.kv[i], start, T)
+        if mask is not None:
+            key = next(k for k in CACHE_KWARGS if k in kwargs)
+            kwargs = {**kwargs, key: MixedKV(b.kv[i]), "attention_mask": mask}
         h = _unwrap(block(h, *args, **kwargs))
     return final_norm_of(model)(h)
 
@@ -2071,37 +2127,44 @@ RERUN_TOKENS = 1024  # positions per re-run forward at least: short rows are gro
 
 
 @torch.no_grad()
-def rerun_many(model, layer: int, b: Batch, news: dict) -> Rerun:
+def rerun_many(model, layer: int, b: Batch, news: dict, reach: dict | None = None) -> Rerun:
     """Re-run the blocks after `layer` for every row that an edited residual changes. news: {key:
-    (B, T, D) edited copy of b.resid}. Rows an edit leaves bit-identical keep the clean forward; rows
-    two edits change identically (two strategies clamping the same positions) run once. Positions
-    that no changed position precedes keep their clean values exactly: callers read `hit`."""
-    uniq_rows, uniq_new, by_row, use = [], [], {}, {}
+    (B, T, D) edited copy of b.resid}; reach: {key: --pattern_reach of that edit} (-1 where absent: every
+    later token reads the edit). Rows an edit leaves bit-identical keep the clean forward; rows two edits
+    change identically (two strategies clamping the same positions, at the same reach) run once. Positions
+    that no changed position reaches keep their clean values exactly: callers read `hit`."""
+    reach = reach or {}
+    uniq_rows, uniq_new, uniq_reach, by_row, use = [], [], [], {}, {}
     for key, new in news.items():
-        use[key] = []
+        use[key], k = [], reach.get(key, -1)
         for r in torch.nonzero((new != b.resid).any(-1).any(1)).flatten().tolist():
-            j = next((j for j in by_row.get(r, []) if torch.equal(uniq_new[j], new[r])), None)
+            j = next((j for j in by_row.get((r, k), []) if torch.equal(uniq_new[j], new[r])), None)
             if j is None:
                 j = len(uniq_rows)
-                uniq_rows.append(r), uniq_new.append(new[r]), by_row.setdefault(r, []).append(j)
+                uniq_rows.append(r), uniq_new.append(new[r]), uniq_reach.append(k)
+                by_row.setdefault((r, k), []).append(j)
             use[key].append(j)
     use = {k: torch.tensor(v, dtype=torch.long) for k, v in use.items()}
     if not uniq_rows:
         return Rerun(torch.zeros(0, dtype=torch.long), None, None, use)
     dev = b.resid.device
-    rows, new_nTD = torch.tensor(uniq_rows), torch.stack(uniq_new)
+    rows, new_nTD, reach_n = torch.tensor(uniq_rows), torch.stack(uniq_new), torch.tensor(uniq_reach)
     changed = (new_nTD != b.resid[rows.to(dev)]).any(-1)  # (n, T)
     T = changed.shape[1]
     first = changed.int().argmax(1) if b.kv is not None else torch.zeros(len(rows), dtype=torch.long, device=dev)
-    order = torch.argsort(first, descending=True, stable=True)  # by the positions left to run, ascending
     h = b.final[rows.to(dev)].clone()      # positions before a row's first edit keep their clean values
-    for s in length_batches((T - first[order]).tolist(), max(len(b.tokens), RERUN_TOKENS // T)):
-        pick = order[s]
-        start = int(first[pick].min())  # the chunk's rows all run from its earliest first edit
-        sub, edited = subset_batch(b, rows[pick.cpu()]), new_nTD[pick, start:]
-        with intervene(model, layer, lambda r: edited):
-            h[pick, start:] = run_tail(model, layer, sub, start)
-    return Rerun(rows, h, affected(subset_time(b.time, rows.to(dev)), changed), use)
+    hit = torch.zeros_like(changed)
+    for k in reach_n.unique().tolist():
+        mine = torch.nonzero(reach_n == k).flatten().to(dev)
+        order = mine[torch.argsort(first[mine], descending=True, stable=True)]  # by positions left to run, ascending
+        for s in length_batches((T - first[order]).tolist(), max(len(b.tokens), RERUN_TOKENS // T)):
+            pick = order[s]
+            start = int(first[pick].min())  # the chunk's rows all run from its earliest first edit
+            sub, edited = subset_batch(b, rows[pick.cpu()]), new_nTD[pick, start:]
+            with intervene(model, layer, lambda r: edited):
+                h[pick, start:] = run_tail(model, layer, sub, start, k, changed[pick])
+        hit[mine] = reached(subset_time(b.time, rows[mine.cpu()].to(dev)), changed[mine], k)
+    return Rerun(rows, h, hit, use)
 
 
 @torch.no_grad()
@@ -2807,15 +2870,15 @@ def chunked_ce_kl(model, h_ND, clean_h_ND, target_N, chunk: int = 512, clean: Cl
 
 
 @torch.no_grad()
-def text_stats(model, layer: int, ts: TextSet, edits: list[dict], kl: bool = True) -> dict:
+def text_stats(model, layer: int, ts: TextSet, edits: list[dict], kl: bool = True, reach: dict | None = None) -> dict:
     """Per-position CE and KL(clean || intervened) under each edit: {key: (ce, kl)}, (N, T-1) each.
     edits: per batch {key: edited resid} (edits_of for one intervention). Only positions an edit can
     reach go through the LM head; the rest keep their clean CE and a KL of exactly 0. kl=False skips
-    the clean LM head (half the head's cost) and leaves KL at 0: for sets read for CE only."""
+    the clean LM head (half the head's cost) and leaves KL at 0: for sets read for CE only. reach: rerun_many's."""
     out = {k: (ts.clean_ce.clone(), torch.zeros(ts.clean_ce.shape)) for k in edits[0]}
     start = 0
     for b, news in zip(ts.batches, edits):
-        rr = rerun_many(model, layer, b, news)
+        rr = rerun_many(model, layer, b, news, reach)
         if len(rr.rows):
             sel = scored(b.attn[rr.rows]) & rr.hit[:, :-1]
             cached = kl and ts.clean is not None
@@ -2927,12 +2990,12 @@ def clean_scores(qa: QASet) -> torch.Tensor:
 
 
 @torch.no_grad()
-def qa_scores(model, layer: int, qa: QASet, edits: list[dict]) -> dict:
+def qa_scores(model, layer: int, qa: QASet, edits: list[dict], reach: dict | None = None) -> dict:
     """(Q, 4) choice scores under each edit, {key: scores}; edits: per batch {key: edited resid}.
-    Pairs an edit cannot reach keep their clean log-probs."""
+    Pairs an edit cannot reach keep their clean log-probs. reach: rerun_many's."""
     lps = {k: [] for k in edits[0]}
     for b, pr, lp, news in zip(qa.batches, qa.pairs, qa.clean_lp, edits):
-        rr = rerun_many(model, layer, b, news)
+        rr = rerun_many(model, layer, b, news, reach)
         at, new_lp = torch.zeros(0, 2, dtype=torch.long), torch.zeros(0)
         if len(rr.rows):  # pairs of each distinct re-run row that its edit can reach
             mine = pr[:, 0].unsqueeze(1) == rr.rows.unsqueeze(0)                         # (n_pairs, n)
@@ -3623,13 +3686,14 @@ def eval_batches(d: EvalData) -> dict:
 
 
 @torch.no_grad()
-def measure_edits(model, layer, d: EvalData, edits: dict) -> dict:
+def measure_edits(model, layer, d: EvalData, edits: dict, reach: dict | None = None) -> dict:
     """Everything measured for several interventions at once. edits: {set name: per batch {key:
-    edited resid}}; returns {key: ({metric: (mean, stderr over tokens or questions)}, spliced KL)}."""
-    ce_f = text_stats(model, layer, d.ts_f, edits["forget"], kl=False)
-    ce_r = text_stats(model, layer, d.ts_r, edits["retain"])
-    kl_s = text_stats(model, layer, d.ts_s, edits["spliced"])
-    qa = {name: qa_scores(model, layer, q, edits[f"qa_{name}"]) for name, q in (("forget", d.qa_f), ("retain", d.qa_r))}
+    edited resid}}; reach: {key: --pattern_reach} where not -1. Returns {key: ({metric: (mean, stderr
+    over tokens or questions)}, spliced KL)}."""
+    ce_f = text_stats(model, layer, d.ts_f, edits["forget"], kl=False, reach=reach)
+    ce_r = text_stats(model, layer, d.ts_r, edits["retain"], reach=reach)
+    kl_s = text_stats(model, layer, d.ts_s, edits["spliced"], reach=reach)
+    qa = {name: qa_scores(model, layer, q, edits[f"qa_{name}"], reach) for name, q in (("forget", d.qa_f), ("retain", d.qa_r))}
     return {k: (measures(d, ce_f[k][0], ce_r[k][0], ce_r[k][1], kl_s[k][1], qa["forget"][k], qa["retain"][k]), kl_s[k][1])
             for k in edits["forget"][0]}
 
@@ -3696,15 +3760,21 @@ def run_sweep(cfg, model, sae, sels, dets, d: EvalData, progress: bool,
                      for b, bp in zip(eval_batches(d)[n], plans[n])] for n in plans}
         # An edit that does not read the selection (--pattern_clamp all with the steer: the gate decides where,
         # the steer what) is bit-identical under every selection: measured once, its measures reused.
-        keys = {s: edit_fingerprint(edits, s) for s in clamps}
+        reach = {s: edit_reach(cfg, s) for s in clamps}
+        keys = {s: (edit_fingerprint(edits, s), reach[s]) for s in clamps}
         todo = {n: [{s: e for s, e in be.items() if keys[s] not in seen} for be in bes] for n, bes in edits.items()}
         if todo["forget"][0]:
-            seen.update({keys[s]: r for s, r in measure_edits(model, cfg.layer, d, todo).items()})
+            seen.update({keys[s]: r for s, r in measure_edits(model, cfg.layer, d, todo, reach).items()})
         for s in clamps:
             meas, kl_s = seen[keys[s]]
             kl_docs.append(kl_s[:SPLICED_FIGURE_DOCS])
             points.append(sweep_point(s, mult, sel, meas))
     return points, kl_docs
+
+
+def edit_reach(cfg, strategy: str) -> int:
+    """How many later tokens read a strategy's edit (--pattern_reach: pattern and hybrid; -1 = all)."""
+    return cfg.pattern_reach if strategy in ("pattern", "hybrid") else -1
 
 
 def edit_fingerprint(edits: dict, key: str) -> str:
@@ -4203,7 +4273,7 @@ def save_guard_state(out: Path, cfg: Config, sels: list[Selection], dets: "Detec
     for i, sel in enumerate(sels):
         tensors[f"selection.{i}.latents"], tensors[f"selection.{i}.hi"] = sel.latents, sel.hi
     meta = {"layer": cfg.layer, "detector": cfg.detector, "lags": cfg.detector_window, "pattern_clamp": cfg.pattern_clamp,
-            "pattern_edit": cfg.pattern_edit,
+            "pattern_edit": cfg.pattern_edit, "pattern_reach": cfg.pattern_reach,
             "selections": [{"rule": x.rule, "threshold": x.threshold, "n": x.n, "rho_tau": x.rho_tau} for x in sels],
             "learned": learned}
     if cfg.pattern_edit == "steer":
@@ -4244,6 +4314,9 @@ def load_guard(run_dir, strategy: str = "pattern", point: int | None = None, lev
     if strategy in ("pattern", "hybrid") and stale_guard_state(meta):
         raise UsageError(f"{folder}: guard.json predates guards on the {meta['detector']} detector; "
                          "`python experiment.py --generate_from` on the folder rebuilds it")
+    if strategy in ("pattern", "hybrid") and meta.get("pattern_reach", -1) >= 0:
+        raise UsageError(f"{folder}: {strategy} was swept with --pattern_reach {meta['pattern_reach']}, which the "
+                         "streaming guard does not carry (it keeps one key/value set per position)")
     points = read_json(folder / "sweep.json", "sweep")["points"]
     if point is not None and not 0 <= point < len(points):
         raise UsageError(f"point {point}: {folder / 'sweep.json'} has points 0..{len(points) - 1}")
@@ -4852,6 +4925,9 @@ def prepare_data(cfg, model, tok, corpora, questions, st: Stages, progress: bool
     st.done("harvest")
     few = head_rows(forget.held, 2)
     kv = prefix_reuse_agrees(model, cfg.layer, few.tokens, few.attn)  # sweep re-runs start at a row's first edit
+    if not kv and cfg.pattern_reach >= 0:
+        raise UsageError("--pattern_reach needs the clean keys and values of the blocks after --layer, and this model's "
+                         "blocks do not hand them to a cache the way a re-run from mid-row needs")
     if not kv:
         print("note: this model's blocks cannot re-run from mid-row; re-running whole rows", flush=True)
     ts_f = prepare_text(model, cfg.layer, head_rows(forget.held, cfg.eval_rows), cfg.batch_rows, progress, False, kv)

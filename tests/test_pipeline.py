@@ -595,3 +595,73 @@ def test_position_threshold_run_carries_its_offsets_to_the_guard(tmp_path, model
     by_pos = {k: v for k, v in results["detection_learned"]["means"].items() if k.startswith("fire_rate_retain_tokens_")}
     assert list(by_pos) == ["fire_rate_retain_tokens_1_8", "fire_rate_retain_tokens_9_16", "fire_rate_retain_tokens_17_on"]
     assert json.loads((out / "detection_horizon.json").read_text())["fpr_unit"] == "position"
+
+
+def test_reach_zero_and_one_read_an_edit_at_the_edited_token_and_the_next_only(model, tok):
+    """--pattern_reach on single edited positions: with reach 0 only the edited position changes, and with
+    reach 1 also the next; each of those equals the full hooked forward there (it reads the edited keys and
+    values of that one position and clean ones before it), every later position keeps its clean value, and
+    `hit` marks exactly the positions reached. Reach -1 stays the full forward everywhere."""
+    rows = some_rows(tok, n=3)
+    b = ex.clean_forward(model, 1, rows.tokens, rows.attn, keep_kv=True)
+    at = [6, 11, 9]  # one edited position per row
+    new = b.resid.clone()
+    for r, p in enumerate(at):
+        new[r, p] = new[r, p] * 0.3 + 2.0
+    with torch.no_grad(), ex.intervene(model, 1, lambda x: new):
+        full = model.base_model(input_ids=rows.tokens, attention_mask=rows.attn.long()).last_hidden_state
+    for k in (0, 1):
+        rr = ex.rerun_many(model, 1, b, {"p": new}, reach={"p": k})
+        assert torch.equal(rr.rows, torch.arange(3))
+        for r, p in enumerate(at):
+            assert torch.allclose(rr.h[r, p:p + k + 1], full[r, p:p + k + 1], atol=1e-5)
+            assert not torch.allclose(rr.h[r, p + k], b.final[r, p + k], atol=1e-3)
+            assert torch.allclose(rr.h[r, p + k + 1:], b.final[r, p + k + 1:], atol=1e-5)
+            assert torch.allclose(rr.h[r, :p], b.final[r, :p], atol=1e-5)
+            want = torch.zeros(rr.hit.shape[1], dtype=torch.bool)
+            want[p:p + k + 1] = True
+            assert torch.equal(rr.hit[r], want)
+    everywhere = ex.rerun_many(model, 1, b, {"p": new}, reach={"p": -1})
+    assert torch.allclose(everywhere.h, full[everywhere.rows], atol=1e-5)
+
+
+def test_reach_rerun_from_mid_row_equals_whole_row_and_keeps_edits_of_two_reaches_apart(model, tok):
+    """A reach re-run that starts at a row's first edit gives what run_tail gives from position 0 with
+    the same mask; the same edited rows at two reaches are two re-runs, not one."""
+    rows = some_rows(tok, n=3)
+    b = ex.clean_forward(model, 1, rows.tokens, rows.attn, keep_kv=True)
+    new = b.resid.clone()
+    new[0, 7:10] += 0.7
+    new[2, 12:] *= 0.4
+    rr = ex.rerun_many(model, 1, b, {"a": new, "b": new.clone()}, reach={"a": 2, "b": 5})
+    assert len(rr.rows) == 4 and not set(rr.use["a"].tolist()) & set(rr.use["b"].tolist())
+    changed = (new != b.resid).any(-1)
+    for key, k in (("a", 2), ("b", 5)):
+        with torch.no_grad(), ex.intervene(model, 1, lambda x: new):
+            whole = ex.run_tail(model, 1, b, 0, k, changed)
+        for j, r in zip(rr.use[key].tolist(), (0, 2)):
+            assert torch.allclose(rr.h[j], whole[r], atol=1e-4)
+    assert not torch.allclose(rr.h[rr.use["a"][1]], rr.h[rr.use["b"][1]], atol=1e-3)
+    plain = ex.clean_forward(model, 1, rows.tokens, rows.attn)
+    with pytest.raises(ex.UsageError, match="pattern_reach"):
+        ex.rerun_many(model, 1, plain, {"a": new}, reach={"a": 1})
+
+
+def test_reach_run_changes_pattern_only_and_its_guard_is_refused(tmp_path, model, tok):
+    """--pattern_reach 1: standard's points equal the plain run's, pattern's differ; the generation stage
+    is refused with it (one line), and so is pattern's guard from the folder, while standard's loads."""
+    res, plain = paired_runs(tmp_path, model, tok, "--pattern_reach=1", "--strategies=standard,pattern",
+                             "--pattern_clamp=all", "--no-generate")
+    pts = {x: json.loads((tmp_path / x / "sweep.json").read_text())["points"] for x in ("with", "without")}
+    mine = lambda x, s: [p for p in pts[x] if p["strategy"] == s]
+    assert mine("with", "standard") == mine("without", "standard")
+    assert mine("with", "pattern") != mine("without", "pattern")
+    assert json.loads((tmp_path / "with" / "guard.json").read_text())["pattern_reach"] == 1
+    at = lambda s: next(i for i, p in enumerate(pts["with"]) if p["strategy"] == s)
+    with pytest.raises(ex.UsageError, match="pattern_reach 1"):
+        ex.load_guard(tmp_path / "with", "pattern", point=at("pattern"))
+    assert ex.load_guard(tmp_path / "with", "standard", point=at("standard")).point == pts["with"][at("standard")]
+    with pytest.raises(ex.UsageError, match="no-generate"):
+        ex.parse_config(["--pattern_reach=1"])
+    with pytest.raises(ex.UsageError, match="pattern_reach"):
+        ex.parse_config(["--pattern_reach=-2", "--no-generate"])

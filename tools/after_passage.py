@@ -2,7 +2,7 @@
 where the detector still fires, or the passage's own change read through attention.
 
     python tools/after_passage.py --sae_dir run_1/seed_0 [--pattern_clamp all] [--pattern_ramp 1]
-        [--pattern_edit steer] [--hold_rows 0.5] [--multipliers 1,2,3,10,30,100,300,1000] [--rows 12] [--spliced 6]
+        [--pattern_edit steer] [--hold_rows 0.5] [--pattern_reach 3] [--multipliers 1,2,3,10,30,100,300,1000] [--rows 12] [--spliced 6]
 
 It runs experiment.py's sweep for `standard` and `pattern` on calibration rows and calibration spliced
 documents (tools/selection_scan.py's data: training documents held back from fitting the detector;
@@ -72,7 +72,8 @@ def sweep_variants(cfg, model, sae, sels, dets, d: ex.EvalData) -> dict[str, lis
                          for b, p in zip(bs[n], plans[n])] for n in bs if n != "spliced"}
             edits["spliced"] = [{v: ex.clamp_edit(sae, c, pv[v], m, b.resid) for v in VARIANTS}
                                 for b, pv in zip(bs["spliced"], spl)]
-            for v, (meas, _) in ex.measure_edits(model, cfg.layer, d, edits).items():
+            reach = {v: cfg.pattern_reach for v in VARIANTS}  # pattern's --pattern_reach in every variant
+            for v, (meas, _) in ex.measure_edits(model, cfg.layer, d, edits, reach).items():
                 out[v].append(ex.sweep_point("pattern", m, sel, meas))
     return out
 
@@ -103,13 +104,16 @@ def main():
     ap.add_argument("--pattern_ramp", type=float, default=0.0, help="experiment.py's --pattern_ramp")
     ap.add_argument("--pattern_edit", default="clamp", choices=("clamp", "steer"), help="experiment.py's --pattern_edit")
     ap.add_argument("--hold_rows", type=float, default=0.0, help="experiment.py's --hold_rows (0: one threshold)")
+    ap.add_argument("--pattern_reach", type=int, default=-1, help="experiment.py's --pattern_reach (-1: every later token)")
     ap.add_argument("--multipliers", default="1,2,3,10,30,100,300,1000", help="comma-separated clamp values")
     args = ap.parse_args()
-    cfg, model, sae, d, sels, dets = ss.calibration_setup(args, pattern_edit=args.pattern_edit, hold_rows=args.hold_rows)
+    cfg, model, sae, d, sels, dets = ss.calibration_setup(args, pattern_edit=args.pattern_edit, hold_rows=args.hold_rows,
+                                                          pattern_reach=args.pattern_reach, generate=False)
     cpu, bf16 = ex.cpu_info()
     print(f"# {args.sae_dir}: {args.rows} calibration rows per domain, {args.spliced} calibration spliced documents, "
           f"--pattern_clamp {args.pattern_clamp} --pattern_ramp {args.pattern_ramp:g} --pattern_edit "
-          f"{args.pattern_edit} --hold_rows {args.hold_rows:g}; cpu {cpu}, native bf16 {bf16}", flush=True)
+          f"{args.pattern_edit} --hold_rows {args.hold_rows:g} --pattern_reach {args.pattern_reach}; cpu {cpu}, "
+          f"native bf16 {bf16}", flush=True)
     standard, _ = ex.run_sweep(dataclasses.replace(cfg, strategies=("standard",)), model, sae, sels, dets, d, False)
     after = ex.frontier_entry(standard, standard)["means"]["spliced_kl_after_at_ce_0.5"]
     print(f"standard: after-passage KL at +0.5 {after:.4f}")

@@ -50,14 +50,16 @@ def calibration_data(cfg, model, tok, rows: int, spliced: int) -> ex.EvalData:
     corpora, questions = ex.load_inputs(dataclasses.replace(cfg, max_qa=16))
     forget, retain = (calibration_corpus(ex.build_corpus(model, tok, cfg, corpora[d], d, False))
                       for d in ("forget", "retain"))
-    ts_f = ex.prepare_text(model, cfg.layer, ex.head_rows(forget.held, rows), cfg.batch_rows)
-    ts_r = ex.prepare_text(model, cfg.layer, ex.head_rows(retain.held, rows), cfg.batch_rows, keep_clean=True)
+    kv = cfg.pattern_reach >= 0  # --pattern_reach re-runs read the clean keys and values
+    ts_f = ex.prepare_text(model, cfg.layer, ex.head_rows(forget.held, rows), cfg.batch_rows, keep_kv=kv)
+    ts_r = ex.prepare_text(model, cfg.layer, ex.head_rows(retain.held, rows), cfg.batch_rows, keep_clean=True, keep_kv=kv)
     cal_docs = lambda c: [c.train_docs[i] for i in sorted(set(c.held.doc.tolist()))]
     spl_all = ex.build_spliced(cal_docs(forget), cal_docs(retain), max(spliced, ex.DETECTION_SPLICED_DOCS), seed=0,
                                what="calibration")
     spl_rows = ex.spliced_rows(tok, spl_all, 2 * cfg.context_length)
-    ts_s = ex.prepare_text(model, cfg.layer, ex.head_rows(spl_rows, spliced), cfg.batch_rows, keep_clean=True)
-    qa = {d: ex.prepare_qa(model, tok, cfg.layer, questions[d][:4], cfg.qa_scoring, cfg.batch_rows) for d in questions}
+    ts_s = ex.prepare_text(model, cfg.layer, ex.head_rows(spl_rows, spliced), cfg.batch_rows, keep_clean=True, keep_kv=kv)
+    qa = {d: ex.prepare_qa(model, tok, cfg.layer, questions[d][:4], cfg.qa_scoring, cfg.batch_rows, keep_kv=kv)
+          for d in questions}
     spl_acts = ex.harvest(model, cfg.layer, spl_rows, cfg.batch_rows)
     return ex.EvalData(forget, retain, ts_f, ts_r, ts_s, spl_all[:spliced], qa["forget"], qa["retain"], {},
                        spl_rows, spl_acts)

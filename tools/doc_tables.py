@@ -516,6 +516,7 @@ KINDS = {"control": t_control, "gate": t_gate, "generation": t_generation, "mach
          "dense": lambda doc, *runs: t_evidence(doc, *runs, label="dense steer, boundary, ramp − hard gate", measures=CLAMP_MEASURES),
          "hold": lambda doc, *runs: t_evidence(doc, *runs, label="hold − one threshold", measures=STEER_MEASURES),
          "activation": lambda doc, *runs: t_evidence(doc, *runs, label="BatchTopK − ReLU", measures=STEER_MEASURES),
+         "reach": lambda doc, *runs: t_evidence(doc, *runs, label="reach 3 − every later token", measures=CLAMP_MEASURES),
          "budgets": t_budgets}
 
 

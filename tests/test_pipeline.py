@@ -564,7 +564,8 @@ def test_sweep_measures_an_edit_that_ignores_the_selection_once(tmp_path, model,
     sels = sels[:2]
     assert len(sels) == 2 and not torch.equal(sels[0].latents, sels[1].latents)
     asked, measure = [], ex.measure_edits
-    monkeypatch.setattr(ex, "measure_edits", lambda m, l, dd, e: asked.extend(e["forget"][0]) or measure(m, l, dd, e))
+    monkeypatch.setattr(ex, "measure_edits",
+                        lambda m, l, dd, e, reach=None: asked.extend(e["forget"][0]) or measure(m, l, dd, e, reach))
     points, kl = ex.run_sweep(cfg, model, sae, sels, dets, d, False)
     assert asked.count("pattern") == len(cfg.multipliers) and asked.count("standard") == 2 * len(cfg.multipliers)
     # every fingerprint distinct: each point measured in its own group, as before the reuse

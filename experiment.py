@@ -973,19 +973,16 @@ def hysteresis(ev_BT: torch.Tensor, tm: Time, lo: float, hi: float) -> torch.Ten
     return along_predecessors(ev_BT, tm, lambda o, e: schmitt_step(o, e, lo, hi)) > 0
 
 
-def affected(tm: Time, changed_BT: torch.Tensor) -> torch.Tensor:
-    """(B, T) bool: positions that some changed position precedes (or is). In a causal model only
-    these can see a change; everything else keeps its clean value exactly."""
-    return torch.bmm(tm.anc.float(), changed_BT.float().unsqueeze(-1)).squeeze(-1) > 0
+def within_reach(tm: Time, reach: int = -1) -> torch.Tensor:
+    """(B, T, T) bool: anc restricted to predecessors at most `reach` tokens back (-1: all of them)."""
+    return tm.anc if reach < 0 else tm.anc & ((tm.depth.unsqueeze(2) - tm.depth.unsqueeze(1)) <= reach)
 
 
-def reached(tm: Time, changed_BT: torch.Tensor, reach: int = -1) -> torch.Tensor:
-    """affected() when every later position reads a change (reach -1); under --pattern_reach K, the
-    positions at most K tokens after a changed one (or changed themselves)."""
-    if reach < 0:
-        return affected(tm, changed_BT)
-    near = tm.anc & ((tm.depth.unsqueeze(2) - tm.depth.unsqueeze(1)) <= reach)
-    return torch.bmm(near.float(), changed_BT.float().unsqueeze(-1)).squeeze(-1) > 0
+def affected(tm: Time, changed_BT: torch.Tensor, reach: int = -1) -> torch.Tensor:
+    """(B, T) bool: positions that some changed position precedes (or is); under --pattern_reach K, only
+    those at most K tokens after it. In a causal model only these can see a change; everything else keeps
+    its clean value exactly."""
+    return torch.bmm(within_reach(tm, reach).float(), changed_BT.float().unsqueeze(-1)).squeeze(-1) > 0
 
 
 # =============================================================================================
@@ -2057,9 +2054,8 @@ def reach_mask(tm: Time, attn_BT, changed_BT, reach: int, start: int, dtype) -> 
     position it may see (its predecessors; a pad sees itself)."""
     T = attn_BT.shape[1]
     eye = torch.eye(T, dtype=torch.bool, device=attn_BT.device)
-    allowed = tm.anc & (attn_BT.bool().unsqueeze(1) | eye)
-    near = (tm.depth.unsqueeze(2) - tm.depth.unsqueeze(1)) <= reach           # (B, query, key)
-    vis = allowed & ((near & changed_BT.bool().unsqueeze(1)) | eye)
+    allowed = tm.anc & (attn_BT.bool().unsqueeze(1) | eye)                    # (B, query, key)
+    vis = allowed & ((within_reach(tm, reach) & changed_BT.bool().unsqueeze(1)) | eye)
     allow = torch.cat([allowed & ~vis, vis[:, :, start:]], 2)[:, start:]
     return torch.zeros(allow.shape, dtype=dtype, device=allow.device).masked_fill(
         ~allow, torch.finfo(dtype).min).unsqueeze(1)
@@ -2163,7 +2159,7 @@ def rerun_many(model, layer: int, b: Batch, news: dict, reach: dict | None = Non
             sub, edited = subset_batch(b, rows[pick.cpu()]), new_nTD[pick, start:]
             with intervene(model, layer, lambda r: edited):
                 h[pick, start:] = run_tail(model, layer, sub, start, k, changed[pick])
-        hit[mine] = reached(subset_time(b.time, rows[mine.cpu()].to(dev)), changed[mine], k)
+        hit[mine] = affected(subset_time(b.time, rows[mine.cpu()].to(dev)), changed[mine], k)
     return Rerun(rows, h, hit, use)
 
 

@@ -59,6 +59,7 @@ def sweep_variants(cfg, model, sae, sels, dets, d: ex.EvalData) -> dict[str, lis
     """pattern's sweep points per variant: one plan per selection and set, the spliced plan rewritten."""
     out = {v: [] for v in VARIANTS}
     bs = ex.eval_batches(d)
+    reach = {v: cfg.pattern_reach for v in VARIANTS}  # pattern's --pattern_reach in every variant
     for sel in sels:
         c = ex.make_clamp(cfg, sel, dets, "pattern", 0.0)
         plans = {n: [ex.clamp_plan(c, sae, b.resid, b.time) for b in bl] for n, bl in bs.items()}
@@ -72,7 +73,6 @@ def sweep_variants(cfg, model, sae, sels, dets, d: ex.EvalData) -> dict[str, lis
                          for b, p in zip(bs[n], plans[n])] for n in bs if n != "spliced"}
             edits["spliced"] = [{v: ex.clamp_edit(sae, c, pv[v], m, b.resid) for v in VARIANTS}
                                 for b, pv in zip(bs["spliced"], spl)]
-            reach = {v: cfg.pattern_reach for v in VARIANTS}  # pattern's --pattern_reach in every variant
             for v, (meas, _) in ex.measure_edits(model, cfg.layer, d, edits, reach).items():
                 out[v].append(ex.sweep_point("pattern", m, sel, meas))
     return out
